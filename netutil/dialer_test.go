@@ -1,0 +1,134 @@
+package netutil
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// loopbackDialer returns a dialer whose pool draws from ::/127, whose only
+// drawable address is ::1: real sockets bound to a leased address, without
+// root. The fake manager stands in for netlink (::1 is already there).
+func loopbackDialer(t *testing.T) (*Dialer, *Pool) {
+	t.Helper()
+	p := newTestPool(t, newFakeManager(), func(c *PoolConfig) {
+		c.Prefix = netip.MustParsePrefix("::/127")
+		c.Max = 1
+		c.Linger = -1
+	})
+	return &Dialer{Pool: p, Timeout: 5 * time.Second}, p
+}
+
+func listenLoopback(t *testing.T) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp6", "[::1]:0")
+	if err != nil {
+		t.Skipf("no IPv6 loopback here: %v", err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_, _ = io.Copy(c, c)
+			}()
+		}
+	}()
+	return ln
+}
+
+func TestDialerBindsLeasedAddress(t *testing.T) {
+	d, p := loopbackDialer(t)
+	ln := listenLoopback(t)
+	ctx := context.Background()
+
+	c, err := d.DialContext(ctx, "tcp", ln.Addr().String())
+	require.NoError(t, err)
+	local := c.LocalAddr().(*net.TCPAddr)
+	assert.Equal(t, "::1", local.IP.String())
+	egress := c.(*Conn)
+	assert.Equal(t, netip.MustParseAddr("::1"), egress.Egress())
+	_, isTCP := egress.NetConn().(*net.TCPConn)
+	assert.True(t, isTCP)
+
+	// The only address is in use: a second connection must fail closed,
+	// not leave from another source.
+	_, err = d.DialContext(ctx, "tcp", ln.Addr().String())
+	require.ErrorIs(t, err, ErrNoAddress)
+
+	// Echo works, half-close passes through the embedded TCPConn.
+	_, err = c.Write([]byte("ping"))
+	require.NoError(t, err)
+	require.NoError(t, egress.CloseWrite())
+	got, err := io.ReadAll(c)
+	require.NoError(t, err)
+	assert.Equal(t, "ping", string(got))
+
+	require.NoError(t, c.Close())
+	assert.Zero(t, p.Stats().Live, "closing the connection gave the address back")
+	c2, err := d.DialContext(ctx, "tcp6", ln.Addr().String())
+	require.NoError(t, err)
+	c2.Close()
+}
+
+func TestDialerErrors(t *testing.T) {
+	d, p := loopbackDialer(t)
+	// A port nothing listens on: grab one and close it.
+	ln, err := net.Listen("tcp6", "[::1]:0")
+	if err != nil {
+		t.Skipf("no IPv6 loopback here: %v", err)
+	}
+	closedAddr := ln.Addr().String()
+	ln.Close()
+
+	tests := []struct {
+		name    string
+		network string
+		addr    string
+		check   func(t *testing.T, err error)
+	}{
+		{"refused", "tcp", closedAddr, func(t *testing.T, err error) {
+			assert.NotErrorIs(t, err, ErrNoAddress)
+		}},
+		{"ipv4 literal", "tcp", "192.0.2.1:80", func(t *testing.T, err error) {
+			var dnsErr *net.DNSError
+			require.ErrorAs(t, err, &dnsErr)
+			assert.True(t, dnsErr.IsNotFound)
+			assert.Contains(t, err.Error(), "no IPv6 address")
+		}},
+		{"tcp4", "tcp4", closedAddr, func(t *testing.T, err error) {
+			assert.Contains(t, err.Error(), "not supported")
+		}},
+		{"no port", "tcp", "upstream.test", func(t *testing.T, err error) {
+			assert.Contains(t, err.Error(), "missing port")
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := d.DialContext(context.Background(), tt.network, tt.addr)
+			require.Error(t, err)
+			tt.check(t, err)
+			assert.Zero(t, p.Stats().Live, "a failed dial gives its address back")
+		})
+	}
+}
+
+func TestDialerContextCanceled(t *testing.T) {
+	d, _ := loopbackDialer(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err := d.DialContext(ctx, "tcp", "[::1]:80")
+	require.Error(t, err)
+	assert.True(t, errors.Is(err, context.Canceled))
+}

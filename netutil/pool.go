@@ -1,0 +1,606 @@
+package netutil
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"time"
+)
+
+// AddrManager adds and removes egress addresses on the kernel's side. It is
+// implemented by *Netlink, and by a fake in unit tests.
+type AddrManager interface {
+	// Add puts a on the interface as a deprecated /128 that the kernel
+	// deletes by itself after lifetime unless refreshed. When a is already
+	// on the interface, Add fails with an error wrapping fs.ErrExist and
+	// leaves it alone: it is somebody else's.
+	Add(a netip.Addr, lifetime time.Duration) error
+	// Refresh resets the valid lifetime of an address that Add put there.
+	Refresh(a netip.Addr, lifetime time.Duration) error
+	// Remove deletes an address that Add put there. An address that is
+	// already gone (it expired) is not an error.
+	Remove(a netip.Addr) error
+}
+
+var _ AddrManager = (*Netlink)(nil)
+
+// Defaults of PoolConfig.
+const (
+	// DefaultMaxAddrs bounds the live egress addresses. The kernel's cost of
+	// adding one grows with the addresses already on the interface: about
+	// 0.35 ms with a few hundred, 0.76 ms between 1,000 and 2,000, 2.9 ms at
+	// 4,000 (../shared/notes/linux-ipv6.md). At 1,024 an add stays under a
+	// millisecond, and a builder farm holding more than a thousand upstream
+	// connections open at once is far past what it needs.
+	DefaultMaxAddrs = 1024
+	// DefaultReady is how many addresses the refiller keeps added and unused,
+	// so that requests do not wait for netlink.
+	DefaultReady = 8
+	// DefaultLifetime is the valid lifetime given to every address. Addresses
+	// in use are refreshed long before it ends; if egressd dies, the kernel
+	// removes what it left behind after at most this long.
+	DefaultLifetime = 10 * time.Minute
+	// DefaultLinger is how long a released address stays on the interface,
+	// so that the peer's last ACK and FIN still reach the closed socket
+	// instead of leaving the upstream retransmitting into the void. An
+	// address that lingers is removed at once when the pool needs its place.
+	DefaultLinger = time.Second
+)
+
+// PoolConfig configures a Pool. Zero values take the defaults above.
+type PoolConfig struct {
+	// Prefix is where addresses are drawn from. Required, IPv6, with at
+	// least one host bit.
+	Prefix netip.Prefix
+	// Exclude lists addresses never to draw: those on the interface when
+	// egressd starts, and the pinned ones.
+	Exclude []netip.Addr
+	// Max bounds the addresses the pool has on the interface at once, in
+	// every state (ready, in use, lingering).
+	Max int
+	// Ready is how many unused addresses the refiller keeps added. Zero
+	// means DefaultReady; a negative value turns the refiller off.
+	Ready int
+	// Lifetime is the valid lifetime of every address.
+	Lifetime time.Duration
+	// Linger is how long a released address stays before it is removed.
+	// Zero means DefaultLinger; a negative value removes at once.
+	Linger time.Duration
+	// Manager does the kernel work. Required.
+	Manager AddrManager
+	// Logger gets warnings; slog.Default() when nil.
+	Logger *slog.Logger
+}
+
+func (c *PoolConfig) setDefaults() {
+	if c.Max == 0 {
+		c.Max = DefaultMaxAddrs
+	}
+	if c.Ready == 0 {
+		c.Ready = DefaultReady
+	}
+	if c.Ready < 0 {
+		c.Ready = 0
+	}
+	if c.Ready > c.Max {
+		c.Ready = c.Max
+	}
+	if c.Lifetime == 0 {
+		c.Lifetime = DefaultLifetime
+	}
+	if c.Linger == 0 {
+		c.Linger = DefaultLinger
+	}
+	if c.Linger < 0 {
+		c.Linger = 0
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+func (c *PoolConfig) validate() error {
+	switch {
+	case !c.Prefix.IsValid() || !c.Prefix.Addr().Is6() || c.Prefix.Addr().Is4In6():
+		return fmt.Errorf("prefix %s is not an IPv6 prefix", c.Prefix)
+	case !HasDrawable(c.Prefix):
+		return fmt.Errorf("prefix %s has no address to draw", c.Prefix)
+	case c.Max < 1:
+		return fmt.Errorf("max addresses %d: must be at least 1", c.Max)
+	case c.Lifetime < 4*time.Second:
+		return fmt.Errorf("address lifetime %s: must be at least 4s", c.Lifetime)
+	case c.Manager == nil:
+		return errors.New("no address manager")
+	}
+	return nil
+}
+
+// AddrState says what an address of the pool is doing.
+type AddrState uint8
+
+const (
+	// StateAdding: the kernel is being asked to add it.
+	StateAdding AddrState = iota
+	// StateReady: added, waiting for a connection.
+	StateReady
+	// StateInUse: leased to a connection.
+	StateInUse
+	// StateLingering: its connection closed; it is removed shortly.
+	StateLingering
+	// StateRemoving: the kernel is being asked to remove it.
+	StateRemoving
+)
+
+func (s AddrState) String() string {
+	switch s {
+	case StateAdding:
+		return "adding"
+	case StateReady:
+		return "ready"
+	case StateInUse:
+		return "in-use"
+	case StateLingering:
+		return "lingering"
+	case StateRemoving:
+		return "removing"
+	}
+	return fmt.Sprintf("AddrState(%d)", uint8(s))
+}
+
+// maxDraws bounds the attempts to find an address that is neither live nor
+// excluded; in a /64 the first draw all but always succeeds.
+const maxDraws = 128
+
+type entry struct {
+	state     AddrState
+	since     time.Time // when it entered its state
+	refreshed time.Time // when its valid lifetime was last set
+}
+
+// PoolStats is a snapshot of a pool's counters.
+type PoolStats struct {
+	Live      int // on the interface, in any state
+	Ready     int
+	InUse     int
+	Lingering int
+
+	Added          uint64
+	Removed        uint64
+	AddFailures    uint64
+	RemoveFailures uint64
+	// AddTime is the total time spent in successful adds; divide by Added
+	// for the mean latency of an add.
+	AddTime time.Duration
+}
+
+// Pool hands out egress addresses, one connection at a time. It adds them to
+// the interface on demand through its AddrManager, keeps a few ready, never
+// hands out an address that is live elsewhere or excluded, bounds how many
+// exist at once, and removes each one shortly after its connection closes.
+//
+// Acquire works on its own; Run adds the background work (keeping addresses
+// ready, removing released ones, refreshing lifetimes), and Close removes
+// everything the pool added.
+type Pool struct {
+	cfg  PoolConfig
+	mgr  AddrManager
+	log  *slog.Logger
+	now  func() time.Time
+	wake chan struct{}
+
+	mu       sync.Mutex
+	live     map[netip.Addr]*entry
+	exclude  map[netip.Addr]struct{}
+	ready    []netip.Addr // oldest first
+	linger   []netip.Addr // in release order
+	inflight sync.WaitGroup
+	count    [StateRemoving + 1]int // live addresses in each state
+	closed   bool
+	failing  bool // the refiller's last add failed; log recovery once
+	stats    PoolStats
+}
+
+// NewPool returns a pool drawing from cfg.Prefix.
+func NewPool(cfg PoolConfig) (*Pool, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	p := &Pool{
+		cfg:     cfg,
+		mgr:     cfg.Manager,
+		log:     cfg.Logger,
+		now:     time.Now,
+		wake:    make(chan struct{}, 1),
+		live:    make(map[netip.Addr]*entry),
+		exclude: make(map[netip.Addr]struct{}, len(cfg.Exclude)),
+	}
+	for _, a := range cfg.Exclude {
+		p.exclude[a.Unmap()] = struct{}{}
+	}
+	return p, nil
+}
+
+// Prefix returns the prefix the pool draws from.
+func (p *Pool) Prefix() netip.Prefix { return p.cfg.Prefix }
+
+// Lease is one address handed to one connection. Release gives it back.
+type Lease struct {
+	pool *Pool
+	addr netip.Addr
+	once sync.Once
+}
+
+// Addr returns the leased address.
+func (l *Lease) Addr() netip.Addr { return l.addr }
+
+// Release ends the lease: the address lingers briefly and is then removed.
+// It is safe to call more than once.
+func (l *Lease) Release() {
+	l.once.Do(func() { l.pool.release(l.addr) })
+}
+
+// Acquire leases a fresh address: a ready one if there is one, otherwise one
+// added now. Errors wrap ErrNoAddress.
+func (p *Pool) Acquire(ctx context.Context) (*Lease, error) {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil, fmt.Errorf("%w: shutting down", ErrNoAddress)
+	}
+	if len(p.ready) > 0 {
+		a := p.ready[0]
+		p.ready = p.ready[1:]
+		p.setStateLocked(a, StateInUse)
+		p.mu.Unlock()
+		p.kick()
+		return &Lease{pool: p, addr: a}, nil
+	}
+	p.mu.Unlock()
+	a, err := p.add(ctx, StateInUse)
+	p.kick()
+	if err != nil {
+		return nil, err
+	}
+	return &Lease{pool: p, addr: a}, nil
+}
+
+// newLocked records a as being added.
+func (p *Pool) newLocked(a netip.Addr) {
+	p.live[a] = &entry{state: StateAdding, since: p.now()}
+	p.count[StateAdding]++
+}
+
+func (p *Pool) setStateLocked(a netip.Addr, s AddrState) {
+	e := p.live[a]
+	p.count[e.state]--
+	p.count[s]++
+	e.state = s
+	e.since = p.now()
+}
+
+// forgetLocked drops a, which is no longer on the interface.
+func (p *Pool) forgetLocked(a netip.Addr) {
+	if e, ok := p.live[a]; ok {
+		p.count[e.state]--
+		delete(p.live, a)
+	}
+}
+
+// add draws an address, adds it to the interface and records it in state to.
+// At the limit it first removes the address that has lingered longest.
+func (p *Pool) add(ctx context.Context, to AddrState) (netip.Addr, error) {
+	for range maxDraws {
+		if err := ctx.Err(); err != nil {
+			return netip.Addr{}, err
+		}
+		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			return netip.Addr{}, fmt.Errorf("%w: shutting down", ErrNoAddress)
+		}
+		if len(p.live) >= p.cfg.Max {
+			if len(p.linger) == 0 {
+				p.mu.Unlock()
+				return netip.Addr{}, fmt.Errorf("%w: all %d addresses are in use (-max-addrs)", ErrNoAddress, p.cfg.Max)
+			}
+			victim := p.linger[0]
+			p.linger = p.linger[1:]
+			p.setStateLocked(victim, StateRemoving)
+			p.inflight.Add(1)
+			p.mu.Unlock()
+			p.remove(victim)
+			continue
+		}
+		a, ok := p.drawLocked()
+		if !ok {
+			p.mu.Unlock()
+			return netip.Addr{}, fmt.Errorf("%w: no unused address left in %s", ErrNoAddress, p.cfg.Prefix)
+		}
+		p.newLocked(a)
+		p.inflight.Add(1)
+		p.mu.Unlock()
+
+		start := p.now()
+		err := p.mgr.Add(a, p.cfg.Lifetime)
+		took := p.now().Sub(start)
+
+		p.mu.Lock()
+		if err != nil {
+			p.forgetLocked(a)
+			p.inflight.Done()
+			if errors.Is(err, fs.ErrExist) {
+				// Somebody else put it there since we started: it is not
+				// ours to use or remove. Never draw it again.
+				p.exclude[a] = struct{}{}
+				p.mu.Unlock()
+				continue
+			}
+			p.stats.AddFailures++
+			p.mu.Unlock()
+			return netip.Addr{}, fmt.Errorf("%w: %w", ErrNoAddress, err)
+		}
+		p.stats.Added++
+		p.stats.AddTime += took
+		e := p.live[a]
+		e.refreshed = start
+		if p.closed {
+			// Close is waiting for this add; take the address back out.
+			p.setStateLocked(a, StateRemoving)
+			p.mu.Unlock()
+			p.remove(a)
+			return netip.Addr{}, fmt.Errorf("%w: shutting down", ErrNoAddress)
+		}
+		p.setStateLocked(a, to)
+		if to == StateReady {
+			p.ready = append(p.ready, a)
+		}
+		p.inflight.Done()
+		p.mu.Unlock()
+		return a, nil
+	}
+	return netip.Addr{}, fmt.Errorf("%w: no unused address found in %s", ErrNoAddress, p.cfg.Prefix)
+}
+
+// drawLocked draws an address that is neither live nor excluded.
+func (p *Pool) drawLocked() (netip.Addr, bool) {
+	for range maxDraws {
+		a := RandomAddr(p.cfg.Prefix)
+		if _, ok := p.live[a]; ok {
+			continue
+		}
+		if _, ok := p.exclude[a]; ok {
+			continue
+		}
+		return a, true
+	}
+	return netip.Addr{}, false
+}
+
+// remove deletes a from the interface and forgets it. The caller has set its
+// state to StateRemoving and added one to p.inflight.
+func (p *Pool) remove(a netip.Addr) {
+	err := p.mgr.Remove(a)
+	p.mu.Lock()
+	p.forgetLocked(a)
+	if err != nil {
+		p.stats.RemoveFailures++
+	} else {
+		p.stats.Removed++
+	}
+	p.inflight.Done()
+	p.mu.Unlock()
+	if err != nil {
+		p.log.Warn("removing egress address", "addr", a, "err", err)
+	}
+}
+
+func (p *Pool) release(a netip.Addr) {
+	p.mu.Lock()
+	e, ok := p.live[a]
+	if !ok || e.state != StateInUse || p.closed {
+		// After Close began, Close removes every address itself.
+		p.mu.Unlock()
+		return
+	}
+	if p.cfg.Linger == 0 {
+		p.setStateLocked(a, StateRemoving)
+		p.inflight.Add(1)
+		p.mu.Unlock()
+		p.remove(a)
+		return
+	}
+	p.setStateLocked(a, StateLingering)
+	p.linger = append(p.linger, a)
+	p.mu.Unlock()
+	p.kick()
+}
+
+// kick wakes Run without blocking.
+func (p *Pool) kick() {
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Run does the pool's background work until ctx is done: it keeps cfg.Ready
+// addresses added, removes released addresses once they have lingered, and
+// refreshes the lifetime of every address before it ends.
+func (p *Pool) Run(ctx context.Context) {
+	refresh := time.NewTicker(p.cfg.Lifetime / 4)
+	defer refresh.Stop()
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	var retryAt time.Time // after a failed add, when to try again
+	for {
+		next := p.removeDue()
+		if p.now().After(retryAt) {
+			if err := p.fill(ctx); err != nil {
+				retryAt = p.now().Add(time.Second)
+				if next == 0 || next > time.Second {
+					next = time.Second
+				}
+			}
+		}
+		if next > 0 {
+			timer.Reset(next)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-p.wake:
+		case <-timer.C:
+		case <-refresh.C:
+			p.refreshOld()
+		}
+		timer.Stop()
+	}
+}
+
+// removeDue removes the addresses that have lingered long enough and returns
+// how long until the next one is due (0 if none lingers).
+func (p *Pool) removeDue() time.Duration {
+	for {
+		p.mu.Lock()
+		if len(p.linger) == 0 || p.closed {
+			p.mu.Unlock()
+			return 0
+		}
+		a := p.linger[0]
+		wait := p.live[a].since.Add(p.cfg.Linger).Sub(p.now())
+		if wait > 0 {
+			p.mu.Unlock()
+			return wait
+		}
+		p.linger = p.linger[1:]
+		p.setStateLocked(a, StateRemoving)
+		p.inflight.Add(1)
+		p.mu.Unlock()
+		p.remove(a)
+	}
+}
+
+// fill adds addresses until cfg.Ready are ready or the limit is reached.
+func (p *Pool) fill(ctx context.Context) error {
+	for {
+		p.mu.Lock()
+		want := len(p.ready)+p.count[StateAdding] < p.cfg.Ready && len(p.live) < p.cfg.Max && !p.closed
+		p.mu.Unlock()
+		if !want {
+			return nil
+		}
+		_, err := p.add(ctx, StateReady)
+		p.mu.Lock()
+		wasFailing := p.failing
+		p.failing = err != nil
+		p.mu.Unlock()
+		switch {
+		case err != nil && !wasFailing:
+			p.log.Warn("keeping egress addresses ready", "err", err)
+			return err
+		case err != nil:
+			return err
+		case wasFailing:
+			p.log.Info("adding egress addresses works again")
+		}
+	}
+}
+
+// refreshOld resets the lifetime of every address whose lifetime was last
+// set more than half a lifetime ago. Run calls it every quarter lifetime, so
+// no address comes closer than a quarter lifetime to its end.
+func (p *Pool) refreshOld() {
+	cutoff := p.now().Add(-p.cfg.Lifetime / 2)
+	p.mu.Lock()
+	var due []netip.Addr
+	for a, e := range p.live {
+		if (e.state == StateReady || e.state == StateInUse || e.state == StateLingering) && e.refreshed.Before(cutoff) {
+			due = append(due, a)
+		}
+	}
+	p.mu.Unlock()
+	for _, a := range due {
+		start := p.now()
+		if err := p.mgr.Refresh(a, p.cfg.Lifetime); err != nil {
+			p.log.Warn("refreshing egress address lifetime", "addr", a, "err", err)
+			continue
+		}
+		p.mu.Lock()
+		if e, ok := p.live[a]; ok {
+			e.refreshed = start
+		}
+		p.mu.Unlock()
+	}
+}
+
+// Close stops handing out addresses, waits for adds and removes under way,
+// and removes every address the pool still has, in use or not. It returns how
+// many it removed and the first error.
+func (p *Pool) Close() (int, error) {
+	p.mu.Lock()
+	p.closed = true
+	p.mu.Unlock()
+	p.inflight.Wait()
+
+	p.mu.Lock()
+	all := make([]netip.Addr, 0, len(p.live))
+	for a := range p.live {
+		all = append(all, a)
+	}
+	p.ready, p.linger = nil, nil
+	p.mu.Unlock()
+
+	var first error
+	n := 0
+	for _, a := range all {
+		err := p.mgr.Remove(a)
+		p.mu.Lock()
+		p.forgetLocked(a)
+		if err != nil {
+			p.stats.RemoveFailures++
+		} else {
+			p.stats.Removed++
+			n++
+		}
+		p.mu.Unlock()
+		if err != nil && first == nil {
+			first = fmt.Errorf("removing %s: %w", a, err)
+		}
+	}
+	return n, first
+}
+
+// Stats returns a snapshot of the pool's counters.
+func (p *Pool) Stats() PoolStats {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s := p.stats
+	s.Live = len(p.live)
+	s.Ready = p.count[StateReady]
+	s.InUse = p.count[StateInUse]
+	s.Lingering = p.count[StateLingering]
+	return s
+}
+
+// AddrInfo describes one live address of the pool.
+type AddrInfo struct {
+	Addr  netip.Addr
+	State AddrState
+	Since time.Time
+}
+
+// Addrs lists the pool's live addresses.
+func (p *Pool) Addrs() []AddrInfo {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]AddrInfo, 0, len(p.live))
+	for a, e := range p.live {
+		out = append(out, AddrInfo{Addr: a, State: e.state, Since: e.since})
+	}
+	return out
+}
