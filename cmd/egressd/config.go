@@ -1,0 +1,312 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/egressd/egressd/netutil"
+	"go.yaml.in/yaml/v3"
+)
+
+// Config is egressd's configuration. Flags and the config file fill the same
+// struct: every flag is also a key of the file, spelled the same way.
+type Config struct {
+	// Listen lists the addresses the proxy accepts clients on.
+	Listen []string
+	// Interface is where egress addresses are added; empty means the
+	// interface of the IPv6 default route.
+	Interface string
+	// Prefix is where egress addresses are drawn from; the zero value means
+	// the /64 of the first global address on Interface.
+	Prefix netip.Prefix
+	// Pin lists addresses never used for egress, never removed.
+	Pin []netip.Addr
+	// MaxAddrs bounds the live egress addresses.
+	MaxAddrs int
+	// Ready is how many egress addresses are kept added and unused.
+	Ready int
+	// Grace is how long a shutdown waits for requests and tunnels in flight.
+	Grace time.Duration
+	// TunnelIdle closes a CONNECT tunnel that moved no byte for this long.
+	TunnelIdle time.Duration
+	// DialTimeout bounds each upstream connection attempt.
+	DialTimeout time.Duration
+	// LogLevel is the least level logged.
+	LogLevel slog.Level
+	// File is the config file read, if any (flag only).
+	File string
+}
+
+// defaultConfig returns the configuration with every default set: the one
+// place defaults live.
+func defaultConfig() Config {
+	return Config{
+		Listen:      []string{"127.0.0.1:3128"},
+		MaxAddrs:    netutil.DefaultMaxAddrs,
+		Ready:       netutil.DefaultReady,
+		Grace:       30 * time.Second,
+		TunnelIdle:  5 * time.Minute,
+		DialTimeout: 10 * time.Second,
+		LogLevel:    slog.LevelInfo,
+	}
+}
+
+// flagSet binds the flags to cfg. Each call makes new flag values, so that a
+// repeatable flag replaces, on its first use, what an earlier source (the
+// defaults, or the config file) put in its list.
+func flagSet(cfg *Config) *flag.FlagSet {
+	fs := flag.NewFlagSet("egressd", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.Var(&listValue[string]{p: &cfg.Listen, parse: parseHostPort}, "listen", "`ADDR` (host:port) to accept proxy clients on; repeatable (default 127.0.0.1:3128)")
+	fs.StringVar(&cfg.Interface, "interface", cfg.Interface, "`NAME` of the interface to add egress addresses to (default: the interface of the IPv6 default route)")
+	fs.Var(prefixValue{&cfg.Prefix}, "prefix", "`CIDR` to draw egress addresses from (default: the /64 of the interface's first global address)")
+	fs.Var(&listValue[netip.Addr]{p: &cfg.Pin, parse: netip.ParseAddr}, "pin", "`ADDR` never to use for egress nor remove; repeatable")
+	fs.Var(intValue{&cfg.MaxAddrs, 1}, "max-addrs", "`N`: most egress addresses live at once")
+	fs.Var(intValue{&cfg.Ready, 0}, "ready", "`N` egress addresses kept added and ready")
+	fs.Var(durationValue{&cfg.Grace}, "grace", "`DURATION` a shutdown waits for requests and tunnels in flight")
+	fs.Var(durationValue{&cfg.TunnelIdle}, "tunnel-idle", "`DURATION` after which a CONNECT tunnel with no traffic is closed")
+	fs.Var(durationValue{&cfg.DialTimeout}, "dial-timeout", "`DURATION` an upstream connection attempt may take")
+	fs.Var(levelValue{&cfg.LogLevel}, "log-level", "`LEVEL`: debug, info, warn or error")
+	fs.StringVar(&cfg.File, "config", cfg.File, "YAML or JSON `FILE` with the same keys as these flags; flags win")
+	return fs
+}
+
+// loadConfig reads the command line and the config file it names. Flags given
+// on the command line override the file, the file overrides the defaults.
+func loadConfig(args []string) (Config, error) {
+	cfg := defaultConfig()
+	if err := flagSet(&cfg).Parse(args); err != nil {
+		return Config{}, err
+	}
+	if cfg.File != "" {
+		fileCfg := defaultConfig()
+		if err := applyFile(&fileCfg, cfg.File); err != nil {
+			return Config{}, err
+		}
+		if err := flagSet(&fileCfg).Parse(args); err != nil {
+			return Config{}, err
+		}
+		cfg = fileCfg
+	}
+	if err := cfg.Validate(); err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+// applyFile sets cfg from a YAML (or JSON) file whose keys are flag names.
+// Unknown keys and bad values are errors that name the key.
+func applyFile(cfg *Config, path string) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	var doc yaml.Node
+	if err := yaml.NewDecoder(bytes.NewReader(data)).Decode(&doc); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil // an empty file sets nothing
+		}
+		return fmt.Errorf("config %s: %s", path, oneLine(err.Error()))
+	}
+	root := &doc
+	if root.Kind == yaml.DocumentNode && len(root.Content) == 1 {
+		root = root.Content[0]
+	}
+	if root.Kind != yaml.MappingNode {
+		return fmt.Errorf("config %s: line %d: expected a mapping of keys to values", path, root.Line)
+	}
+	fs := flagSet(cfg)
+	for i := 0; i+1 < len(root.Content); i += 2 {
+		key, val := root.Content[i], root.Content[i+1]
+		f := fs.Lookup(key.Value)
+		if f == nil || key.Value == "config" {
+			return fmt.Errorf("config %s: line %d: unknown key %q", path, key.Line, key.Value)
+		}
+		_, repeatable := f.Value.(interface{ repeatable() })
+		var items []*yaml.Node
+		switch {
+		case val.Kind == yaml.ScalarNode:
+			items = []*yaml.Node{val}
+		case val.Kind == yaml.SequenceNode && repeatable:
+			items = val.Content
+		case val.Kind == yaml.SequenceNode:
+			return fmt.Errorf("config %s: line %d: key %q takes one value, not a list", path, val.Line, key.Value)
+		default:
+			return fmt.Errorf("config %s: line %d: key %q: expected a value", path, val.Line, key.Value)
+		}
+		if repeatable && len(items) == 0 {
+			f.Value.(interface{ reset() }).reset()
+		}
+		for _, item := range items {
+			if item.Kind != yaml.ScalarNode {
+				return fmt.Errorf("config %s: line %d: key %q: expected a value", path, item.Line, key.Value)
+			}
+			if err := f.Value.Set(item.Value); err != nil {
+				return fmt.Errorf("config %s: line %d: key %q: %v", path, item.Line, key.Value, err)
+			}
+		}
+	}
+	return nil
+}
+
+func oneLine(s string) string {
+	return strings.Join(strings.Fields(s), " ")
+}
+
+// Validate checks what no single value can check on its own. Its errors name
+// the flag (and config key) at fault.
+func (c *Config) Validate() error {
+	switch {
+	case len(c.Listen) == 0:
+		return errors.New("listen: give at least one address")
+	case c.Ready > c.MaxAddrs:
+		return fmt.Errorf("ready %d: must not exceed max-addrs %d", c.Ready, c.MaxAddrs)
+	case c.TunnelIdle <= 0:
+		return fmt.Errorf("tunnel-idle %s: must be positive", c.TunnelIdle)
+	case c.DialTimeout <= 0:
+		return fmt.Errorf("dial-timeout %s: must be positive", c.DialTimeout)
+	}
+	return nil
+}
+
+// listValue is a repeatable flag: each use adds one element.
+type listValue[T any] struct {
+	p     *[]T
+	parse func(string) (T, error)
+	used  bool // the first Set replaces the list it was given
+}
+
+func (v *listValue[T]) repeatable() {}
+func (v *listValue[T]) reset()      { *v.p = nil; v.used = true }
+
+func (v *listValue[T]) String() string {
+	if v == nil || v.p == nil {
+		return ""
+	}
+	return fmt.Sprint(*v.p)
+}
+
+func (v *listValue[T]) Set(s string) error {
+	x, err := v.parse(s)
+	if err != nil {
+		return err
+	}
+	if !v.used {
+		v.reset()
+	}
+	*v.p = append(*v.p, x)
+	return nil
+}
+
+func parseHostPort(s string) (string, error) {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return "", fmt.Errorf("%q is not host:port", s)
+	}
+	if host != "" {
+		if _, err := netip.ParseAddr(host); err != nil && host != "localhost" {
+			return "", fmt.Errorf("%q: host must be an IP address", s)
+		}
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
+		return "", fmt.Errorf("%q: port must be a number from 1 to 65535", s)
+	}
+	return s, nil
+}
+
+type prefixValue struct{ p *netip.Prefix }
+
+func (v prefixValue) String() string {
+	if v.p == nil || !v.p.IsValid() {
+		return ""
+	}
+	return v.p.String()
+}
+
+func (v prefixValue) Set(s string) error {
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		return fmt.Errorf("%q is not a CIDR prefix like 2001:db8:1:2::/64", s)
+	}
+	if !p.Addr().Is6() || p.Addr().Is4In6() {
+		return fmt.Errorf("%q is not an IPv6 prefix", s)
+	}
+	if !netutil.HasDrawable(p) {
+		return fmt.Errorf("%q has no address to draw", s)
+	}
+	*v.p = p.Masked()
+	return nil
+}
+
+type intValue struct {
+	p   *int
+	min int
+}
+
+func (v intValue) String() string {
+	if v.p == nil {
+		return ""
+	}
+	return strconv.Itoa(*v.p)
+}
+
+func (v intValue) Set(s string) error {
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		return fmt.Errorf("%q is not a whole number", s)
+	}
+	if n < v.min {
+		return fmt.Errorf("%d: must be at least %d", n, v.min)
+	}
+	*v.p = n
+	return nil
+}
+
+type durationValue struct{ p *time.Duration }
+
+func (v durationValue) String() string {
+	if v.p == nil {
+		return ""
+	}
+	return v.p.String()
+}
+
+func (v durationValue) Set(s string) error {
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("%q is not a duration like 30s or 5m", s)
+	}
+	if d < 0 {
+		return fmt.Errorf("%s: must not be negative", s)
+	}
+	*v.p = d
+	return nil
+}
+
+type levelValue struct{ p *slog.Level }
+
+func (v levelValue) String() string {
+	if v.p == nil {
+		return ""
+	}
+	return strings.ToLower(v.p.String())
+}
+
+func (v levelValue) Set(s string) error {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return fmt.Errorf("%q is not one of debug, info, warn, error", s)
+	}
+	*v.p = l
+	return nil
+}

@@ -1,0 +1,141 @@
+package main
+
+import (
+	"flag"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func writeFile(t *testing.T, name, body string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), name)
+	require.NoError(t, os.WriteFile(path, []byte(body), 0o600))
+	return path
+}
+
+func TestLoadConfigDefaults(t *testing.T) {
+	cfg, err := loadConfig(nil)
+	require.NoError(t, err)
+	assert.Equal(t, defaultConfig(), cfg)
+	assert.Equal(t, []string{"127.0.0.1:3128"}, cfg.Listen, "not an open proxy by default")
+	assert.Equal(t, 1024, cfg.MaxAddrs)
+}
+
+func TestLoadConfigFlags(t *testing.T) {
+	cfg, err := loadConfig([]string{
+		"-listen", "127.0.0.1:8080", "-listen", "[::1]:8080",
+		"-interface", "eth0", "-prefix", "2001:db8:1:2::7/64",
+		"-pin", "2001:db8:1:2::1", "-pin", "2001:db8:1:2::2",
+		"-max-addrs", "64", "-ready", "4", "-grace", "5s", "-tunnel-idle", "1m",
+		"-log-level", "debug",
+	})
+	require.NoError(t, err)
+	assert.Equal(t, []string{"127.0.0.1:8080", "[::1]:8080"}, cfg.Listen)
+	assert.Equal(t, "eth0", cfg.Interface)
+	assert.Equal(t, netip.MustParsePrefix("2001:db8:1:2::/64"), cfg.Prefix)
+	assert.Equal(t, []netip.Addr{netip.MustParseAddr("2001:db8:1:2::1"), netip.MustParseAddr("2001:db8:1:2::2")}, cfg.Pin)
+	assert.Equal(t, 64, cfg.MaxAddrs)
+	assert.Equal(t, 4, cfg.Ready)
+	assert.Equal(t, 5*time.Second, cfg.Grace)
+	assert.Equal(t, time.Minute, cfg.TunnelIdle)
+	assert.Equal(t, slog.LevelDebug, cfg.LogLevel)
+}
+
+func TestLoadConfigFileAndFlags(t *testing.T) {
+	yamlFile := writeFile(t, "egressd.yaml", `
+listen:
+  - 10.0.5.1:3128
+  - 127.0.0.1:3128
+interface: br0
+prefix: 2001:db8:1:2::/64
+pin: [2001:db8:1:2::1]
+max-addrs: 256
+grace: 10s
+`)
+	// The JSON Nix's builtins.toJSON writes: numbers as numbers, lists as
+	// arrays, on one line.
+	jsonFile := writeFile(t, "egressd.json", `{"grace":"10s","interface":"br0","listen":["10.0.5.1:3128","127.0.0.1:3128"],"max-addrs":256,"pin":["2001:db8:1:2::1"],"prefix":"2001:db8:1:2::/64"}`)
+
+	for _, file := range []string{yamlFile, jsonFile} {
+		t.Run(filepath.Ext(file), func(t *testing.T) {
+			cfg, err := loadConfig([]string{"-config", file})
+			require.NoError(t, err)
+			assert.Equal(t, []string{"10.0.5.1:3128", "127.0.0.1:3128"}, cfg.Listen)
+			assert.Equal(t, "br0", cfg.Interface)
+			assert.Equal(t, 256, cfg.MaxAddrs)
+			assert.Equal(t, 10*time.Second, cfg.Grace)
+			assert.Equal(t, []netip.Addr{netip.MustParseAddr("2001:db8:1:2::1")}, cfg.Pin)
+			assert.Equal(t, defaultConfig().Ready, cfg.Ready, "keys not in the file keep their defaults")
+
+			// A flag wins over the file, and a repeatable flag replaces
+			// the file's list rather than adding to it.
+			cfg, err = loadConfig([]string{"-config", file, "-max-addrs", "32", "-listen", "127.0.0.1:9999"})
+			require.NoError(t, err)
+			assert.Equal(t, 32, cfg.MaxAddrs)
+			assert.Equal(t, []string{"127.0.0.1:9999"}, cfg.Listen)
+			assert.Equal(t, "br0", cfg.Interface)
+		})
+	}
+}
+
+func TestLoadConfigErrors(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		file string // config file body, when set
+		want string
+	}{
+		{name: "unknown flag", args: []string{"-bogus"}, want: "flag provided but not defined: -bogus"},
+		{name: "bad max-addrs", args: []string{"-max-addrs", "lots"}, want: `invalid value "lots" for flag -max-addrs: "lots" is not a whole number`},
+		{name: "zero max-addrs", args: []string{"-max-addrs", "0"}, want: "-max-addrs: 0: must be at least 1"},
+		{name: "ipv4 prefix", args: []string{"-prefix", "192.0.2.0/24"}, want: `"192.0.2.0/24" is not an IPv6 prefix`},
+		{name: "bad prefix", args: []string{"-prefix", "2001:db8::"}, want: "is not a CIDR prefix"},
+		{name: "bad pin", args: []string{"-pin", "nope"}, want: `-pin: ParseAddr("nope")`},
+		{name: "bad listen", args: []string{"-listen", "3128"}, want: `"3128" is not host:port`},
+		{name: "listen by name", args: []string{"-listen", "example.org:3128"}, want: "host must be an IP address"},
+		{name: "bad duration", args: []string{"-grace", "soon"}, want: `"soon" is not a duration`},
+		{name: "bad level", args: []string{"-log-level", "loud"}, want: `"loud" is not one of debug, info, warn, error`},
+		{name: "ready over max", args: []string{"-max-addrs", "4", "-ready", "8"}, want: "ready 8: must not exceed max-addrs 4"},
+		{name: "missing file", args: []string{"-config", "/nonexistent/egressd.yaml"}, want: "config: open /nonexistent/egressd.yaml"},
+		{name: "unknown key", file: "listen: [127.0.0.1:3128]\nmax_addrs: 4\n", want: `line 2: unknown key "max_addrs"`},
+		{name: "bad value names key", file: "max-addrs: many\n", want: `line 1: key "max-addrs": "many" is not a whole number`},
+		{name: "list for scalar", file: "interface: [a, b]\n", want: `key "interface" takes one value, not a list`},
+		{name: "mapping value", file: "pin: {a: b}\n", want: `key "pin": expected a value`},
+		{name: "not a mapping", file: "- a\n- b\n", want: "expected a mapping"},
+		{name: "config in file", file: "config: other.yaml\n", want: `unknown key "config"`},
+		{name: "syntax", file: "listen: [\n", want: "config "},
+		{name: "json bad value", file: `{"tunnel-idle": 5}`, want: `key "tunnel-idle": "5" is not a duration`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			args := tt.args
+			if tt.file != "" {
+				args = append([]string{"-config", writeFile(t, "c.yaml", tt.file)}, args...)
+			}
+			_, err := loadConfig(args)
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), tt.want)
+			assert.NotContains(t, err.Error(), "\n", "errors are one line")
+		})
+	}
+}
+
+func TestEmptyConfigFile(t *testing.T) {
+	cfg, err := loadConfig([]string{"-config", writeFile(t, "empty.yaml", "")})
+	require.NoError(t, err)
+	assert.Equal(t, defaultConfig().Listen, cfg.Listen)
+}
+
+func TestUsageListsEveryFlag(t *testing.T) {
+	var names []string
+	flagSet(&Config{}).VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
+	assert.Equal(t, strings.Fields("config dial-timeout grace interface listen log-level max-addrs pin prefix ready tunnel-idle"), names)
+}

@@ -1,0 +1,232 @@
+// Command egressd is a forward HTTP proxy that sends every upstream
+// connection from a fresh IPv6 address of the host's prefix.
+//
+// Clients set HTTPS_PROXY=http://127.0.0.1:3128. For each upstream
+// connection egressd adds a random /128 of the prefix to the interface
+// (deprecated, so that the host's own default source address never changes),
+// binds the connection to it, and removes it when the connection closes.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/egressd/egressd/netutil"
+	"github.com/egressd/egressd/proxy"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+func main() {
+	cfg, err := loadConfig(os.Args[1:])
+	if errors.Is(err, flag.ErrHelp) {
+		usage()
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "egressd: %v\n", err)
+		os.Exit(1)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: cfg.LogLevel}))
+	if err := run(context.Background(), cfg, log); err != nil {
+		fmt.Fprintf(os.Stderr, "egressd: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func usage() {
+	fmt.Fprintf(os.Stdout, "usage: egressd [flags]\n\n")
+	fs := flagSet(&Config{})
+	fs.SetOutput(os.Stdout)
+	fs.PrintDefaults()
+}
+
+// run starts egressd and serves until SIGTERM or SIGINT, then shuts down:
+// it stops accepting, gives requests and tunnels in flight cfg.Grace to
+// finish, and removes every address it added. A second signal cuts the grace
+// period short; the addresses are removed all the same.
+func run(ctx context.Context, cfg Config, log *slog.Logger) error {
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+
+	if err := checkNetAdmin(); err != nil {
+		return err
+	}
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("opening netlink: %w", err)
+	}
+	defer h.Close()
+
+	ifname := cfg.Interface
+	if ifname == "" {
+		if ifname, err = netutil.DefaultInterface(h); err != nil {
+			return err
+		}
+	}
+	mgr, err := netutil.NewNetlink(h, ifname)
+	if err != nil {
+		var notFound netlink.LinkNotFoundError
+		if errors.As(err, &notFound) {
+			return fmt.Errorf("interface %s does not exist", ifname)
+		}
+		return err
+	}
+	addrs, err := mgr.Addrs()
+	if err != nil {
+		return err
+	}
+	prefix := cfg.Prefix
+	if !prefix.IsValid() {
+		if prefix, err = netutil.DefaultPrefix(addrs); err != nil {
+			return fmt.Errorf("interface %s: %w", ifname, err)
+		}
+	}
+	if !netutil.OnInterface(prefix, addrs) {
+		return fmt.Errorf("prefix %s is not on interface %s: no address of it is configured there", prefix, ifname)
+	}
+
+	// Addresses that a killed earlier run left behind go first; everything
+	// else on the interface now is the host's and is never drawn.
+	left, err := mgr.RemoveLeftovers(prefix, cfg.Pin)
+	if err != nil {
+		return fmt.Errorf("removing leftover egress addresses: %w", err)
+	}
+	if left > 0 {
+		log.Info("removed leftover egress addresses of an earlier run", "count", left)
+	}
+	if addrs, err = mgr.Addrs(); err != nil {
+		return err
+	}
+	exclude := append([]netip.Addr(nil), cfg.Pin...)
+	for _, a := range addrs {
+		exclude = append(exclude, a.Addr())
+	}
+
+	pool, err := netutil.NewPool(netutil.PoolConfig{
+		Prefix:  prefix,
+		Exclude: exclude,
+		Max:     cfg.MaxAddrs,
+		Ready:   readyOrOff(cfg.Ready),
+		Manager: mgr,
+		Logger:  log,
+	})
+	if err != nil {
+		return err
+	}
+
+	listeners := make([]net.Listener, 0, len(cfg.Listen))
+	for _, addr := range cfg.Listen {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			for _, l := range listeners {
+				l.Close()
+			}
+			return fmt.Errorf("listening on %s: %w", addr, unwrapOp(err))
+		}
+		listeners = append(listeners, ln)
+	}
+
+	dialer := &netutil.Dialer{Pool: pool, Timeout: cfg.DialTimeout}
+	srv, err := proxy.New(proxy.Config{
+		Dial:              dialer.DialContext,
+		Logger:            log,
+		DialTimeout:       cfg.DialTimeout,
+		TunnelIdleTimeout: cfg.TunnelIdle,
+	})
+	if err != nil {
+		return err
+	}
+
+	poolCtx, stopPool := context.WithCancel(context.Background())
+	poolDone := make(chan struct{})
+	go func() {
+		defer close(poolDone)
+		pool.Run(poolCtx)
+	}()
+
+	serveErr := make(chan error, len(listeners))
+	for _, ln := range listeners {
+		go func() { serveErr <- srv.Serve(ln) }()
+		log.Info("listening", "addr", ln.Addr().String())
+	}
+	log.Info("egressd ready", "interface", ifname, "prefix", prefix, "max_addrs", cfg.MaxAddrs)
+
+	var runErr error
+	select {
+	case sig := <-sigs:
+		log.Info("shutting down", "signal", sig.String(), "grace", cfg.Grace)
+	case <-ctx.Done():
+		log.Info("shutting down", "reason", context.Cause(ctx), "grace", cfg.Grace)
+	case err := <-serveErr:
+		runErr = fmt.Errorf("serving: %w", err)
+		log.Error("serving failed; shutting down", "err", err)
+	}
+
+	graceCtx, cancelGrace := context.WithTimeout(context.Background(), cfg.Grace)
+	defer cancelGrace()
+	go func() {
+		select {
+		case <-sigs:
+			log.Info("second signal: closing what is still open")
+			cancelGrace()
+		case <-graceCtx.Done():
+		}
+	}()
+	if err := srv.Shutdown(graceCtx); err != nil {
+		log.Warn("grace period over: closed requests and tunnels still open", "active", srv.Active())
+	}
+
+	stopPool()
+	<-poolDone
+	removed, err := pool.Close()
+	if err != nil {
+		log.Error("removing egress addresses", "removed", removed, "err", err)
+		if runErr == nil {
+			runErr = fmt.Errorf("removing egress addresses: %w", err)
+		}
+	}
+	s := pool.Stats()
+	log.Info("stopped", "removed", removed, "added_total", s.Added, "removed_total", s.Removed)
+	return runErr
+}
+
+// readyOrOff maps the -ready flag, where 0 means none, to the pool's
+// setting, where 0 means the default.
+func readyOrOff(n int) int {
+	if n == 0 {
+		return -1
+	}
+	return n
+}
+
+// checkNetAdmin fails unless the process may add addresses.
+func checkNetAdmin() error {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return fmt.Errorf("reading capabilities: %w", err)
+	}
+	if data[0].Effective&(1<<unix.CAP_NET_ADMIN) == 0 {
+		return errors.New("needs CAP_NET_ADMIN to add addresses: run it as root or grant the capability (AmbientCapabilities=CAP_NET_ADMIN)")
+	}
+	return nil
+}
+
+// unwrapOp drops the "listen tcp" prefix of a *net.OpError for a shorter line.
+func unwrapOp(err error) error {
+	var op *net.OpError
+	if errors.As(err, &op) && op.Err != nil {
+		return op.Err
+	}
+	return err
+}
