@@ -1,0 +1,209 @@
+package test
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/egressd/egressd/test/nstest"
+)
+
+// Binaries built once per test binary. A build error fails only the tests
+// that need that binary, so the harness's own tests run while egressd is
+// being written.
+var bins = map[string]struct {
+	path string
+	err  error
+}{}
+
+func TestMain(m *testing.M) {
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "test: not root, so every namespace test will skip (CI runs them as root)")
+		os.Exit(m.Run())
+	}
+	dir, err := os.MkdirTemp("", "egressd-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "test:", err)
+		os.Exit(1)
+	}
+	for _, pkg := range []string{"./cmd/egressd", "./test/fetch", "./test/upstream"} {
+		path, err := nstest.Build(dir, pkg)
+		bins[pkg] = struct {
+			path string
+			err  error
+		}{path, err}
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// binary returns the path of a binary built in TestMain, failing the test if
+// it did not build. It skips when not root.
+func binary(t *testing.T, pkg string) string {
+	t.Helper()
+	nstest.RequireRoot(t)
+	b := bins[pkg]
+	if b.err != nil {
+		t.Fatalf("%s did not build: %v", pkg, b.err)
+	}
+	return b.path
+}
+
+const proxyAddr = "127.0.0.1:3128"
+
+// env is a topology with the upstream and egressd running in H.
+type env struct {
+	tp  *nstest.Topo
+	up  *nstest.Upstream
+	ed  *nstest.Process
+	bin string
+}
+
+// egressdArgs are the flags every test passes: the interface and prefix of
+// the topology and the default listen address, spelled out.
+func egressdArgs(tp *nstest.Topo, extra ...string) []string {
+	return append([]string{
+		"-listen", proxyAddr,
+		"-interface", tp.HostLink,
+		"-prefix", nstest.Prefix.String(),
+		"-log-level", "debug",
+	}, extra...)
+}
+
+// start builds a topology, starts the upstream and egressd with extra flags,
+// and waits until egressd listens.
+func start(t *testing.T, extra ...string) *env {
+	t.Helper()
+	bin := binary(t, "./cmd/egressd")
+	e := &env{tp: nstest.New(t), bin: bin}
+	e.up = e.tp.StartUpstream(t)
+	e.ed = e.restart(t, extra...)
+	return e
+}
+
+// restart starts another egressd in the same topology.
+func (e *env) restart(t *testing.T, extra ...string) *nstest.Process {
+	t.Helper()
+	ed := e.tp.StartEgressd(t, e.bin, egressdArgs(e.tp, extra...)...)
+	ed.WaitListening(t, 1)
+	e.ed = ed
+	return ed
+}
+
+func guardCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), nstest.Guard)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// assertFresh checks that peers are n distinct egress addresses: inside the
+// prefix, and none of them H's own address, the router's or the prefix's
+// zero address, nor any of avoid.
+func assertFresh(t *testing.T, peers []netip.Addr, n int, avoid ...netip.Addr) {
+	t.Helper()
+	assert.Len(t, peers, n, "requests seen by the upstream")
+	seen := map[netip.Addr]int{}
+	for _, p := range peers {
+		seen[p]++
+	}
+	for p, c := range seen {
+		assert.Equal(t, 1, c, "egress address %s used %d times", p, c)
+		assert.True(t, nstest.Prefix.Contains(p), "egress address %s outside %s", p, nstest.Prefix)
+		assert.NotEqual(t, nstest.HostAddr, p, "a request left from H's own address")
+		assert.NotEqual(t, nstest.RouterAddr, p, "a request left from the router's address")
+		assert.NotEqual(t, nstest.Prefix.Addr(), p, "a request left from the prefix's zero address")
+		assert.NotContains(t, avoid, p, "a request left from an address egressd must not use")
+	}
+}
+
+// parseBodies turns echo bodies ("ADDR\n" each, possibly concatenated) into
+// addresses.
+func parseBodies(t *testing.T, out string) []netip.Addr {
+	t.Helper()
+	var addrs []netip.Addr
+	for _, f := range strings.Fields(out) {
+		a, err := netip.ParseAddr(f)
+		require.NoError(t, err, "upstream answer %q", out)
+		addrs = append(addrs, a)
+	}
+	return addrs
+}
+
+// addedAddrs lists the addresses on H's veth that are not in before: what
+// egressd (or the test) added since.
+func addedAddrs(t *testing.T, tp *nstest.Topo, before []netlink.Addr) []netlink.Addr {
+	t.Helper()
+	now, err := tp.HostAddrs()
+	require.NoError(t, err)
+	return slices.DeleteFunc(now, func(a netlink.Addr) bool {
+		return slices.ContainsFunc(before, func(b netlink.Addr) bool { return a.Equal(b) })
+	})
+}
+
+// hostAddrs lists the addresses on H's veth.
+func hostAddrs(t *testing.T, tp *nstest.Topo) []netlink.Addr {
+	t.Helper()
+	addrs, err := tp.HostAddrs()
+	require.NoError(t, err)
+	return addrs
+}
+
+// addrStrings is a sorted list of "addr/len" for comparing address sets.
+func addrStrings(addrs []netlink.Addr) []string {
+	var s []string
+	for _, a := range addrs {
+		s = append(s, a.IPNet.String())
+	}
+	slices.Sort(s)
+	return s
+}
+
+// waitFor polls cond every 20 ms until it holds, failing the test after
+// nstest.Guard. It is a failure guard, not a timing assertion.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(nstest.Guard)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up after %v waiting for %s", nstest.Guard, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// waitRequestLogs waits until egressd has logged at least n access lines and
+// returns them.
+func waitRequestLogs(t *testing.T, ed *nstest.Process, n int) []map[string]string {
+	t.Helper()
+	waitFor(t, fmt.Sprintf("%d access log lines", n), func() bool { return len(ed.Log("request")) >= n })
+	return ed.Log("request")
+}
+
+// assertEgressAddr checks what egressd added to the interface: a /128 with
+// IFA_F_NODAD and IFA_F_NOPREFIXROUTE, deprecated (preferred_lft 0) so that
+// it is never the host's default source, with a finite valid lifetime so that
+// the kernel removes it if egressd dies.
+func assertEgressAddr(t *testing.T, a netlink.Addr) {
+	t.Helper()
+	assert.Equal(t, 128, nstest.PrefixLen(a), "%s: prefix length", a)
+	assert.NotZero(t, a.Flags&unix.IFA_F_NODAD, "%s: no IFA_F_NODAD (flags %#x)", a, a.Flags)
+	assert.NotZero(t, a.Flags&unix.IFA_F_NOPREFIXROUTE, "%s: no IFA_F_NOPREFIXROUTE (flags %#x)", a, a.Flags)
+	assert.NotZero(t, a.Flags&unix.IFA_F_DEPRECATED, "%s: not deprecated (flags %#x)", a, a.Flags)
+	assert.Zero(t, a.PreferedLft, "%s: preferred_lft", a)
+	assert.Positive(t, a.ValidLft, "%s: valid_lft", a)
+	assert.NotEqual(t, lifetimeForever, a.ValidLft, "%s: valid_lft is forever", a)
+}
+
+// lifetimeForever is INFINITY_LIFE_TIME, the kernel's "forever".
+const lifetimeForever = 0xffffffff

@@ -1,0 +1,203 @@
+package nstest
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Build compiles the package pkg of the module that contains the working
+// directory (e.g. "./cmd/egressd") into dir and returns the binary's path.
+func Build(dir, pkg string) (string, error) {
+	gomod, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	root := filepath.Dir(strings.TrimSpace(string(gomod)))
+	bin := filepath.Join(dir, filepath.Base(pkg))
+	cmd := exec.Command("go", "build", "-o", bin, pkg)
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build %s: %w\n%s", pkg, err, out)
+	}
+	return bin, nil
+}
+
+// Process is a program running in the background inside a namespace, egressd
+// or a helper. Its standard output and standard error are kept for
+// assertions.
+type Process struct {
+	// Pid is the program's own pid (`ip netns exec` execs in place).
+	Pid int
+
+	cmd            *exec.Cmd
+	stdout, stderr syncBuffer
+	done           chan struct{}
+	state          *os.ProcessState
+}
+
+// Start starts name inside the namespace in the background. In t.Cleanup it
+// is killed by its pid (SIGKILL) if it still runs, and its output goes to the
+// test log if the test failed.
+func (ns *NS) Start(t testing.TB, env []string, name string, args ...string) *Process {
+	t.Helper()
+	p := &Process{done: make(chan struct{})}
+	p.cmd = ns.Command(context.Background(), name, args...)
+	p.cmd.Env = append(p.cmd.Env, env...)
+	p.cmd.Stdout, p.cmd.Stderr = &p.stdout, &p.stderr
+	if err := p.cmd.Start(); err != nil {
+		t.Fatalf("starting %s in %s: %v", name, ns.Name, err)
+	}
+	p.Pid = p.cmd.Process.Pid
+	go func() {
+		p.cmd.Wait()
+		p.state = p.cmd.ProcessState
+		close(p.done)
+	}()
+	t.Cleanup(func() {
+		if !p.Exited() {
+			syscall.Kill(p.Pid, syscall.SIGKILL)
+			select {
+			case <-p.done:
+			case <-time.After(Guard):
+				t.Errorf("%s (pid %d) did not die after SIGKILL", name, p.Pid)
+			}
+		}
+		if t.Failed() {
+			t.Logf("%s %s (pid %d) stderr:\n%s", name, strings.Join(args, " "), p.Pid, p.Stderr())
+		}
+	})
+	return p
+}
+
+// StartEgressd starts the egressd binary bin in H with args.
+func (tp *Topo) StartEgressd(t testing.TB, bin string, args ...string) *Process {
+	t.Helper()
+	return tp.Host.Start(t, nil, bin, args...)
+}
+
+// Exited reports whether the process has ended.
+func (p *Process) Exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// Done is closed when the process has ended.
+func (p *Process) Done() <-chan struct{} { return p.done }
+
+// Signal sends sig to the process by its pid.
+func (p *Process) Signal(sig syscall.Signal) error {
+	return syscall.Kill(p.Pid, sig)
+}
+
+// Wait waits, at most Guard, for the process to end and returns its exit
+// status, or -1 if a signal ended it. It fails the test if the process does
+// not end.
+func (p *Process) Wait(t testing.TB) int {
+	t.Helper()
+	select {
+	case <-p.done:
+	case <-time.After(Guard):
+		t.Fatalf("pid %d still running after %v; stderr:\n%s", p.Pid, Guard, p.Stderr())
+	}
+	return p.state.ExitCode()
+}
+
+// Stdout and Stderr return what the process wrote so far.
+func (p *Process) Stdout() string { return p.stdout.String() }
+func (p *Process) Stderr() string { return p.stderr.String() }
+
+// WaitListening waits until the process (egressd, or echo-upstream) has logged
+// `msg=listening` n times and returns the listening addresses. It fails the
+// test if the process exits first
+// or takes longer than Guard.
+func (p *Process) WaitListening(t testing.TB, n int) []string {
+	t.Helper()
+	deadline := time.Now().Add(Guard)
+	for {
+		var addrs []string
+		for _, l := range p.Log("listening") {
+			addrs = append(addrs, l["addr"])
+		}
+		if len(addrs) >= n {
+			return addrs
+		}
+		if p.Exited() {
+			t.Fatalf("pid %d exited with status %d before listening; stderr:\n%s", p.Pid, p.state.ExitCode(), p.Stderr())
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pid %d not listening after %v; stderr:\n%s", p.Pid, Guard, p.Stderr())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Log returns the records of standard error (log/slog text format) whose msg
+// is msg, each as its key=value pairs.
+func (p *Process) Log(msg string) []map[string]string {
+	var recs []map[string]string
+	for line := range strings.Lines(p.Stderr()) {
+		rec := ParseLogLine(line)
+		if rec["msg"] == msg {
+			recs = append(recs, rec)
+		}
+	}
+	return recs
+}
+
+// ParseLogLine splits a log/slog text line into its key=value pairs. Quoted
+// values are unquoted.
+func ParseLogLine(line string) map[string]string {
+	rec := map[string]string{}
+	s := strings.TrimSpace(line)
+	for s != "" {
+		key, rest, ok := strings.Cut(s, "=")
+		if !ok || strings.ContainsAny(key, " \"") {
+			break
+		}
+		var val string
+		if strings.HasPrefix(rest, `"`) {
+			q, err := strconv.QuotedPrefix(rest)
+			if err != nil {
+				break
+			}
+			val, _ = strconv.Unquote(q)
+			rest = rest[len(q):]
+		} else {
+			val, rest, _ = strings.Cut(rest, " ")
+		}
+		rec[key] = val
+		s = strings.TrimLeft(rest, " ")
+	}
+	return rec
+}
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
