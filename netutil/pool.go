@@ -80,27 +80,29 @@ func (c *PoolConfig) setDefaults() {
 	if c.Max == 0 {
 		c.Max = DefaultMaxAddrs
 	}
-	if c.Ready == 0 {
-		c.Ready = DefaultReady
-	}
-	if c.Ready < 0 {
-		c.Ready = 0
-	}
+	c.Ready = defaultOrOff(c.Ready, DefaultReady)
 	if c.Ready > c.Max {
 		c.Ready = c.Max
 	}
 	if c.Lifetime == 0 {
 		c.Lifetime = DefaultLifetime
 	}
-	if c.Linger == 0 {
-		c.Linger = DefaultLinger
-	}
-	if c.Linger < 0 {
-		c.Linger = 0
-	}
+	c.Linger = defaultOrOff(c.Linger, DefaultLinger)
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
+}
+
+// defaultOrOff maps a setting where zero means the default and a negative
+// value means off to the value in force.
+func defaultOrOff[T int | time.Duration](v, def T) T {
+	switch {
+	case v == 0:
+		return def
+	case v < 0:
+		return 0
+	}
+	return v
 }
 
 func (c *PoolConfig) validate() error {

@@ -181,9 +181,7 @@ func TestConnect(t *testing.T) {
 // host's own source address, and the host's address is left as it was.
 func TestHostDefaultSourceUnchanged(t *testing.T) {
 	t.Parallel()
-	bin := binary(t, "./cmd/egressd")
-	e := &env{tp: nstest.New(t), bin: bin}
-	e.up = e.tp.StartUpstream(t)
+	e := setup(t)
 	tp := e.tp
 
 	plainSource := func() (curl, dial netip.Addr) {
@@ -345,9 +343,7 @@ func withoutEgress(t *testing.T, e *env) []netlink.Addr {
 // pinned and foreign addresses in the prefix alone.
 func TestRestartAfterKill(t *testing.T) {
 	t.Parallel()
-	bin := binary(t, "./cmd/egressd")
-	e := &env{tp: nstest.New(t), bin: bin}
-	e.up = e.tp.StartUpstream(t)
+	e := setup(t)
 	tp := e.tp
 
 	pinned := netip.MustParseAddr("2001:db8:1:2::a1")

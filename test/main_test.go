@@ -81,13 +81,20 @@ func egressdArgs(tp *nstest.Topo, extra ...string) []string {
 	}, extra...)
 }
 
-// start builds a topology, starts the upstream and egressd with extra flags,
-// and waits until egressd listens.
-func start(t *testing.T, extra ...string) *env {
+// setup builds a topology and starts the upstream, without egressd.
+func setup(t *testing.T) *env {
 	t.Helper()
 	bin := binary(t, "./cmd/egressd")
 	e := &env{tp: nstest.New(t), bin: bin}
 	e.up = e.tp.StartUpstream(t)
+	return e
+}
+
+// start builds a topology, starts the upstream and egressd with extra flags,
+// and waits until egressd listens.
+func start(t *testing.T, extra ...string) *env {
+	t.Helper()
+	e := setup(t)
 	e.ed = e.restart(t, extra...)
 	return e
 }

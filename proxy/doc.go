@@ -1,0 +1,18 @@
+// Package proxy is the protocol side of egressd: an HTTP/1.1 forward proxy
+// that serves plain HTTP requests in absolute form and CONNECT tunnels.
+//
+// The package never touches the network configuration. Every upstream
+// connection is opened through the dial function it is given (see
+// Config.Dial), which binds the connection to a fresh egress address; the
+// proxy only learns which address was used, for its access log, from the
+// connection's local address.
+//
+// Plain HTTP goes through github.com/elazarl/goproxy with a transport of our
+// own (no upstream keep-alive, so every request leaves from a new address;
+// verified TLS; no proxy from the environment). CONNECT is handled here rather
+// than by goproxy: see connect.go for why.
+//
+// Errors reach clients as a status and a one-line text that names only the
+// host the client asked for (see Error); the full error, which may contain
+// the egress address, goes to the operator's log.
+package proxy

@@ -1,0 +1,49 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"syscall"
+	"testing"
+
+	"github.com/egressd/egressd/netutil"
+	"github.com/stretchr/testify/assert"
+)
+
+func TestUpstreamError(t *testing.T) {
+	own := &Error{Status: http.StatusTeapot, Reason: "mine"}
+	tests := []struct {
+		name   string
+		err    error
+		status int
+		reason string
+	}{
+		{"no address wrapped", fmt.Errorf("dialing: %w", opError(netutil.ErrNoAddress)), 503, "no fresh egress address available"},
+		{"no address beats timeout", errors.Join(context.DeadlineExceeded, netutil.ErrNoAddress), 503, "no fresh egress address available"},
+		{"context deadline", fmt.Errorf("dialing: %w", context.DeadlineExceeded), 504, "upstream h.test timed out"},
+		{"os deadline", opError(os.ErrDeadlineExceeded), 504, "upstream h.test timed out"},
+		{"reset", opError(syscall.ECONNRESET), 502, "upstream h.test failed"},
+		{"network unreachable", opError(syscall.ENETUNREACH), 502, "upstream h.test is unreachable"},
+		{"already mapped", fmt.Errorf("x: %w", own), http.StatusTeapot, "mine"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := upstreamError("h.test", tt.err)
+			assert.Equal(t, tt.status, e.Status)
+			assert.Equal(t, tt.reason, e.Reason)
+			assert.NotContains(t, e.body(), "2001:db8")
+			assert.True(t, errors.Is(e, tt.err) || errors.Is(tt.err, e), "the cause stays reachable")
+		})
+	}
+}
+
+func TestErrorText(t *testing.T) {
+	e := &Error{Status: 502, Reason: "upstream h.test failed", Err: errBoom}
+	assert.Equal(t, "upstream h.test failed: boom", e.Error())
+	assert.ErrorIs(t, e, errBoom)
+	assert.Equal(t, "upstream h.test failed\n", e.body())
+	assert.Equal(t, "r", (&Error{Reason: "r"}).Error())
+}

@@ -1,0 +1,104 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+)
+
+// reqState is what the proxy learns about one request while serving it. It
+// travels in the request's context, so that the dialer (which sees only a
+// context) and goproxy's handlers (which see only the request) can reach it.
+type reqState struct {
+	// flush is set by the OnResponse handler when the upstream body has
+	// unknown length or is an event stream; responseWriter then flushes
+	// after every write. Set and read on the handler goroutine only.
+	flush bool
+	// bodyErr is the first error reading the upstream response body. Set
+	// and read on the handler goroutine only (goproxy copies the body
+	// there).
+	bodyErr error
+
+	mu         sync.Mutex // for what the dial and transport goroutines set
+	egress     string     // source IP of the upstream connection
+	connection []string   // the upstream response's Connection header, raw
+}
+
+type stateKey struct{}
+
+func stateFrom(ctx context.Context) *reqState {
+	st, _ := ctx.Value(stateKey{}).(*reqState)
+	return st
+}
+
+func (st *reqState) setEgress(a net.Addr) {
+	var ip string
+	switch a := a.(type) {
+	case *net.TCPAddr:
+		ip = a.AddrPort().Addr().Unmap().String()
+	case nil:
+	default:
+		ip = a.String()
+		if h, _, err := net.SplitHostPort(ip); err == nil {
+			ip = h
+		}
+	}
+	st.mu.Lock()
+	st.egress = ip
+	st.mu.Unlock()
+}
+
+func (st *reqState) getEgress() string {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.egress
+}
+
+func (st *reqState) setConnection(v []string) {
+	st.mu.Lock()
+	st.connection = v
+	st.mu.Unlock()
+}
+
+func (st *reqState) getConnection() []string {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.connection
+}
+
+// record is what the access log line reports about a request.
+type record struct {
+	host   string // host:port the client asked for
+	status int
+	down   int64 // bytes sent to the client: response body, or upstream->client in a tunnel
+	up     int64 // bytes sent upstream: request body, or client->upstream in a tunnel
+}
+
+// logAccess writes the access log line for r.
+func (s *Server) logAccess(r *http.Request, rec *record, st *reqState, d time.Duration) {
+	s.log.LogAttrs(context.Background(), slog.LevelInfo, "request",
+		slog.String("client", r.RemoteAddr),
+		slog.String("method", r.Method),
+		slog.String("host", rec.host),
+		slog.Int("status", rec.status),
+		slog.Int64("bytes", rec.down),
+		slog.Int64("bytes_up", rec.up),
+		slog.Duration("duration", d),
+		slog.String("egress", st.getEgress()),
+	)
+}
+
+// goproxyLogger routes goproxy's printf logging to slog at debug level.
+type goproxyLogger struct{ l *slog.Logger }
+
+func (g goproxyLogger) Printf(format string, v ...any) {
+	if !g.l.Enabled(context.Background(), slog.LevelDebug) {
+		return
+	}
+	g.l.Debug(strings.TrimSpace(fmt.Sprintf(format, v...)), "component", "goproxy")
+}

@@ -1,0 +1,301 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/elazarl/goproxy"
+)
+
+// DialFunc opens an upstream connection. It has the signature of
+// net.Dialer.DialContext; egressd's dialer binds each connection to a fresh
+// egress address.
+type DialFunc func(ctx context.Context, network, addr string) (net.Conn, error)
+
+// Config configures a Server. Zero durations take the defaults documented on
+// each field.
+type Config struct {
+	// Dial opens every upstream connection, for plain HTTP and CONNECT alike;
+	// the proxy never dials any other way. Required.
+	//
+	// For CONNECT tunnels to keep Linux splice(2), the returned connection
+	// should be a *net.TCPConn or a type embedding one, so that ReadFrom,
+	// WriteTo and CloseWrite are promoted.
+	Dial DialFunc
+
+	// Logger receives the access log (one Info line "request" per request or
+	// tunnel) and warnings about upstream failures, with full error text.
+	// Default slog.Default().
+	Logger *slog.Logger
+
+	// DialTimeout bounds connecting to an upstream, DNS included. A timeout
+	// is answered 504. Default 10s.
+	DialTimeout time.Duration
+
+	// ResponseHeaderTimeout bounds the wait for an upstream's response
+	// headers after a plain HTTP request was sent. A timeout is answered 504.
+	// Default 60s.
+	ResponseHeaderTimeout time.Duration
+
+	// TunnelIdleTimeout closes a CONNECT tunnel after no byte went either way
+	// for this long. Default 5m.
+	TunnelIdleTimeout time.Duration
+}
+
+// Defaults for zero Config fields.
+const (
+	DefaultDialTimeout           = 10 * time.Second
+	DefaultResponseHeaderTimeout = 60 * time.Second
+	DefaultTunnelIdleTimeout     = 5 * time.Minute
+)
+
+// Fixed settings.
+const (
+	readHeaderTimeout   = 30 * time.Second  // a client must send its request head within this
+	clientIdleTimeout   = 120 * time.Second // idle client keep-alive connections are closed after this
+	tlsHandshakeTimeout = 10 * time.Second  // for plain-HTTP requests to https:// URLs
+
+	// forceCloseGrace bounds how long Shutdown waits, after force-closing
+	// every connection, for handlers to return. They return promptly once
+	// their connections are closed, unless Config.Dial ignores its context.
+	forceCloseGrace = time.Second
+)
+
+// Validate reports the first invalid field of c. Zero durations are valid:
+// they mean the default.
+func (c Config) Validate() error {
+	if c.Dial == nil {
+		return errors.New("proxy config: Dial is required")
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{
+		{"DialTimeout", c.DialTimeout},
+		{"ResponseHeaderTimeout", c.ResponseHeaderTimeout},
+		{"TunnelIdleTimeout", c.TunnelIdleTimeout},
+	} {
+		if d.v < 0 {
+			return fmt.Errorf("proxy config: %s is negative (%v)", d.name, d.v)
+		}
+	}
+	return nil
+}
+
+// withDefaults returns c with every zero field set to its default. It is the
+// only place defaults are applied.
+func (c Config) withDefaults() Config {
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.DialTimeout == 0 {
+		c.DialTimeout = DefaultDialTimeout
+	}
+	if c.ResponseHeaderTimeout == 0 {
+		c.ResponseHeaderTimeout = DefaultResponseHeaderTimeout
+	}
+	if c.TunnelIdleTimeout == 0 {
+		c.TunnelIdleTimeout = DefaultTunnelIdleTimeout
+	}
+	return c
+}
+
+// Server is the forward proxy. It is an http.Handler, and serves its own
+// HTTP/1.1 server on any number of listeners with Serve.
+type Server struct {
+	cfg Config
+	log *slog.Logger
+	gp  *goproxy.ProxyHttpServer // plain HTTP
+	tr  *http.Transport          // gp's transport, dialing through cfg.Dial
+	srv *http.Server             // shared by every listener passed to Serve
+
+	mu     sync.Mutex
+	active int                    // handlers running; a tunnel runs in its handler
+	idle   chan struct{}          // closed when active drops to 0; nil if nobody waits
+	conns  map[io.Closer]struct{} // hijacked connections, closed on forced shutdown
+	forced bool                   // Shutdown ran out of time: close hijacked conns at once
+}
+
+var _ http.Handler = (*Server)(nil)
+
+// New returns a Server for cfg. It fails only if cfg is invalid.
+func New(cfg Config) (*Server, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg = cfg.withDefaults()
+	s := &Server{
+		cfg:   cfg,
+		log:   cfg.Logger,
+		conns: make(map[io.Closer]struct{}),
+	}
+	s.tr = s.newTransport()
+	s.gp = s.newGoproxy()
+
+	var protocols http.Protocols
+	protocols.SetHTTP1(true) // no HTTP/2, not even unencrypted: tunnels need Hijack
+	s.srv = &http.Server{
+		Handler:           s,
+		ReadHeaderTimeout: readHeaderTimeout,
+		IdleTimeout:       clientIdleTimeout,
+		Protocols:         &protocols,
+		ErrorLog:          slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelWarn),
+	}
+	return s, nil
+}
+
+// Serve accepts client connections on ln until Shutdown is called. It may be
+// called for several listeners at once; they share one http.Server. It
+// returns nil after Shutdown, or the error that stopped accepting.
+func (s *Server) Serve(ln net.Listener) error {
+	err := s.srv.Serve(ln)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// ServeHTTP serves one proxy request: CONNECT opens a tunnel (and returns
+// when it ends), any other method must be in absolute form and is forwarded.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.begin()
+	defer s.end()
+
+	start := time.Now()
+	st := &reqState{}
+	r = r.WithContext(context.WithValue(r.Context(), stateKey{}, st))
+	var rec record
+	defer func() { s.logAccess(r, &rec, st, time.Since(start)) }()
+
+	if r.Method == http.MethodConnect {
+		// goproxy is bypassed for CONNECT; see connect.go.
+		s.serveConnect(w, r, &rec)
+		return
+	}
+	s.serveHTTP(w, r, &rec)
+}
+
+// Active returns the number of requests in flight, open CONNECT tunnels
+// included.
+func (s *Server) Active() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.active
+}
+
+// Shutdown stops accepting on every listener and closes idle client
+// connections, then waits for in-flight requests and open tunnels to finish.
+// It returns nil if they all finished before ctx was done. Otherwise it
+// force-closes every connection left, client and upstream, and returns
+// ctx.Err().
+func (s *Server) Shutdown(ctx context.Context) error {
+	// http.Server.Shutdown waits for requests it still owns, but not for
+	// hijacked connections: every tunnel is one, hence waitIdle.
+	err := s.srv.Shutdown(ctx)
+	if ctx.Err() == nil {
+		err = errors.Join(err, s.waitIdle(ctx))
+	}
+	s.tr.CloseIdleConnections()
+	if ctx.Err() == nil {
+		return err
+	}
+
+	s.log.Warn("shutdown timed out: closing remaining connections", "active", s.Active())
+	_ = s.srv.Close() // client connections not hijacked, and listeners
+	s.mu.Lock()
+	s.forced = true
+	for c := range s.conns {
+		_ = c.Close()
+	}
+	clear(s.conns)
+	s.mu.Unlock()
+
+	// Let handlers unwind (and log), now that their connections are gone.
+	grace, cancel := context.WithTimeout(context.Background(), forceCloseGrace)
+	defer cancel()
+	if s.waitIdle(grace) != nil {
+		s.log.Warn("shutdown: handlers still running after forced close", "active", s.Active())
+	}
+	return ctx.Err()
+}
+
+func (s *Server) begin() {
+	s.mu.Lock()
+	s.active++
+	s.mu.Unlock()
+}
+
+func (s *Server) end() {
+	s.mu.Lock()
+	s.active--
+	if s.active == 0 && s.idle != nil {
+		close(s.idle)
+		s.idle = nil
+	}
+	s.mu.Unlock()
+}
+
+// waitIdle waits until no handler runs, or ctx is done.
+func (s *Server) waitIdle(ctx context.Context) error {
+	for {
+		s.mu.Lock()
+		if s.active == 0 {
+			s.mu.Unlock()
+			return nil
+		}
+		if s.idle == nil {
+			s.idle = make(chan struct{})
+		}
+		idle := s.idle
+		s.mu.Unlock()
+
+		select {
+		case <-idle:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// track registers a hijacked connection (or a tunnel's closer) to be closed
+// if Shutdown runs out of time. It returns false, having closed c, if that
+// already happened. untrack must be called once c is closed.
+func (s *Server) track(c io.Closer) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.forced {
+		_ = c.Close()
+		return false
+	}
+	s.conns[c] = struct{}{}
+	return true
+}
+
+func (s *Server) untrack(c io.Closer) {
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+}
+
+// dial is the only way the proxy opens upstream connections: cfg.Dial under
+// DialTimeout, recording the egress address in the request state found in
+// ctx, if any.
+func (s *Server) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
+	defer cancel()
+	conn, err := s.cfg.Dial(ctx, network, addr)
+	if err != nil {
+		return nil, fmt.Errorf("dialing %s: %w", addr, err)
+	}
+	if st := stateFrom(ctx); st != nil {
+		st.setEgress(conn.LocalAddr())
+	}
+	return conn, nil
+}
