@@ -5,7 +5,7 @@ PKGS    := ./...
 # Integration tests build network namespaces and need root; CI runs as root.
 TESTFLAGS ?= -race -count=1 -timeout 15m
 
-.PHONY: help build test unit demo bench bench-smoke vet lint fmt clean
+.PHONY: help build test unit demo bench bench-addrcost bench-smoke vet lint fmt clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ demo: build ## run egressd in throw-away namespaces and show each request leavin
 
 bench: ## run the Go benchmarks (root for the netlink ones)
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./netutil/ ./proxy/
+
+bench-addrcost: ## the kernel's cost of one egress address add and delete, by addresses on the interface (root)
+	$(GO) run ./bench/addrcost
 
 bench-smoke: ## every benchmark once, so none of them rots
 	$(GO) test -short -run '^$$' -bench . -benchtime 1x ./netutil/ ./proxy/

@@ -31,10 +31,11 @@ var _ AddrManager = (*Netlink)(nil)
 // Defaults of PoolConfig.
 const (
 	// DefaultMaxAddrs bounds the live egress addresses. The kernel's cost of
-	// adding one grows with the addresses already on the interface: about
-	// 0.35 ms with a few hundred, 0.76 ms between 1,000 and 2,000, 2.9 ms at
-	// 4,000 (../shared/notes/linux-ipv6.md). At 1,024 an add stays under a
-	// millisecond, and a builder farm holding more than a thousand upstream
+	// adding or deleting one grows with the addresses already on the
+	// interface, by about 1.25 µs each (bench/results/core.md: 0.74 ms with
+	// 512, 1.4 ms with 1,024, 2.6 ms with 2,048); the shared notes' table
+	// puts 1,000 to 2,000 at 0.76 ms. At 1,024 an add stays near a
+	// millisecond, and a builder farm holding a thousand upstream
 	// connections open at once is far past what it needs.
 	DefaultMaxAddrs = 1024
 	// DefaultReady is how many addresses the refiller keeps added and unused,

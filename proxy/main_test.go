@@ -101,6 +101,9 @@ func withIdle(d time.Duration) proxyOpt { return func(c *Config) { c.TunnelIdleT
 
 func withLogger(l *slog.Logger) proxyOpt { return func(c *Config) { c.Logger = l } }
 
+// withDial replaces the fake dialer with d.
+func withDial(d DialFunc) proxyOpt { return func(c *Config) { c.Dial = d } }
+
 // startProxy serves a Server on a loopback listener (wrapped by wrap, if not
 // nil) with a fakeDialer, and shuts it down when the test ends.
 func startProxy(t testing.TB, wrap func(net.Listener) net.Listener, opts ...proxyOpt) *testProxy {
