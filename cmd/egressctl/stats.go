@@ -1,0 +1,160 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"text/tabwriter"
+	"time"
+
+	"github.com/egressd/egressd/proxy/stats"
+)
+
+const statsUsage = `Usage: egressctl [-admin ADDR] stats [-json] [-watch DURATION]
+
+Shows egressd's counters: totals, a row per upstream host, and the pool of
+egress addresses.
+
+Columns: REQS requests and tunnels that reached the shaper; INFLIGHT admitted
+and not finished; WAITING in the shaper's line now; WAITED total time spent
+in line; 429-OURS answered 429 by egressd; 429-UPSTREAM answered 429 (or 503
+with Retry-After) by the upstream; ERRORS 502/503/504 from egressd and
+aborted responses; UP client to upstream; DOWN upstream to client; P50, P99
+request duration (for tunnels, the time to open them).
+
+Flags:
+  -json             print the JSON document egressd sends
+  -watch DURATION   refresh every DURATION (e.g. 2s) until interrupted
+`
+
+// clearScreen moves the cursor home and clears the terminal.
+const clearScreen = "\x1b[H\x1b[2J"
+
+// statsCommand is egressctl stats.
+type statsCommand struct {
+	admin    *adminClient
+	stdout   io.Writer
+	terminal bool             // stdout is a terminal: clear it between frames
+	now      func() time.Time // for the watch header; time.Now if nil
+}
+
+func (c *statsCommand) Run(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("stats", flag.ContinueOnError)
+	asJSON := fs.Bool("json", false, "")
+	var watch watchFlag
+	fs.Var(&watch, "watch", "")
+	if ok, err := parseFlags(fs, args, statsUsage, c.stdout); !ok {
+		return err
+	}
+	if watch == 0 {
+		return c.frame(ctx, c.stdout, *asJSON)
+	}
+	return c.watch(ctx, time.Duration(watch), *asJSON)
+}
+
+// watch prints a frame every d until ctx is done. Only a failure of the
+// first frame ends it; later ones are shown in place of the frame, so that
+// a restart of egressd does not stop the watch.
+func (c *statsCommand) watch(ctx context.Context, d time.Duration, asJSON bool) error {
+	now := c.now
+	if now == nil {
+		now = time.Now
+	}
+	tick := time.NewTicker(d)
+	defer tick.Stop()
+	var buf bytes.Buffer
+	for first := true; ; first = false {
+		buf.Reset()
+		fmt.Fprintf(&buf, "Every %v: egressctl stats  %s\n\n", d, now().Format(time.TimeOnly))
+		err := c.frame(ctx, &buf, asJSON)
+		if ctx.Err() != nil {
+			return nil // interrupted: not a failure
+		}
+		if err != nil {
+			if first {
+				return err
+			}
+			fmt.Fprintf(&buf, "egressctl: %v\n", err)
+		}
+		// Render first, then clear and write at once: no flicker.
+		switch {
+		case c.terminal:
+			io.WriteString(c.stdout, clearScreen)
+		case !first:
+			io.WriteString(c.stdout, "\n")
+		}
+		if _, err := c.stdout.Write(buf.Bytes()); err != nil {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+	}
+}
+
+// frame fetches /stats once and writes it to w.
+func (c *statsCommand) frame(ctx context.Context, w io.Writer, asJSON bool) error {
+	body, err := c.admin.get(ctx, "/stats")
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		return writeIndented(w, body)
+	}
+	var s stats.Stats
+	if err := json.Unmarshal(body, &s); err != nil {
+		return fmt.Errorf("decoding /stats from egressd at %s: %w", c.admin.admin, err)
+	}
+	return writeStats(w, &s)
+}
+
+// writeStats writes the table for people.
+func writeStats(w io.Writer, s *stats.Stats) error {
+	t := s.Totals
+	fmt.Fprintf(w, "egressd up %s: %d requests, %d in flight, %d waiting (waited %s in all), %d rejected (429 ours), %d throttled (429 upstream), %d errors, up %s, down %s\n\n",
+		humanDuration(s.UptimeSeconds), t.Requests, t.InFlight, t.Waiting, humanDuration(t.WaitSeconds),
+		t.Rejected, t.Throttled, t.Errors, humanBytes(t.BytesUp), humanBytes(t.BytesDown))
+
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	if len(s.Upstreams) == 0 {
+		fmt.Fprintln(tw, "No upstream has been used yet.")
+	} else {
+		fmt.Fprintln(tw, "UPSTREAM\tRULE\tREQS\tINFLIGHT\tWAITING\tWAITED\t429-OURS\t429-UPSTREAM\tERRORS\tUP\tDOWN\tP50\tP99")
+		for _, u := range s.Upstreams {
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\n",
+				cell(u.Upstream), cell(u.Rule),
+				u.Requests, u.InFlight, u.Waiting, humanDuration(u.WaitSeconds),
+				u.Rejected, u.Throttled, u.Errors, humanBytes(u.BytesUp), humanBytes(u.BytesDown),
+				humanLatency(u.Latency.P50), humanLatency(u.Latency.P99))
+		}
+	}
+
+	a := s.Addresses
+	fmt.Fprintln(tw)
+	fmt.Fprintln(tw, "ADDRESSES\tLIVE\tREADY\tIN-USE\tLINGERING\tADDED\tREMOVED\tADD-FAILURES\tREMOVE-FAILURES\tADD-P50\tADD-P99")
+	fmt.Fprintf(tw, "pool\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\n",
+		a.Live, a.Ready, a.InUse, a.Lingering, a.Added, a.Removed, a.AddFailures, a.RemoveFailures,
+		humanLatency(a.AddLatency.P50), humanLatency(a.AddLatency.P99))
+	return tw.Flush()
+}
+
+// watchFlag is the -watch interval: a positive duration.
+type watchFlag time.Duration
+
+func (f *watchFlag) String() string { return time.Duration(*f).String() }
+
+func (f *watchFlag) Set(s string) error {
+	d, err := time.ParseDuration(s)
+	if err != nil || d <= 0 {
+		// The flag package prefixes: invalid value "x" for flag -watch.
+		return errors.New("want a positive duration such as 2s or 500ms")
+	}
+	*f = watchFlag(d)
+	return nil
+}

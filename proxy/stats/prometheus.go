@@ -1,0 +1,223 @@
+package stats
+
+import (
+	"bufio"
+	"io"
+	"strconv"
+	"strings"
+)
+
+// ContentType is the Content-Type of what WritePrometheus writes.
+const ContentType = "text/plain; version=0.0.4; charset=utf-8"
+
+// Family describes one metric family of the exposition.
+type Family struct {
+	Name string
+	Type string // counter, gauge or histogram
+	Help string
+}
+
+// family is a Family and how to write its samples.
+type family struct {
+	Family
+	write func(*promWriter, *Stats)
+}
+
+// upstreamFamily writes one sample per upstream.
+func upstreamFamily(name, typ, help string, value func(*UpstreamStats) string) family {
+	return family{Family{name, typ, help}, func(p *promWriter, s *Stats) {
+		for i := range s.Upstreams {
+			u := &s.Upstreams[i]
+			p.sample(name, upstreamLabel(u.Upstream), value(u))
+		}
+	}}
+}
+
+// plainFamily writes one sample without labels.
+func plainFamily(name, typ, help string, value func(*Stats) string) family {
+	return family{Family{name, typ, help}, func(p *promWriter, s *Stats) {
+		p.sample(name, "", value(s))
+	}}
+}
+
+var families = []family{
+	upstreamFamily("egress_upstream_requests_total", "counter",
+		"Requests and CONNECT tunnels to the upstream host that reached the shaper.",
+		func(u *UpstreamStats) string { return fmtUint(u.Requests) }),
+	upstreamFamily("egress_upstream_requests_in_flight", "gauge",
+		"Requests and tunnels to the upstream host admitted by the shaper and not finished.",
+		func(u *UpstreamStats) string { return fmtInt(u.InFlight) }),
+	upstreamFamily("egress_upstream_requests_waiting", "gauge",
+		"Requests and tunnels to the upstream host waiting in the shaper's line.",
+		func(u *UpstreamStats) string { return fmtInt(u.Waiting) }),
+	upstreamFamily("egress_upstream_wait_seconds_total", "counter",
+		"Time requests to the upstream host spent waiting in the shaper's line.",
+		func(u *UpstreamStats) string { return fmtFloat(u.WaitSeconds) }),
+	upstreamFamily("egress_upstream_rejected_total", "counter",
+		"Requests to the upstream host that egressd answered with 429.",
+		func(u *UpstreamStats) string { return fmtUint(u.Rejected) }),
+	upstreamFamily("egress_upstream_throttled_total", "counter",
+		"Responses of the upstream host with status 429, or 503 with Retry-After.",
+		func(u *UpstreamStats) string { return fmtUint(u.Throttled) }),
+	upstreamFamily("egress_upstream_errors_total", "counter",
+		"Requests to the upstream host that egressd answered with 502, 503 or 504, and aborted responses.",
+		func(u *UpstreamStats) string { return fmtUint(u.Errors) }),
+	upstreamFamily("egress_upstream_sent_bytes_total", "counter",
+		"Bytes sent from clients to the upstream host.",
+		func(u *UpstreamStats) string { return fmtUint(u.BytesUp) }),
+	upstreamFamily("egress_upstream_received_bytes_total", "counter",
+		"Bytes received from the upstream host and passed to clients.",
+		func(u *UpstreamStats) string { return fmtUint(u.BytesDown) }),
+	{Family{"egress_upstream_request_duration_seconds", "histogram",
+		"Time from admission by the shaper to the upstream host's response head, or to the CONNECT tunnel being open."},
+		func(p *promWriter, s *Stats) {
+			for i := range s.Upstreams {
+				u := &s.Upstreams[i]
+				p.histogram("egress_upstream_request_duration_seconds", upstreamLabel(u.Upstream), &u.LatencyHistogram)
+			}
+		}},
+
+	plainFamily("egress_address_live", "gauge",
+		"Egress addresses on the interface, in any state.",
+		func(s *Stats) string { return fmtInt(int64(s.Addresses.Live)) }),
+	plainFamily("egress_address_ready", "gauge",
+		"Egress addresses added and not yet used.",
+		func(s *Stats) string { return fmtInt(int64(s.Addresses.Ready)) }),
+	plainFamily("egress_address_in_use", "gauge",
+		"Egress addresses bound by an open connection.",
+		func(s *Stats) string { return fmtInt(int64(s.Addresses.InUse)) }),
+	plainFamily("egress_address_lingering", "gauge",
+		"Egress addresses used and waiting to be removed.",
+		func(s *Stats) string { return fmtInt(int64(s.Addresses.Lingering)) }),
+	plainFamily("egress_address_added_total", "counter",
+		"Egress addresses added to the interface.",
+		func(s *Stats) string { return fmtUint(s.Addresses.Added) }),
+	plainFamily("egress_address_removed_total", "counter",
+		"Egress addresses removed from the interface.",
+		func(s *Stats) string { return fmtUint(s.Addresses.Removed) }),
+	plainFamily("egress_address_add_failures_total", "counter",
+		"Failures to add an egress address to the interface.",
+		func(s *Stats) string { return fmtUint(s.Addresses.AddFailures) }),
+	plainFamily("egress_address_remove_failures_total", "counter",
+		"Failures to remove an egress address from the interface.",
+		func(s *Stats) string { return fmtUint(s.Addresses.RemoveFailures) }),
+	{Family{"egress_address_add_duration_seconds", "histogram",
+		"Time to add an egress address to the interface."},
+		func(p *promWriter, s *Stats) {
+			p.histogram("egress_address_add_duration_seconds", "", &s.Addresses.AddLatencyHistogram)
+		}},
+
+	plainFamily("egress_uptime_seconds", "gauge",
+		"Time since egressd started.",
+		func(s *Stats) string { return fmtFloat(s.UptimeSeconds) }),
+	plainFamily("egress_start_time_seconds", "gauge",
+		"Start time of egressd since the Unix epoch.",
+		func(s *Stats) string { return fmtFloat(float64(s.Started.UnixNano()) / 1e9) }),
+}
+
+// Series lists every metric family WritePrometheus writes, in the order it
+// writes them. It is what the README's list of series is made from.
+var Series = func() []Family {
+	fs := make([]Family, len(families))
+	for i, f := range families {
+		fs[i] = f.Family
+	}
+	return fs
+}()
+
+// WritePrometheus writes s in the Prometheus text exposition format, version
+// 0.0.4 (see ContentType), with HELP and TYPE lines for every family in
+// Series. Upstream series carry the label upstream; a histogram without
+// buckets (as in a Stats decoded from JSON) is written with its +Inf bucket
+// only.
+func WritePrometheus(w io.Writer, s *Stats) error {
+	p := &promWriter{w: bufio.NewWriter(w)}
+	for _, f := range families {
+		p.w.WriteString("# HELP ")
+		p.w.WriteString(f.Name)
+		p.w.WriteByte(' ')
+		p.w.WriteString(helpEscaper.Replace(f.Help))
+		p.w.WriteString("\n# TYPE ")
+		p.w.WriteString(f.Name)
+		p.w.WriteByte(' ')
+		p.w.WriteString(f.Type)
+		p.w.WriteByte('\n')
+		f.write(p, s)
+	}
+	return p.w.Flush() // bufio.Writer keeps the first write error
+}
+
+type promWriter struct {
+	w *bufio.Writer
+}
+
+// sample writes one line; labels are rendered pairs without braces.
+func (p *promWriter) sample(name, labels, value string) {
+	p.line(name, "", labels, "", value)
+}
+
+// line writes name+suffix, the labels and le (either may be empty), and
+// the value, without building strings on the way.
+func (p *promWriter) line(name, suffix, labels, le, value string) {
+	p.w.WriteString(name)
+	p.w.WriteString(suffix)
+	if labels != "" || le != "" {
+		p.w.WriteByte('{')
+		p.w.WriteString(labels)
+		if labels != "" && le != "" {
+			p.w.WriteByte(',')
+		}
+		if le != "" {
+			p.w.WriteString(`le="`)
+			p.w.WriteString(le)
+			p.w.WriteByte('"')
+		}
+		p.w.WriteByte('}')
+	}
+	p.w.WriteByte(' ')
+	p.w.WriteString(value)
+	p.w.WriteByte('\n')
+}
+
+// histogram writes the cumulative buckets, the sum and the count of h.
+func (p *promWriter) histogram(name, labels string, h *HistogramSnapshot) {
+	var cum uint64
+	for i, b := range h.Bounds {
+		if i < len(h.Counts) {
+			cum += h.Counts[i]
+		}
+		le := ""
+		if i < len(leValues) && b == bounds[i] {
+			le = leValues[i]
+		} else {
+			le = fmtFloat(b)
+		}
+		p.line(name, "_bucket", labels, le, fmtUint(cum))
+	}
+	p.line(name, "_bucket", labels, "+Inf", fmtUint(h.Count))
+	p.line(name, "_sum", labels, "", fmtFloat(h.Sum))
+	p.line(name, "_count", labels, "", fmtUint(h.Count))
+}
+
+// leValues are the le labels of the standard bounds.
+var leValues = func() (le [numBounds]string) {
+	for i, b := range bounds {
+		le[i] = fmtFloat(b)
+	}
+	return le
+}()
+
+// upstreamLabel renders the upstream label pair. Label values must be UTF-8,
+// so invalid bytes (which Registry keeps out of names) become U+FFFD.
+func upstreamLabel(host string) string {
+	return `upstream="` + labelEscaper.Replace(strings.ToValidUTF8(host, "\uFFFD")) + `"`
+}
+
+var (
+	labelEscaper = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
+	helpEscaper  = strings.NewReplacer(`\`, `\\`, "\n", `\n`)
+)
+
+func fmtUint(v uint64) string   { return strconv.FormatUint(v, 10) }
+func fmtInt(v int64) string     { return strconv.FormatInt(v, 10) }
+func fmtFloat(v float64) string { return strconv.FormatFloat(v, 'g', -1, 64) } // +Inf, -Inf, NaN as Prometheus spells them

@@ -1,0 +1,260 @@
+package stats
+
+import (
+	"bytes"
+	"errors"
+	"math"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// parse parses an exposition as Prometheus would.
+func parse(t *testing.T, text string) map[string]*dto.MetricFamily {
+	t.Helper()
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	mfs, err := p.TextToMetricFamilies(strings.NewReader(text))
+	require.NoError(t, err, "exposition:\n%s", text)
+	return mfs
+}
+
+func write(t *testing.T, s *Stats) string {
+	t.Helper()
+	var buf bytes.Buffer
+	require.NoError(t, WritePrometheus(&buf, s))
+	return buf.String()
+}
+
+// byUpstream returns the metrics of mf keyed by their upstream label.
+func byUpstream(t *testing.T, mf *dto.MetricFamily) map[string]*dto.Metric {
+	t.Helper()
+	m := map[string]*dto.Metric{}
+	for _, metric := range mf.GetMetric() {
+		require.Len(t, metric.GetLabel(), 1, "%s: only the upstream label", mf.GetName())
+		l := metric.GetLabel()[0]
+		require.Equal(t, "upstream", l.GetName())
+		_, dup := m[l.GetValue()]
+		require.False(t, dup, "%s: duplicate upstream %q", mf.GetName(), l.GetValue())
+		m[l.GetValue()] = metric
+	}
+	return m
+}
+
+func TestSeriesNames(t *testing.T) {
+	seen := map[string]bool{}
+	for _, f := range Series {
+		assert.True(t, strings.HasPrefix(f.Name, "egress_"), f.Name)
+		assert.True(t, model.LegacyValidation.IsValidMetricName(f.Name), f.Name)
+		assert.False(t, seen[f.Name], "duplicate %s", f.Name)
+		seen[f.Name] = true
+		assert.NotEmpty(t, f.Help, f.Name)
+		switch f.Type {
+		case "counter":
+			assert.True(t, strings.HasSuffix(f.Name, "_total"), "counter %s ends in _total", f.Name)
+		case "gauge", "histogram":
+			assert.False(t, strings.HasSuffix(f.Name, "_total"), "%s %s does not end in _total", f.Type, f.Name)
+		default:
+			t.Errorf("%s: unknown type %q", f.Name, f.Type)
+		}
+	}
+}
+
+func TestWritePrometheusFamilies(t *testing.T) {
+	mfs := parse(t, write(t, sampleStats(t)))
+
+	var got, want []string
+	for name := range mfs {
+		got = append(got, name)
+	}
+	for _, f := range Series {
+		want = append(want, f.Name)
+		mf := mfs[f.Name]
+		if !assert.NotNil(t, mf, f.Name) {
+			continue
+		}
+		assert.Equal(t, f.Help, mf.GetHelp(), f.Name)
+		assert.Equal(t, strings.ToUpper(f.Type), mf.GetType().String(), f.Name)
+	}
+	slices.Sort(got)
+	slices.Sort(want)
+	assert.Equal(t, want, got, "WritePrometheus emits exactly Series")
+}
+
+func TestWritePrometheusValues(t *testing.T) {
+	s := sampleStats(t)
+	mfs := parse(t, write(t, s))
+	const api, odd = "api.example.com", "we\"ird\\host\n"
+
+	counter := func(name, up string) float64 {
+		t.Helper()
+		m := byUpstream(t, mfs[name])[up]
+		require.NotNil(t, m, "%s{upstream=%q}", name, up)
+		return m.GetCounter().GetValue()
+	}
+	gauge := func(name, up string) float64 {
+		t.Helper()
+		m := byUpstream(t, mfs[name])[up]
+		require.NotNil(t, m, "%s{upstream=%q}", name, up)
+		return m.GetGauge().GetValue()
+	}
+	plain := func(name string) *dto.Metric {
+		t.Helper()
+		require.Len(t, mfs[name].GetMetric(), 1, name)
+		m := mfs[name].GetMetric()[0]
+		assert.Empty(t, m.GetLabel(), name)
+		return m
+	}
+
+	assert.Equal(t, 120.0, counter("egress_upstream_requests_total", api))
+	assert.Equal(t, 1.0, counter("egress_upstream_requests_total", odd))
+	assert.Equal(t, 2.5, counter("egress_upstream_wait_seconds_total", api))
+	assert.Equal(t, 4.0, counter("egress_upstream_rejected_total", api))
+	assert.Equal(t, 1.0, counter("egress_upstream_throttled_total", api))
+	assert.Equal(t, 2.0, counter("egress_upstream_errors_total", api))
+	assert.Equal(t, float64(1<<20), counter("egress_upstream_sent_bytes_total", api))
+	assert.Equal(t, float64(3<<20), counter("egress_upstream_received_bytes_total", api))
+	assert.Equal(t, 10.0, counter("egress_upstream_received_bytes_total", odd))
+	assert.Equal(t, 3.0, gauge("egress_upstream_requests_in_flight", api))
+	assert.Equal(t, 2.0, gauge("egress_upstream_requests_waiting", api))
+	assert.Equal(t, 0.0, gauge("egress_upstream_requests_waiting", odd))
+
+	h := byUpstream(t, mfs["egress_upstream_request_duration_seconds"])[api].GetHistogram()
+	require.NotNil(t, h)
+	assert.Equal(t, uint64(11), h.GetSampleCount())
+	assert.InDelta(t, 300.0015, h.GetSampleSum(), 1e-9)
+	buckets := h.GetBucket()
+	require.Len(t, buckets, 22)
+	assert.Equal(t, 0.0001, buckets[0].GetUpperBound())
+	assert.Equal(t, uint64(0), buckets[0].GetCumulativeCount())
+	assert.Equal(t, uint64(10), buckets[1].GetCumulativeCount())
+	assert.Equal(t, uint64(10), buckets[20].GetCumulativeCount(), "cumulative; the 5m one is only in +Inf")
+	assert.Equal(t, 104.8576, buckets[20].GetUpperBound())
+	assert.True(t, math.IsInf(buckets[21].GetUpperBound(), 1))
+	assert.Equal(t, uint64(11), buckets[21].GetCumulativeCount())
+
+	assert.Equal(t, 9.0, plain("egress_address_live").GetGauge().GetValue())
+	assert.Equal(t, 4.0, plain("egress_address_ready").GetGauge().GetValue())
+	assert.Equal(t, 3.0, plain("egress_address_in_use").GetGauge().GetValue())
+	assert.Equal(t, 2.0, plain("egress_address_lingering").GetGauge().GetValue())
+	assert.Equal(t, 1000.0, plain("egress_address_added_total").GetCounter().GetValue())
+	assert.Equal(t, 991.0, plain("egress_address_removed_total").GetCounter().GetValue())
+	assert.Equal(t, 1.0, plain("egress_address_add_failures_total").GetCounter().GetValue())
+	assert.Equal(t, 2.0, plain("egress_address_remove_failures_total").GetCounter().GetValue())
+	ah := plain("egress_address_add_duration_seconds").GetHistogram()
+	assert.Equal(t, uint64(2), ah.GetSampleCount())
+	assert.InDelta(t, 0.001, ah.GetSampleSum(), 1e-12)
+	assert.Equal(t, uint64(1), ah.GetBucket()[2].GetCumulativeCount()) // (200µs, 400µs]
+	assert.Equal(t, uint64(2), ah.GetBucket()[3].GetCumulativeCount()) // (400µs, 800µs]
+
+	assert.Equal(t, 3661.5, plain("egress_uptime_seconds").GetGauge().GetValue())
+	assert.Equal(t, float64(s.Started.Unix())+0.5, plain("egress_start_time_seconds").GetGauge().GetValue())
+}
+
+func TestWritePrometheusText(t *testing.T) {
+	// What a person reading /metrics sees: HELP before TYPE before the
+	// samples, and the buckets.
+	text := write(t, sampleStats(t))
+	assert.Contains(t, text, "# HELP egress_upstream_requests_total Requests and CONNECT tunnels")
+	assert.Contains(t, text, "# TYPE egress_upstream_requests_total counter\n"+
+		`egress_upstream_requests_total{upstream="api.example.com"} 120`+"\n"+
+		`egress_upstream_requests_total{upstream="we\"ird\\host\n"} 1`+"\n")
+	assert.Contains(t, text, `egress_upstream_request_duration_seconds_bucket{upstream="api.example.com",le="0.0002"} 10`+"\n")
+	assert.Contains(t, text, `egress_upstream_request_duration_seconds_bucket{upstream="api.example.com",le="+Inf"} 11`+"\n")
+	assert.Contains(t, text, `egress_upstream_request_duration_seconds_count{upstream="api.example.com"} 11`+"\n")
+	assert.Contains(t, text, `egress_address_add_duration_seconds_bucket{le="+Inf"} 2`+"\n")
+	assert.Contains(t, text, "egress_address_live 9\n")
+	assert.NotContains(t, text, "2001:db8", "never labelled by address")
+}
+
+func TestWritePrometheusLabelEscaping(t *testing.T) {
+	hosts := []string{
+		`quo"te`,
+		`back\slash`,
+		"new\nline",
+		`trailing\`,
+		`\"`,
+		"tab\there",
+		"spa ce",
+		"brace}s{",
+		"comma,le=\"1\"",
+		"ünïcödé.example",
+		"xn--bcher-kva.example",
+		"[2001:db8::1]",
+		"#comment",
+	}
+	s := &Stats{}
+	for i, h := range hosts {
+		s.Upstreams = append(s.Upstreams, UpstreamStats{Upstream: h, Requests: uint64(i + 1)})
+	}
+	mfs := parse(t, write(t, s))
+	got := byUpstream(t, mfs["egress_upstream_requests_total"])
+	require.Len(t, got, len(hosts))
+	for i, h := range hosts {
+		m := got[h]
+		if assert.NotNil(t, m, "%q survives the round trip", h) {
+			assert.Equal(t, float64(i+1), m.GetCounter().GetValue(), "%q", h)
+		}
+	}
+}
+
+func TestWritePrometheusInvalidUTF8(t *testing.T) {
+	// The Registry keeps such hosts out, but a Stats built otherwise must
+	// still produce an exposition Prometheus accepts.
+	s := &Stats{Upstreams: []UpstreamStats{{Upstream: "bad\xff\xfehost", Requests: 1}}}
+	got := byUpstream(t, parse(t, write(t, s))["egress_upstream_requests_total"])
+	assert.Contains(t, got, "bad\uFFFDhost")
+}
+
+func TestWritePrometheusEmpty(t *testing.T) {
+	// No upstreams, and histograms without buckets as in a Stats decoded
+	// from JSON: still valid.
+	text := write(t, &Stats{Started: time.Unix(1700000000, 0)})
+	mfs := parse(t, text)
+	assert.NotContains(t, mfs, "egress_upstream_requests_total")
+	assert.Contains(t, text, "# TYPE egress_upstream_requests_total counter\n")
+	assert.Equal(t, 1.7e9, mfs["egress_start_time_seconds"].GetMetric()[0].GetGauge().GetValue())
+	assert.Equal(t, uint64(0), mfs["egress_address_add_duration_seconds"].GetMetric()[0].GetHistogram().GetSampleCount())
+}
+
+type failWriter struct{}
+
+func (failWriter) Write([]byte) (int, error) { return 0, errors.New("disk on fire") }
+
+func TestWritePrometheusError(t *testing.T) {
+	err := WritePrometheus(failWriter{}, sampleStats(t))
+	assert.EqualError(t, err, "disk on fire")
+}
+
+func BenchmarkWritePrometheus(b *testing.B) {
+	r := NewRegistry(100)
+	for i := range 100 {
+		u := r.Upstream(strings.Repeat("x", i%7)+".example.com"+string(rune('a'+i%26))+string(rune('a'+i/26)), "")
+		u.Latency.Observe(time.Duration(i) * time.Millisecond)
+	}
+	s := &Stats{Upstreams: r.Snapshot()}
+	var buf bytes.Buffer
+	b.ReportAllocs()
+	for b.Loop() {
+		buf.Reset()
+		if err := WritePrometheus(&buf, s); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// TestReadmeListsEverySeries keeps the README's table of series true.
+func TestReadmeListsEverySeries(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	require.NoError(t, err)
+	for _, f := range Series {
+		assert.Contains(t, string(readme), "`"+f.Name+"`", "README.md does not list %s", f.Name)
+	}
+}

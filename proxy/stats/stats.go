@@ -1,0 +1,100 @@
+// Package stats is egressd's per-upstream accounting: live counters that the
+// proxy updates on its hot path (Upstream, Histogram), the JSON documents the
+// admin API serves and egressctl decodes (Stats, Addr), and their Prometheus
+// text exposition (WritePrometheus, Series).
+//
+// The counters are atomics, so the proxy never takes a lock to count, and
+// Registry.Upstream does not allocate for a host it has seen. Series are
+// labelled by upstream host only, never by egress address, and the number of
+// hosts is capped (see NewRegistry) so that a client cannot grow the
+// exposition without bound.
+package stats
+
+import (
+	"time"
+)
+
+// Stats is the JSON document of GET /stats.
+type Stats struct {
+	Started       time.Time       `json:"started"`
+	UptimeSeconds float64         `json:"uptime_seconds"`
+	Totals        Totals          `json:"totals"`
+	Upstreams     []UpstreamStats `json:"upstreams"`
+	Addresses     AddressStats    `json:"addresses"`
+}
+
+// Totals are the counters of all upstreams added up.
+type Totals struct {
+	Requests    uint64  `json:"requests"`
+	InFlight    int64   `json:"in_flight"`
+	Waiting     int64   `json:"waiting"`
+	WaitSeconds float64 `json:"wait_seconds"`
+	Rejected    uint64  `json:"rejected"`
+	Throttled   uint64  `json:"throttled"`
+	Errors      uint64  `json:"errors"`
+	BytesUp     uint64  `json:"bytes_up"`
+	BytesDown   uint64  `json:"bytes_down"`
+}
+
+// SumTotals adds up the counters of ups.
+func SumTotals(ups []UpstreamStats) Totals {
+	var t Totals
+	for _, u := range ups {
+		t.Requests += u.Requests
+		t.InFlight += u.InFlight
+		t.Waiting += u.Waiting
+		t.WaitSeconds += u.WaitSeconds
+		t.Rejected += u.Rejected
+		t.Throttled += u.Throttled
+		t.Errors += u.Errors
+		t.BytesUp += u.BytesUp
+		t.BytesDown += u.BytesDown
+	}
+	return t
+}
+
+// UpstreamStats is a snapshot of one Upstream. See Upstream for what each
+// counter counts.
+type UpstreamStats struct {
+	Upstream    string    `json:"upstream"`
+	Rule        string    `json:"rule,omitempty"`
+	Requests    uint64    `json:"requests"`
+	InFlight    int64     `json:"in_flight"`
+	Waiting     int64     `json:"waiting"`
+	WaitSeconds float64   `json:"wait_seconds"`
+	Rejected    uint64    `json:"rejected"`
+	Throttled   uint64    `json:"throttled"`
+	Errors      uint64    `json:"errors"`
+	BytesUp     uint64    `json:"bytes_up"`
+	BytesDown   uint64    `json:"bytes_down"`
+	Latency     Quantiles `json:"latency_seconds"`
+	// LatencyHistogram feeds the Prometheus histogram; it is not part of
+	// the JSON, so it is empty in a Stats decoded from it.
+	LatencyHistogram HistogramSnapshot `json:"-"`
+}
+
+// AddressStats describes the pool of egress addresses.
+type AddressStats struct {
+	Live      int `json:"live"`      // on the interface now, in any state
+	Ready     int `json:"ready"`     // added, not yet used
+	InUse     int `json:"in_use"`    // bound by an open connection
+	Lingering int `json:"lingering"` // used, waiting to be removed
+
+	Added          uint64 `json:"added"`
+	Removed        uint64 `json:"removed"`
+	AddFailures    uint64 `json:"add_failures"`
+	RemoveFailures uint64 `json:"remove_failures"`
+
+	AddLatency Quantiles `json:"add_latency_seconds"`
+	// AddLatencyHistogram feeds the Prometheus histogram; it is not part of
+	// the JSON.
+	AddLatencyHistogram HistogramSnapshot `json:"-"`
+}
+
+// Addr is one element of the JSON array of GET /addrs.
+type Addr struct {
+	Addr       string    `json:"addr"`
+	State      string    `json:"state"` // ready, in-use, lingering, adding, removing
+	Since      time.Time `json:"since"`
+	AgeSeconds float64   `json:"age_seconds"`
+}

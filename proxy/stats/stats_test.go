@@ -1,0 +1,116 @@
+package stats
+
+import (
+	"encoding/json"
+	"flag"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata")
+
+// sampleStats returns a Stats with two upstreams, the second with a name
+// that needs escaping in the exposition, and a few latencies.
+func sampleStats(t testing.TB) *Stats {
+	t.Helper()
+	r := NewRegistry(10)
+	a := r.Upstream("api.example.com", "*.example.com")
+	a.Requests.Add(120)
+	a.InFlight.Add(3)
+	a.Waiting.Add(2)
+	a.WaitNanos.Add(int64(2500 * time.Millisecond))
+	a.Rejected.Add(4)
+	a.Throttled.Add(1)
+	a.Errors.Add(2)
+	a.BytesUp.Add(1 << 20)
+	a.BytesDown.Add(3 << 20)
+	for range 10 {
+		a.Latency.Observe(150 * time.Microsecond)
+	}
+	a.Latency.Observe(5 * time.Minute)
+
+	b := r.Upstream(`we"ird\host`+"\n", "")
+	b.Requests.Add(1)
+	b.BytesDown.Add(10)
+	b.Latency.Observe(3 * time.Millisecond)
+
+	var add Histogram
+	add.Observe(300 * time.Microsecond)
+	add.Observe(700 * time.Microsecond)
+	addSnap := add.Snapshot()
+
+	ups := r.Snapshot()
+	started := time.Date(2025, 3, 1, 12, 0, 0, 500_000_000, time.UTC)
+	return &Stats{
+		Started:       started,
+		UptimeSeconds: 3661.5,
+		Totals:        SumTotals(ups),
+		Upstreams:     ups,
+		Addresses: AddressStats{
+			Live: 9, Ready: 4, InUse: 3, Lingering: 2,
+			Added: 1000, Removed: 991, AddFailures: 1, RemoveFailures: 2,
+			AddLatency:          addSnap.Quantiles(),
+			AddLatencyHistogram: addSnap,
+		},
+	}
+}
+
+func TestSumTotals(t *testing.T) {
+	assert.Equal(t, Totals{}, SumTotals(nil))
+	got := SumTotals([]UpstreamStats{
+		{Requests: 1, InFlight: 2, Waiting: 3, WaitSeconds: 0.5, Rejected: 4, Throttled: 5, Errors: 6, BytesUp: 7, BytesDown: 8},
+		{Requests: 10, InFlight: -1, Waiting: 30, WaitSeconds: 1.25, Rejected: 40, Throttled: 50, Errors: 60, BytesUp: 70, BytesDown: 80},
+	})
+	assert.Equal(t, Totals{
+		Requests: 11, InFlight: 1, Waiting: 33, WaitSeconds: 1.75, Rejected: 44,
+		Throttled: 55, Errors: 66, BytesUp: 77, BytesDown: 88,
+	}, got)
+}
+
+func TestJSONGolden(t *testing.T) {
+	tests := []struct {
+		name string
+		v    any
+	}{
+		{"stats", sampleStats(t)},
+		{"addrs", []Addr{
+			{Addr: "2001:db8::1", State: "in-use", Since: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC), AgeSeconds: 12.5},
+			{Addr: "2001:db8::2", State: "lingering", Since: time.Date(2025, 3, 1, 12, 0, 1, 0, time.UTC), AgeSeconds: 11.5},
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := json.MarshalIndent(tt.v, "", "  ")
+			require.NoError(t, err)
+			golden := filepath.Join("testdata", tt.name+".golden.json")
+			if *update {
+				require.NoError(t, os.WriteFile(golden, append(got, '\n'), 0o644))
+			}
+			want, err := os.ReadFile(golden)
+			require.NoError(t, err)
+			assert.JSONEq(t, string(want), string(got))
+		})
+	}
+}
+
+func TestJSONRoundTrip(t *testing.T) {
+	s := sampleStats(t)
+	b, err := json.Marshal(s)
+	require.NoError(t, err)
+	var back Stats
+	require.NoError(t, json.Unmarshal(b, &back))
+
+	// The histograms are not part of the JSON; everything else is.
+	want := *s
+	want.Upstreams = append([]UpstreamStats(nil), s.Upstreams...)
+	for i := range want.Upstreams {
+		want.Upstreams[i].LatencyHistogram = HistogramSnapshot{}
+	}
+	want.Addresses.AddLatencyHistogram = HistogramSnapshot{}
+	assert.Equal(t, want, back)
+}
