@@ -10,8 +10,9 @@ TESTFLAGS ?= -race -count=1 -timeout 15m
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-build: ## build egressd and the demo upstream into bin/
+build: ## build egressd, egressctl and the demo upstream into bin/
 	$(GO) build -o $(BIN)/egressd ./cmd/egressd
+	$(GO) build -o $(BIN)/egressctl ./cmd/egressctl
 	$(GO) build -o $(BIN)/echo-upstream ./test/upstream
 
 test: vet ## vet, then every test (unit and namespace integration; root for the latter), then the benchmarks once each
@@ -22,7 +23,7 @@ unit: ## the tests that need no root (namespace tests skip with a message)
 	$(GO) test -count=1 ./netutil/ ./proxy/ ./cmd/...
 
 demo: build ## run egressd in throw-away namespaces and show each request leaving from a fresh address (root)
-	bash test/demo.sh $(BIN)/egressd $(BIN)/echo-upstream
+	bash test/demo.sh $(BIN)/egressd $(BIN)/echo-upstream $(BIN)/egressctl
 
 bench: ## run the Go benchmarks (root for the netlink ones)
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./netutil/ ./proxy/

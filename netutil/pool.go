@@ -75,6 +75,9 @@ type PoolConfig struct {
 	Manager AddrManager
 	// Logger gets warnings; slog.Default() when nil.
 	Logger *slog.Logger
+	// ObserveAdd, if set, is called with the duration of every successful
+	// add, for latency statistics. It must not block.
+	ObserveAdd func(time.Duration)
 }
 
 func (c *PoolConfig) setDefaults() {
@@ -161,6 +164,7 @@ const maxDraws = 128
 type entry struct {
 	state     AddrState
 	since     time.Time // when it entered its state
+	added     time.Time // when the kernel added it
 	refreshed time.Time // when its valid lifetime was last set
 }
 
@@ -350,7 +354,7 @@ func (p *Pool) add(ctx context.Context, to AddrState) (netip.Addr, error) {
 		p.stats.Added++
 		p.stats.AddTime += took
 		e := p.live[a]
-		e.refreshed = start
+		e.added, e.refreshed = start, start
 		if p.closed {
 			// Close is waiting for this add; take the address back out.
 			p.setStateLocked(a, StateRemoving)
@@ -364,6 +368,9 @@ func (p *Pool) add(ctx context.Context, to AddrState) (netip.Addr, error) {
 		}
 		p.inflight.Done()
 		p.mu.Unlock()
+		if p.cfg.ObserveAdd != nil {
+			p.cfg.ObserveAdd(took)
+		}
 		return a, nil
 	}
 	return netip.Addr{}, fmt.Errorf("%w: no unused address found in %s", ErrNoAddress, p.cfg.Prefix)
@@ -594,7 +601,8 @@ func (p *Pool) Stats() PoolStats {
 type AddrInfo struct {
 	Addr  netip.Addr
 	State AddrState
-	Since time.Time
+	Since time.Time // when it entered its state
+	Added time.Time // when it was added; zero while it is being added
 }
 
 // Addrs lists the pool's live addresses.
@@ -603,7 +611,7 @@ func (p *Pool) Addrs() []AddrInfo {
 	defer p.mu.Unlock()
 	out := make([]AddrInfo, 0, len(p.live))
 	for a, e := range p.live {
-		out = append(out, AddrInfo{Addr: a, State: e.state, Since: e.since})
+		out = append(out, AddrInfo{Addr: a, State: e.state, Since: e.since, Added: e.added})
 	}
 	return out
 }

@@ -48,11 +48,18 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request, rec *recor
 		return
 	}
 
+	// A tunnel counts as one request for the shaper, when it opens.
+	if !s.admit(w, r, host, rec, true) {
+		return
+	}
+	st := stateFrom(r.Context())
+
 	// Dial before answering, so that a failure gets a real status.
 	upstream, err := s.dial(r.Context(), "tcp", addr)
 	if err != nil {
 		e := upstreamError(host, err)
 		s.logUpstreamError(r, addr, e)
+		st.failed = true
 		rec.status = e.Status
 		writeError(w, e.Status, e.Reason, true)
 		return
@@ -75,6 +82,7 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request, rec *recor
 	defer t.Close()
 
 	rec.status = http.StatusOK
+	st.answered = time.Now()
 	if _, err := io.WriteString(client, "HTTP/1.1 200 Connection established\r\n\r\n"); err != nil {
 		s.log.Debug("tunnel: answering client", "client", r.RemoteAddr, "err", err)
 		return

@@ -89,6 +89,9 @@ func (s *Server) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Re
 		}
 		e := upstreamError(r.URL.Hostname(), err)
 		s.logUpstreamError(r, withPort(r.URL.Host, defaultPorts[r.URL.Scheme]), e)
+		if st := stateFrom(r.Context()); st != nil {
+			st.failed = true
+		}
 		// Our own response, so that goproxy's 500 with the error text (and
 		// the egress address in it) is never used.
 		out := goproxy.NewResponse(r, "text/plain; charset=utf-8", e.Status, e.body())
@@ -108,6 +111,8 @@ func (s *Server) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Re
 
 	if st != nil {
 		st.flush = resp.ContentLength < 0 || isEventStream(resp.Header)
+		st.answered = time.Now()
+		s.pushback(st, resp)
 	}
 	return resp
 }
@@ -159,6 +164,9 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request, rec *record) 
 		return
 	}
 	rec.host = withPort(r.URL.Host, port)
+	if !s.admit(w, r, r.URL.Hostname(), rec, false) {
+		return
+	}
 
 	var body *countingReader
 	if r.Body != nil && r.Body != http.NoBody {

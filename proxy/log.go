@@ -9,6 +9,9 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/egressd/egressd/proxy/shape"
+	"github.com/egressd/egressd/proxy/stats"
 )
 
 // reqState is what the proxy learns about one request while serving it. It
@@ -23,6 +26,17 @@ type reqState struct {
 	// and read on the handler goroutine only (goproxy copies the body
 	// there).
 	bodyErr error
+	// failed is set when egressd answered an upstream failure itself
+	// (502, 503, 504). Handler goroutine only.
+	failed bool
+	// answered is when the upstream's response head arrived, or the
+	// tunnel was established: the end of the latency that statistics
+	// record. Handler goroutine only.
+	answered time.Time
+	// host and upstream are the normalized upstream host and its
+	// statistics, set once the request was attributed to it.
+	host     string
+	upstream *stats.Upstream
 
 	mu         sync.Mutex // for what the dial and transport goroutines set
 	egress     string     // source IP of the upstream connection
@@ -71,12 +85,17 @@ func (st *reqState) getConnection() []string {
 	return st.connection
 }
 
-// record is what the access log line reports about a request.
+// record is what the access log line and the statistics report about a
+// request.
 type record struct {
 	host   string // host:port the client asked for
 	status int
 	down   int64 // bytes sent to the client: response body, or upstream->client in a tunnel
 	up     int64 // bytes sent upstream: request body, or client->upstream in a tunnel
+
+	upstream *stats.Upstream // set by admit
+	admitted time.Time       // when the shaper let the request through
+	permit   shape.Permit    // released when the request ends
 }
 
 // logAccess writes the access log line for r.

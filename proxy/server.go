@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/egressd/egressd/proxy/shape"
+	"github.com/egressd/egressd/proxy/stats"
 	"github.com/elazarl/goproxy"
 )
 
@@ -47,6 +49,15 @@ type Config struct {
 	// TunnelIdleTimeout closes a CONNECT tunnel after no byte went either way
 	// for this long. Default 5m.
 	TunnelIdleTimeout time.Duration
+
+	// Shaper paces requests per upstream host before they are dialed: a
+	// plain HTTP request counts once, a CONNECT tunnel once when it opens.
+	// Nil: no shaping.
+	Shaper *shape.Shaper
+
+	// Stats receives the per-upstream accounting. Default: a registry of
+	// its own, read with Server.Upstreams.
+	Stats *stats.Registry
 }
 
 // Defaults for zero Config fields.
@@ -104,17 +115,21 @@ func (c Config) withDefaults() Config {
 	if c.TunnelIdleTimeout == 0 {
 		c.TunnelIdleTimeout = DefaultTunnelIdleTimeout
 	}
+	if c.Stats == nil {
+		c.Stats = stats.NewRegistry(maxUpstreams)
+	}
 	return c
 }
 
 // Server is the forward proxy. It is an http.Handler, and serves its own
 // HTTP/1.1 server on any number of listeners with Serve.
 type Server struct {
-	cfg Config
-	log *slog.Logger
-	gp  *goproxy.ProxyHttpServer // plain HTTP
-	tr  *http.Transport          // gp's transport, dialing through cfg.Dial
-	srv *http.Server             // shared by every listener passed to Serve
+	cfg   Config
+	log   *slog.Logger
+	gp    *goproxy.ProxyHttpServer // plain HTTP
+	tr    *http.Transport          // gp's transport, dialing through cfg.Dial
+	srv   *http.Server             // shared by every listener passed to Serve
+	stats *stats.Registry
 
 	mu     sync.Mutex
 	active int                    // handlers running; a tunnel runs in its handler
@@ -134,6 +149,7 @@ func New(cfg Config) (*Server, error) {
 	s := &Server{
 		cfg:   cfg,
 		log:   cfg.Logger,
+		stats: cfg.Stats,
 		conns: make(map[io.Closer]struct{}),
 	}
 	s.tr = s.newTransport()
@@ -172,7 +188,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	st := &reqState{}
 	r = r.WithContext(context.WithValue(r.Context(), stateKey{}, st))
 	var rec record
-	defer func() { s.logAccess(r, &rec, st, time.Since(start)) }()
+	defer func() {
+		s.finish(&rec, st)
+		s.logAccess(r, &rec, st, time.Since(start))
+	}()
 
 	if r.Method == http.MethodConnect {
 		// goproxy is bypassed for CONNECT; see connect.go.

@@ -33,6 +33,9 @@ egressd=$(realpath "$egressd")
 # The echo upstream: $2 (make demo passes bin/echo-upstream), else built below.
 upstream_bin=${2:-}
 [[ -n $upstream_bin ]] && upstream_bin=$(realpath "$upstream_bin")
+# egressctl: $3 (make demo passes bin/egressctl); the stats step is skipped without it.
+egressctl=${3:-}
+[[ -n $egressctl ]] && egressctl=$(realpath "$egressctl")
 cd "$(dirname "$0")/.."
 
 # Short unique names: interface names must stay within 15 bytes.
@@ -129,8 +132,9 @@ wait_for 10 upstream_up || {
 echo "without a proxy, upstream.test sees the host's own address:"
 echo "  $(ip netns exec "$H" curl -s --max-time 10 http://upstream.test/)"
 
-step "starting egressd in $H: $egressd -interface $H -prefix $prefix"
-ip netns exec "$H" "$egressd" -interface "$H" -prefix "$prefix" 2>"$tmp/egressd.log" &
+limit="upstream.test=5r/s,burst=2"
+step "starting egressd in $H: $egressd -interface $H -prefix $prefix -limit $limit -admin $tmp/admin.sock"
+ip netns exec "$H" "$egressd" -interface "$H" -prefix "$prefix" -limit "$limit" -admin "$tmp/admin.sock" 2>"$tmp/egressd.log" &
 egressd_pid=$!
 egressd_up() { grep -q 'msg=listening' "$tmp/egressd.log" 2>/dev/null; }
 if ! wait_for 10 egressd_up; then
@@ -140,10 +144,16 @@ if ! wait_for 10 egressd_up; then
 fi
 grep 'msg=listening' "$tmp/egressd.log"
 
-step "10 requests through egressd (curl -x http://127.0.0.1:3128 http://upstream.test/)"
+step "10 requests through egressd at once (curl -x http://127.0.0.1:3128 http://upstream.test/), paced to 5 a second"
+curls=()
 for i in $(seq 1 10); do
-	printf '  request %2d left from %s\n' "$i" \
-		"$(ip netns exec "$H" curl -s --max-time 10 -x http://127.0.0.1:3128 http://upstream.test/)"
+	ip netns exec "$H" curl -s --max-time 10 -x http://127.0.0.1:3128 -o "$tmp/req$i" \
+		-w '%{time_total}' http://upstream.test/ >"$tmp/time$i" &
+	curls+=($!)
+done
+wait "${curls[@]}"
+for i in $(seq 1 10); do
+	printf '  request %2d left from %-40s after %ss\n' "$i" "$(cat "$tmp/req$i")" "$(cat "$tmp/time$i")"
 done
 
 step "one HTTPS request through a CONNECT tunnel (HTTPS_PROXY=http://127.0.0.1:3128)"
@@ -153,6 +163,11 @@ printf '  https request left from %s\n' \
 
 step "egressd's access log (last 3 lines)"
 grep "msg=request" "$tmp/egressd.log" | tail -n 3
+
+if [[ -n $egressctl ]]; then
+	step "egressctl -admin $tmp/admin.sock stats"
+	"$egressctl" -admin "$tmp/admin.sock" stats
+fi
 
 step "addresses on $H while egressd runs (egress addresses: /128, deprecated, finite valid_lft)"
 ip -n "$H" -6 addr show dev "$H" | sed -n 1,13p

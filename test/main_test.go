@@ -36,7 +36,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "test:", err)
 		os.Exit(1)
 	}
-	for _, pkg := range []string{"./cmd/egressd", "./test/fetch", "./test/upstream"} {
+	for _, pkg := range []string{"./cmd/egressd", "./cmd/egressctl", "./test/fetch", "./test/upstream"} {
 		path, err := nstest.Build(dir, pkg)
 		bins[pkg] = struct {
 			path string

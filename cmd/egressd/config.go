@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/egressd/egressd/netutil"
+	"github.com/egressd/egressd/proxy/shape"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -41,6 +42,11 @@ type Config struct {
 	TunnelIdle time.Duration
 	// DialTimeout bounds each upstream connection attempt.
 	DialTimeout time.Duration
+	// Limits are the -limit rules that pace requests per upstream.
+	Limits []shape.Rule
+	// Admin is where the admin API listens: a unix socket path or
+	// host:port; empty turns it off.
+	Admin string
 	// LogLevel is the least level logged.
 	LogLevel slog.Level
 	// File is the config file read, if any (flag only).
@@ -57,6 +63,7 @@ func defaultConfig() Config {
 		Grace:       30 * time.Second,
 		TunnelIdle:  5 * time.Minute,
 		DialTimeout: 10 * time.Second,
+		Admin:       defaultAdmin,
 		LogLevel:    slog.LevelInfo,
 	}
 }
@@ -76,6 +83,8 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs.Var(durationValue{&cfg.Grace}, "grace", "`DURATION` a shutdown waits for requests and tunnels in flight")
 	fs.Var(durationValue{&cfg.TunnelIdle}, "tunnel-idle", "`DURATION` after which a CONNECT tunnel with no traffic is closed")
 	fs.Var(durationValue{&cfg.DialTimeout}, "dial-timeout", "`DURATION` an upstream connection attempt may take")
+	fs.Var(&listValue[shape.Rule]{p: &cfg.Limits, parse: shape.ParseRule}, "limit", "`HOST=RATE[,burst=N][,concurrency=N][,wait=DURATION]` paces requests to upstream HOST (exact, *.suffix or *); RATE is Nr/s, Nr/m or Nr/h; repeatable")
+	fs.StringVar(&cfg.Admin, "admin", cfg.Admin, "`ADDR` of the admin API: a unix socket path or host:port; empty turns it off")
 	fs.Var(levelValue{&cfg.LogLevel}, "log-level", "`LEVEL`: debug, info, warn or error")
 	fs.StringVar(&cfg.File, "config", cfg.File, "YAML or JSON `FILE` with the same keys as these flags; flags win")
 	return fs
@@ -175,6 +184,9 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("tunnel-idle %s: must be positive", c.TunnelIdle)
 	case c.DialTimeout <= 0:
 		return fmt.Errorf("dial-timeout %s: must be positive", c.DialTimeout)
+	}
+	if _, err := shape.New(shape.Config{Rules: c.Limits}); err != nil {
+		return fmt.Errorf("limit: %w", err)
 	}
 	return nil
 }

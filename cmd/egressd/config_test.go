@@ -36,8 +36,17 @@ func TestLoadConfigFlags(t *testing.T) {
 		"-pin", "2001:db8:1:2::1", "-pin", "2001:db8:1:2::2",
 		"-max-addrs", "64", "-ready", "4", "-grace", "5s", "-tunnel-idle", "1m",
 		"-log-level", "debug",
+		"-limit", "aur.archlinux.org=60r/m,burst=10,concurrency=4,wait=2m", "-limit", "*=10r/s",
+		"-admin", "127.0.0.1:9090",
 	})
 	require.NoError(t, err)
+	require.Len(t, cfg.Limits, 2)
+	assert.Equal(t, "aur.archlinux.org", cfg.Limits[0].Host)
+	assert.Equal(t, 10, cfg.Limits[0].Burst)
+	assert.Equal(t, 4, cfg.Limits[0].Concurrency)
+	assert.Equal(t, 2*time.Minute, cfg.Limits[0].Wait)
+	assert.Equal(t, "*", cfg.Limits[1].Host)
+	assert.Equal(t, "127.0.0.1:9090", cfg.Admin)
 	assert.Equal(t, []string{"127.0.0.1:8080", "[::1]:8080"}, cfg.Listen)
 	assert.Equal(t, "eth0", cfg.Interface)
 	assert.Equal(t, netip.MustParsePrefix("2001:db8:1:2::/64"), cfg.Prefix)
@@ -59,10 +68,13 @@ prefix: 2001:db8:1:2::/64
 pin: [2001:db8:1:2::1]
 max-addrs: 256
 grace: 10s
+limit:
+  - aur.archlinux.org=60r/m,burst=10
+admin: /run/egressd/other.sock
 `)
 	// The JSON Nix's builtins.toJSON writes: numbers as numbers, lists as
 	// arrays, on one line.
-	jsonFile := writeFile(t, "egressd.json", `{"grace":"10s","interface":"br0","listen":["10.0.5.1:3128","127.0.0.1:3128"],"max-addrs":256,"pin":["2001:db8:1:2::1"],"prefix":"2001:db8:1:2::/64"}`)
+	jsonFile := writeFile(t, "egressd.json", `{"admin":"/run/egressd/other.sock","grace":"10s","interface":"br0","limit":["aur.archlinux.org=60r/m,burst=10"],"listen":["10.0.5.1:3128","127.0.0.1:3128"],"max-addrs":256,"pin":["2001:db8:1:2::1"],"prefix":"2001:db8:1:2::/64"}`)
 
 	for _, file := range []string{yamlFile, jsonFile} {
 		t.Run(filepath.Ext(file), func(t *testing.T) {
@@ -74,6 +86,9 @@ grace: 10s
 			assert.Equal(t, 10*time.Second, cfg.Grace)
 			assert.Equal(t, []netip.Addr{netip.MustParseAddr("2001:db8:1:2::1")}, cfg.Pin)
 			assert.Equal(t, defaultConfig().Ready, cfg.Ready, "keys not in the file keep their defaults")
+			require.Len(t, cfg.Limits, 1)
+			assert.Equal(t, 10, cfg.Limits[0].Burst)
+			assert.Equal(t, "/run/egressd/other.sock", cfg.Admin)
 
 			// A flag wins over the file, and a repeatable flag replaces
 			// the file's list rather than adding to it.
@@ -104,6 +119,10 @@ func TestLoadConfigErrors(t *testing.T) {
 		{name: "bad duration", args: []string{"-grace", "soon"}, want: `"soon" is not a duration`},
 		{name: "bad level", args: []string{"-log-level", "loud"}, want: `"loud" is not one of debug, info, warn, error`},
 		{name: "ready over max", args: []string{"-max-addrs", "4", "-ready", "8"}, want: "ready 8: must not exceed max-addrs 4"},
+		{name: "bad limit rate", args: []string{"-limit", "aur.archlinux.org=60r/d"}, want: `limit "aur.archlinux.org=60r/d"`},
+		{name: "bad limit option", args: []string{"-limit", "x.org=1r/s,bogus=1"}, want: `bogus`},
+		{name: "duplicate limit", args: []string{"-limit", "x.org=1r/s", "-limit", "x.org=2r/s"}, want: "x.org"},
+		{name: "bad limit in file", file: "limit: [\"x.org=fast\"]\n", want: `line 1: key "limit"`},
 		{name: "missing file", args: []string{"-config", "/nonexistent/egressd.yaml"}, want: "config: open /nonexistent/egressd.yaml"},
 		{name: "unknown key", file: "listen: [127.0.0.1:3128]\nmax_addrs: 4\n", want: `line 2: unknown key "max_addrs"`},
 		{name: "bad value names key", file: "max-addrs: many\n", want: `line 1: key "max-addrs": "many" is not a whole number`},
@@ -137,5 +156,5 @@ func TestEmptyConfigFile(t *testing.T) {
 func TestUsageListsEveryFlag(t *testing.T) {
 	var names []string
 	flagSet(&Config{}).VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
-	assert.Equal(t, strings.Fields("config dial-timeout grace interface listen log-level max-addrs pin prefix ready tunnel-idle"), names)
+	assert.Equal(t, strings.Fields("admin config dial-timeout grace interface limit listen log-level max-addrs pin prefix ready tunnel-idle"), names)
 }

@@ -14,13 +14,17 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy"
+	"github.com/egressd/egressd/proxy/shape"
+	"github.com/egressd/egressd/proxy/stats"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -112,39 +116,67 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		exclude = append(exclude, a.Addr())
 	}
 
+	addLatency := new(stats.Histogram)
 	pool, err := netutil.NewPool(netutil.PoolConfig{
-		Prefix:  prefix,
-		Exclude: exclude,
-		Max:     cfg.MaxAddrs,
-		Ready:   readyOrOff(cfg.Ready),
-		Manager: mgr,
-		Logger:  log,
+		Prefix:     prefix,
+		Exclude:    exclude,
+		Max:        cfg.MaxAddrs,
+		Ready:      readyOrOff(cfg.Ready),
+		Manager:    mgr,
+		Logger:     log,
+		ObserveAdd: addLatency.Observe,
 	})
 	if err != nil {
 		return err
 	}
 
-	listeners := make([]net.Listener, 0, len(cfg.Listen))
-	for _, addr := range cfg.Listen {
-		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			for _, l := range listeners {
-				l.Close()
-			}
-			return fmt.Errorf("listening on %s: %w", addr, unwrapOp(err))
+	var shaper *shape.Shaper
+	if len(cfg.Limits) > 0 {
+		if shaper, err = shape.New(shape.Config{Rules: cfg.Limits}); err != nil {
+			return fmt.Errorf("limit: %w", err)
 		}
-		listeners = append(listeners, ln)
 	}
-
 	dialer := &netutil.Dialer{Pool: pool, Timeout: cfg.DialTimeout}
 	srv, err := proxy.New(proxy.Config{
 		Dial:              dialer.DialContext,
 		Logger:            log,
 		DialTimeout:       cfg.DialTimeout,
 		TunnelIdleTimeout: cfg.TunnelIdle,
+		Shaper:            shaper,
 	})
 	if err != nil {
 		return err
+	}
+
+	listeners := make([]net.Listener, 0, len(cfg.Listen)+1)
+	closeAll := func() {
+		for _, l := range listeners {
+			l.Close()
+		}
+	}
+	for _, addr := range cfg.Listen {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("listening on %s: %w", addr, unwrapOp(err))
+		}
+		listeners = append(listeners, ln)
+	}
+	var admin *http.Server
+	if cfg.Admin != "" {
+		ln, err := listenAdmin(cfg.Admin)
+		if err != nil {
+			closeAll()
+			return err
+		}
+		src := &statsSource{started: time.Now(), srv: srv, pool: pool, addLatency: addLatency}
+		admin = &http.Server{Handler: proxy.AdminHandler(src), ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := admin.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("admin API stopped", "err", err)
+			}
+		}()
+		log.Info("admin API listening", "addr", ln.Addr().String())
 	}
 
 	poolCtx, stopPool := context.WithCancel(context.Background())
@@ -154,7 +186,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		pool.Run(poolCtx)
 	}()
 
-	serveErr := make(chan error, len(listeners))
+	serveErr := make(chan error, len(cfg.Listen))
 	for _, ln := range listeners {
 		go func() { serveErr <- srv.Serve(ln) }()
 		log.Info("listening", "addr", ln.Addr().String())
@@ -194,6 +226,9 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		if runErr == nil {
 			runErr = fmt.Errorf("removing egress addresses: %w", err)
 		}
+	}
+	if admin != nil {
+		admin.Close() // last: the stats stay readable during the grace period
 	}
 	s := pool.Stats()
 	log.Info("stopped", "removed", removed, "added_total", s.Added, "removed_total", s.Removed)

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -38,6 +39,8 @@ func Build(dir, pkg string) (string, error) {
 type Process struct {
 	// Pid is the program's own pid (`ip netns exec` execs in place).
 	Pid int
+	// Admin is egressd's admin socket, when StartEgressd chose it.
+	Admin string
 
 	cmd            *exec.Cmd
 	stdout, stderr syncBuffer
@@ -79,10 +82,19 @@ func (ns *NS) Start(t testing.TB, env []string, name string, args ...string) *Pr
 	return p
 }
 
-// StartEgressd starts the egressd binary bin in H with args.
+// StartEgressd starts the egressd binary bin in H with args. Unless args
+// give -admin, the admin API listens on a socket in a directory of the
+// test's own (Process.Admin), never on the machine's /run/egressd.
 func (tp *Topo) StartEgressd(t testing.TB, bin string, args ...string) *Process {
 	t.Helper()
-	return tp.Host.Start(t, nil, bin, args...)
+	admin := ""
+	if !slices.Contains(args, "-admin") {
+		admin = filepath.Join(t.TempDir(), "admin.sock")
+		args = append([]string{"-admin", admin}, args...)
+	}
+	p := tp.Host.Start(t, nil, bin, args...)
+	p.Admin = admin
+	return p
 }
 
 // Exited reports whether the process has ended.

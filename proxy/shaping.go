@@ -1,0 +1,150 @@
+package proxy
+
+import (
+	"errors"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/egressd/egressd/proxy/shape"
+	"github.com/egressd/egressd/proxy/stats"
+)
+
+// maxUpstreams bounds the upstreams accounted one by one; the rest share one
+// entry, so that an open-ended set of hosts cannot grow memory or the
+// metrics without bound.
+const maxUpstreams = 1000
+
+// maxPushback caps how long an upstream's Retry-After may hold its rule.
+const maxPushback = time.Hour
+
+// admit accounts a request to its upstream and waits for its turn under the
+// shaper. It reports whether the request may go on; if not, it has answered
+// the client (429 with Retry-After) or the client has gone away. A request
+// that was admitted is finished by finish, which ServeHTTP defers.
+func (s *Server) admit(w http.ResponseWriter, r *http.Request, host string, rec *record, closeConn bool) bool {
+	host = normHost(host)
+	rule := ""
+	if s.cfg.Shaper != nil {
+		if ru, ok := s.cfg.Shaper.RuleFor(host); ok {
+			rule = ru.Host
+		}
+	}
+	up := s.stats.Upstream(host, rule)
+	rec.upstream = up
+	if st := stateFrom(r.Context()); st != nil {
+		st.host, st.upstream = host, up
+	}
+	up.Requests.Add(1)
+	if s.cfg.Shaper == nil {
+		rec.admitted = time.Now()
+		up.InFlight.Add(1)
+		return true
+	}
+
+	start := time.Now()
+	up.Waiting.Add(1)
+	permit, err := s.cfg.Shaper.Acquire(r.Context(), host)
+	up.Waiting.Add(-1)
+	rec.admitted = time.Now()
+	up.WaitNanos.Add(int64(rec.admitted.Sub(start)))
+	if err != nil {
+		if rej, ok := errors.AsType[*shape.RejectError](err); ok {
+			up.Rejected.Add(1)
+			rec.status = http.StatusTooManyRequests
+			w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds(rej.RetryAfter)))
+			writeError(w, rec.status, rej.Reason, closeConn)
+			return false
+		}
+		// The client hung up while waiting; there is nobody to answer.
+		rec.status = statusClientClosed
+		return false
+	}
+	rec.permit = permit
+	up.InFlight.Add(1)
+	return true
+}
+
+// statusClientClosed is what the access log says of a request whose client
+// went away before it was answered (nginx's 499).
+const statusClientClosed = 499
+
+// finish ends the accounting of a request that admit let through, or of one
+// it refused.
+func (s *Server) finish(rec *record, st *reqState) {
+	up := rec.upstream
+	if up == nil {
+		return // refused before it was attributed to an upstream (400)
+	}
+	up.BytesUp.Add(uint64(max(rec.up, 0)))
+	up.BytesDown.Add(uint64(max(rec.down, 0)))
+	if rec.admitted.IsZero() || rec.status == http.StatusTooManyRequests || rec.status == statusClientClosed {
+		return
+	}
+	rec.permit.Release()
+	up.InFlight.Add(-1)
+	if st.failed || st.bodyErr != nil {
+		up.Errors.Add(1)
+	}
+	if !st.answered.IsZero() {
+		up.Latency.Observe(st.answered.Sub(rec.admitted))
+	}
+}
+
+// pushback is called with every upstream response to a plain HTTP request:
+// a 429, or a 503 with Retry-After, counts as the upstream throttling us, and
+// a Retry-After holds the upstream's rule until then.
+func (s *Server) pushback(st *reqState, resp *http.Response) {
+	if resp.StatusCode != http.StatusTooManyRequests && resp.StatusCode != http.StatusServiceUnavailable {
+		return
+	}
+	after, ok := parseRetryAfter(resp.Header.Get("Retry-After"), time.Now())
+	if resp.StatusCode == http.StatusServiceUnavailable && !ok {
+		return // an outage, not a request to slow down
+	}
+	if st.upstream != nil {
+		st.upstream.Throttled.Add(1)
+	}
+	if ok && s.cfg.Shaper != nil && st.host != "" {
+		if s.cfg.Shaper.Pushback(st.host, min(after, maxPushback)) {
+			s.log.Info("upstream asked to slow down", "upstream", st.host, "status", resp.StatusCode, "retry_after", after)
+		}
+	}
+}
+
+// parseRetryAfter reads a Retry-After value: delay-seconds or an HTTP-date
+// (RFC 9110 section 10.2.3).
+func parseRetryAfter(v string, now time.Time) (time.Duration, bool) {
+	v = strings.TrimSpace(v)
+	if v == "" {
+		return 0, false
+	}
+	if n, err := strconv.ParseUint(v, 10, 32); err == nil {
+		return time.Duration(n) * time.Second, true
+	}
+	if t, err := http.ParseTime(v); err == nil {
+		return max(t.Sub(now), 0), true
+	}
+	return 0, false
+}
+
+// retryAfterSeconds rounds d up to the whole seconds Retry-After carries.
+func retryAfterSeconds(d time.Duration) int {
+	return max(1, int((d+time.Second-1)/time.Second))
+}
+
+// normHost returns the host name as rules and statistics key it: lower
+// case, without a trailing dot. It allocates only for upper-case names.
+func normHost(h string) string {
+	h = strings.TrimSuffix(h, ".")
+	for i := 0; i < len(h); i++ {
+		if c := h[i]; 'A' <= c && c <= 'Z' {
+			return strings.ToLower(h)
+		}
+	}
+	return h
+}
+
+// Upstreams returns the per-upstream statistics.
+func (s *Server) Upstreams() []stats.UpstreamStats { return s.stats.Snapshot() }
