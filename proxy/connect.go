@@ -34,17 +34,15 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request, rec *recor
 	rec.host = r.Host
 	host, addr, err := connectTarget(r)
 	if err != nil {
-		rec.status = http.StatusBadRequest
 		s.log.Debug("bad CONNECT target", "client", r.RemoteAddr, "target", r.RequestURI, "err", err)
-		writeError(w, rec.status, "bad CONNECT target: want host:port", true)
+		refuse(w, rec, http.StatusBadRequest, "bad CONNECT target: want host:port", true)
 		return
 	}
 	rec.host = addr
 	if r.ProtoMajor != 1 {
 		// Tunnels hijack the connection; the server speaks HTTP/1 only, but
 		// ServeHTTP may be mounted elsewhere.
-		rec.status = http.StatusHTTPVersionNotSupported
-		writeError(w, rec.status, "CONNECT needs HTTP/1.1", true)
+		refuse(w, rec, http.StatusHTTPVersionNotSupported, "CONNECT needs HTTP/1.1", true)
 		return
 	}
 
@@ -60,8 +58,7 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request, rec *recor
 		e := upstreamError(host, err)
 		s.logUpstreamError(r, addr, e)
 		st.failed = true
-		rec.status = e.Status
-		writeError(w, e.Status, e.Reason, true)
+		refuse(w, rec, e.Status, e.Reason, true)
 		return
 	}
 
@@ -69,8 +66,7 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request, rec *recor
 	if err != nil {
 		_ = upstream.Close()
 		s.log.Warn("cannot hijack CONNECT connection", "client", r.RemoteAddr, "err", err)
-		rec.status = http.StatusInternalServerError
-		writeError(w, rec.status, "cannot open a tunnel on this connection", true)
+		refuse(w, rec, http.StatusInternalServerError, "cannot open a tunnel on this connection", true)
 		return
 	}
 	t := newTunnel(client, upstream, s.cfg.TunnelIdleTimeout)

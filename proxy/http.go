@@ -65,7 +65,7 @@ func (s *Server) newGoproxy() *goproxy.ProxyHttpServer {
 	}
 	gp.ConnectDial = func(string, string) (net.Conn, error) { return nil, errConnectViaGoproxy }
 	gp.NonproxyHandler = http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		writeError(w, http.StatusBadRequest, notProxyText, false)
+		_ = writeError(w, http.StatusBadRequest, notProxyText, false)
 	})
 
 	roundTripper := goproxy.RoundTripperFunc(s.roundTrip)
@@ -153,14 +153,12 @@ func (b *upstreamBody) Read(p []byte) (int, error) {
 func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request, rec *record) {
 	rec.host = r.Host
 	if !r.URL.IsAbs() || r.URL.Host == "" {
-		rec.status = http.StatusBadRequest
-		writeError(w, rec.status, notProxyText, false)
+		refuse(w, rec, http.StatusBadRequest, notProxyText, false)
 		return
 	}
 	port := defaultPorts[r.URL.Scheme]
 	if port == "" {
-		rec.status = http.StatusBadRequest
-		writeError(w, rec.status, "egressd forwards http and https URLs only", false)
+		refuse(w, rec, http.StatusBadRequest, "egressd forwards http and https URLs only", false)
 		return
 	}
 	rec.host = withPort(r.URL.Host, port)
@@ -228,7 +226,7 @@ func (s *Server) logUpstreamError(r *http.Request, host string, e *Error) {
 
 // writeError answers with status and a one-line text/plain body. closeConn
 // ends the client connection after the response.
-func writeError(w http.ResponseWriter, status int, reason string, closeConn bool) {
+func writeError(w http.ResponseWriter, status int, reason string, closeConn bool) int {
 	h := w.Header()
 	h.Set("Content-Type", "text/plain; charset=utf-8")
 	h.Set("X-Content-Type-Options", "nosniff")
@@ -236,7 +234,17 @@ func writeError(w http.ResponseWriter, status int, reason string, closeConn bool
 		h.Set("Connection", "close")
 	}
 	w.WriteHeader(status)
-	_, _ = io.WriteString(w, reason+"\n")
+	n, _ := io.WriteString(w, reason+"\n")
+	return n
+}
+
+// refuse answers the client with egressd's own error, and records it for the
+// access log and the statistics.
+func refuse(w http.ResponseWriter, rec *record, status int, reason string, closeConn bool) {
+	n := int64(writeError(w, status, reason, closeConn))
+	rec.status = status
+	rec.down += n
+	rec.own += n
 }
 
 // hopHeaders are hop-by-hop headers (RFC 9110 section 7.6.1, plus

@@ -92,6 +92,7 @@ type record struct {
 	status int
 	down   int64 // bytes sent to the client: response body, or upstream->client in a tunnel
 	up     int64 // bytes sent upstream: request body, or client->upstream in a tunnel
+	own    int64 // of down, the bytes of egressd's own error answer
 
 	upstream *stats.Upstream // set by admit
 	admitted time.Time       // when the shaper let the request through

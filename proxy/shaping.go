@@ -47,21 +47,20 @@ func (s *Server) admit(w http.ResponseWriter, r *http.Request, host string, rec 
 	up.Waiting.Add(1)
 	permit, err := s.cfg.Shaper.Acquire(r.Context(), host)
 	up.Waiting.Add(-1)
-	rec.admitted = time.Now()
-	up.WaitNanos.Add(int64(rec.admitted.Sub(start)))
+	now := time.Now()
+	up.WaitNanos.Add(int64(now.Sub(start)))
 	if err != nil {
 		if rej, ok := errors.AsType[*shape.RejectError](err); ok {
 			up.Rejected.Add(1)
-			rec.status = http.StatusTooManyRequests
 			w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds(rej.RetryAfter)))
-			writeError(w, rec.status, rej.Reason, closeConn)
+			refuse(w, rec, http.StatusTooManyRequests, rej.Reason, closeConn)
 			return false
 		}
 		// The client hung up while waiting; there is nobody to answer.
 		rec.status = statusClientClosed
 		return false
 	}
-	rec.permit = permit
+	rec.admitted, rec.permit = now, permit
 	up.InFlight.Add(1)
 	return true
 }
@@ -70,17 +69,18 @@ func (s *Server) admit(w http.ResponseWriter, r *http.Request, host string, rec 
 // went away before it was answered (nginx's 499).
 const statusClientClosed = 499
 
-// finish ends the accounting of a request that admit let through, or of one
-// it refused.
+// finish ends the accounting of a request: its bytes, and for one that admit
+// let through (rec.admitted is set only then) its permit, in-flight count,
+// error and latency.
 func (s *Server) finish(rec *record, st *reqState) {
 	up := rec.upstream
 	if up == nil {
 		return // refused before it was attributed to an upstream (400)
 	}
 	up.BytesUp.Add(uint64(max(rec.up, 0)))
-	up.BytesDown.Add(uint64(max(rec.down, 0)))
-	if rec.admitted.IsZero() || rec.status == http.StatusTooManyRequests || rec.status == statusClientClosed {
-		return
+	up.BytesDown.Add(uint64(max(rec.down-rec.own, 0))) // only what came from upstream
+	if rec.admitted.IsZero() {
+		return // refused with 429, or the client left while waiting
 	}
 	rec.permit.Release()
 	up.InFlight.Add(-1)

@@ -266,6 +266,7 @@ func TestUpstreamPushback(t *testing.T) {
 	u := upstreamStats(t, ctlStats(t, e), nstest.UpstreamName)
 	assert.Equal(t, uint64(1), u.Throttled)
 	assert.Equal(t, uint64(1), u.Rejected)
+	assert.Zero(t, u.InFlight, "an upstream 429 ends its request like any other")
 }
 
 // TestAdminAPI: /metrics parses with the Prometheus text parser and agrees
