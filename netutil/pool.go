@@ -394,19 +394,25 @@ func (p *Pool) drawLocked() (netip.Addr, bool) {
 // remove deletes a from the interface and forgets it. The caller has set its
 // state to StateRemoving and added one to p.inflight.
 func (p *Pool) remove(a netip.Addr) {
+	err := p.drop(a)
+	p.inflight.Done()
+	if err != nil {
+		p.log.Warn("removing egress address", "addr", a, "err", err)
+	}
+}
+
+// drop deletes a from the interface, forgets it, and counts the outcome.
+func (p *Pool) drop(a netip.Addr) error {
 	err := p.mgr.Remove(a)
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	p.forgetLocked(a)
 	if err != nil {
 		p.stats.RemoveFailures++
 	} else {
 		p.stats.Removed++
 	}
-	p.inflight.Done()
-	p.mu.Unlock()
-	if err != nil {
-		p.log.Warn("removing egress address", "addr", a, "err", err)
-	}
+	return err
 }
 
 func (p *Pool) release(a netip.Addr) {
@@ -568,17 +574,10 @@ func (p *Pool) Close() (int, error) {
 	var first error
 	n := 0
 	for _, a := range all {
-		err := p.mgr.Remove(a)
-		p.mu.Lock()
-		p.forgetLocked(a)
-		if err != nil {
-			p.stats.RemoveFailures++
-		} else {
-			p.stats.Removed++
+		switch err := p.drop(a); {
+		case err == nil:
 			n++
-		}
-		p.mu.Unlock()
-		if err != nil && first == nil {
+		case first == nil:
 			first = fmt.Errorf("removing %s: %w", a, err)
 		}
 	}
