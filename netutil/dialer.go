@@ -8,6 +8,8 @@ import (
 	"net/netip"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Dialer opens upstream TCP connections, each bound to a fresh address
@@ -20,6 +22,10 @@ type Dialer struct {
 	Timeout time.Duration
 	// Resolver looks up names; net.DefaultResolver when nil.
 	Resolver *net.Resolver
+	// FreeBind binds with IPV6_FREEBIND, to addresses that are not on any
+	// interface: routed mode, where the prefix is routed to the host and a
+	// local route for it makes every address of it the host's own.
+	FreeBind bool
 }
 
 // Conn is an upstream connection bound to a leased egress address. Closing
@@ -70,6 +76,9 @@ func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.
 	nd := net.Dialer{
 		LocalAddr: &net.TCPAddr{IP: lease.Addr().AsSlice()},
 		Timeout:   d.Timeout,
+	}
+	if d.FreeBind {
+		nd.Control = freeBind
 	}
 	var first error
 	for _, ip := range ips {
@@ -133,4 +142,19 @@ func (d *Dialer) lookup(ctx context.Context, host string) ([]netip.Addr, error) 
 		return nil, noIPv6
 	}
 	return out, nil
+}
+
+// freeBind sets IPV6_FREEBIND on a socket before it binds.
+func freeBind(_, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_FREEBIND, 1)
+	})
+	if err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("setting IPV6_FREEBIND: %w", serr)
+	}
+	return nil
 }
