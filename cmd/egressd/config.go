@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -24,6 +25,10 @@ import (
 type Config struct {
 	// Listen lists the addresses the proxy accepts clients on.
 	Listen []string
+	// Mode is how egress addresses become the host's: "onlink" adds each
+	// one to Interface; "routed" installs a local route for a prefix that
+	// is routed to the host and binds with IPV6_FREEBIND.
+	Mode string
 	// Interface is where egress addresses are added; empty means the
 	// interface of the IPv6 default route.
 	Interface string
@@ -58,6 +63,7 @@ type Config struct {
 func defaultConfig() Config {
 	return Config{
 		Listen:      []string{"127.0.0.1:3128"},
+		Mode:        modeOnLink,
 		MaxAddrs:    netutil.DefaultMaxAddrs,
 		Ready:       netutil.DefaultReady,
 		Grace:       30 * time.Second,
@@ -75,6 +81,7 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs := flag.NewFlagSet("egressd", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.Var(&listValue[string]{p: &cfg.Listen, parse: parseHostPort}, "listen", "`ADDR` (host:port) to accept proxy clients on; repeatable (default 127.0.0.1:3128)")
+	fs.Var(choiceValue{&cfg.Mode, []string{modeOnLink, modeRouted}}, "mode", "`MODE`: onlink adds every egress address to the interface; routed needs the prefix routed to the host")
 	fs.StringVar(&cfg.Interface, "interface", cfg.Interface, "`NAME` of the interface to add egress addresses to (default: the interface of the IPv6 default route)")
 	fs.Var(prefixValue{&cfg.Prefix}, "prefix", "`CIDR` to draw egress addresses from (default: the /64 of the interface's first global address)")
 	fs.Var(&listValue[netip.Addr]{p: &cfg.Pin, parse: netip.ParseAddr}, "pin", "`ADDR` never to use for egress nor remove; repeatable")
@@ -234,6 +241,33 @@ func parseHostPort(s string) (string, error) {
 		return "", fmt.Errorf("%q: port must be a number from 1 to 65535", s)
 	}
 	return s, nil
+}
+
+// The values of -mode.
+const (
+	modeOnLink = "onlink"
+	modeRouted = "routed"
+)
+
+// choiceValue is a flag that takes one of a fixed set of words.
+type choiceValue struct {
+	p       *string
+	choices []string
+}
+
+func (v choiceValue) String() string {
+	if v.p == nil {
+		return ""
+	}
+	return *v.p
+}
+
+func (v choiceValue) Set(s string) error {
+	if !slices.Contains(v.choices, s) {
+		return fmt.Errorf("%q is not one of %s", s, strings.Join(v.choices, ", "))
+	}
+	*v.p = s
+	return nil
 }
 
 type prefixValue struct{ p *netip.Prefix }

@@ -37,9 +37,10 @@ func TestLoadConfigFlags(t *testing.T) {
 		"-max-addrs", "64", "-ready", "4", "-grace", "5s", "-tunnel-idle", "1m",
 		"-log-level", "debug",
 		"-limit", "aur.archlinux.org=60r/m,burst=10,concurrency=4,wait=2m", "-limit", "*=10r/s",
-		"-admin", "127.0.0.1:9090",
+		"-admin", "127.0.0.1:9090", "-mode", "routed",
 	})
 	require.NoError(t, err)
+	assert.Equal(t, "routed", cfg.Mode)
 	require.Len(t, cfg.Limits, 2)
 	assert.Equal(t, "aur.archlinux.org", cfg.Limits[0].Host)
 	assert.Equal(t, 10, cfg.Limits[0].Burst)
@@ -119,6 +120,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{name: "bad duration", args: []string{"-grace", "soon"}, want: `"soon" is not a duration`},
 		{name: "bad level", args: []string{"-log-level", "loud"}, want: `"loud" is not one of debug, info, warn, error`},
 		{name: "ready over max", args: []string{"-max-addrs", "4", "-ready", "8"}, want: "ready 8: must not exceed max-addrs 4"},
+		{name: "bad mode", args: []string{"-mode", "anyip"}, want: `invalid value "anyip" for flag -mode: "anyip" is not one of onlink, routed`},
 		{name: "bad limit rate", args: []string{"-limit", "aur.archlinux.org=60r/d"}, want: `limit "aur.archlinux.org=60r/d"`},
 		{name: "bad limit option", args: []string{"-limit", "x.org=1r/s,bogus=1"}, want: `bogus`},
 		{name: "duplicate limit", args: []string{"-limit", "x.org=1r/s", "-limit", "x.org=2r/s"}, want: "x.org"},
@@ -156,5 +158,5 @@ func TestEmptyConfigFile(t *testing.T) {
 func TestUsageListsEveryFlag(t *testing.T) {
 	var names []string
 	flagSet(&Config{}).VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
-	assert.Equal(t, strings.Fields("admin config dial-timeout grace interface limit listen log-level max-addrs pin prefix ready tunnel-idle"), names)
+	assert.Equal(t, strings.Fields("admin config dial-timeout grace interface limit listen log-level max-addrs mode pin prefix ready tunnel-idle"), names)
 }

@@ -15,9 +15,9 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/netip"
 	"os"
 	"os/signal"
+	"slices"
 	"syscall"
 	"time"
 
@@ -95,12 +95,18 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			return fmt.Errorf("interface %s: %w", ifname, err)
 		}
 	}
-	if !netutil.OnInterface(prefix, addrs) {
-		return fmt.Errorf("prefix %s is not on interface %s: no address of it is configured there", prefix, ifname)
+	routed := cfg.Mode == modeRouted
+	if routed {
+		if err := netutil.CheckRoutedPrefix(h, prefix, mgr.Link().Attrs().Index); err != nil {
+			return err
+		}
+	} else if !netutil.OnInterface(prefix, addrs) {
+		return fmt.Errorf("prefix %s is not on interface %s: no address of it is configured there (if it is routed to this host, use -mode routed)", prefix, ifname)
 	}
 
-	// Addresses that a killed earlier run left behind go first; everything
-	// else on the interface now is the host's and is never drawn.
+	// Addresses that a killed earlier run left behind go first; every
+	// address the host has now, on any interface, is its own and is never
+	// drawn.
 	left, err := mgr.RemoveLeftovers(prefix, cfg.Pin)
 	if err != nil {
 		return fmt.Errorf("removing leftover egress addresses: %w", err)
@@ -108,21 +114,28 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if left > 0 {
 		log.Info("removed leftover egress addresses of an earlier run", "count", left)
 	}
-	if addrs, err = mgr.Addrs(); err != nil {
+	hostAddrs, err := netutil.HostAddrs(h)
+	if err != nil {
 		return err
 	}
-	exclude := append([]netip.Addr(nil), cfg.Pin...)
-	for _, a := range addrs {
-		exclude = append(exclude, a.Addr())
-	}
+	exclude := append(slices.Clone(cfg.Pin), hostAddrs...)
 
+	// On-link mode adds every address to the interface and keeps a few
+	// ready; routed mode adds none, so there is nothing to keep ready or to
+	// linger over.
+	var am netutil.AddrManager = mgr
+	ready, linger := readyOrOff(cfg.Ready), time.Duration(0)
+	if routed {
+		am, ready, linger = netutil.NoAddrs{}, -1, -1
+	}
 	addLatency := new(stats.Histogram)
 	pool, err := netutil.NewPool(netutil.PoolConfig{
 		Prefix:     prefix,
 		Exclude:    exclude,
 		Max:        cfg.MaxAddrs,
-		Ready:      readyOrOff(cfg.Ready),
-		Manager:    mgr,
+		Ready:      ready,
+		Linger:     linger,
+		Manager:    am,
 		Logger:     log,
 		ObserveAdd: addLatency.Observe,
 	})
@@ -136,7 +149,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			return fmt.Errorf("limit: %w", err)
 		}
 	}
-	dialer := &netutil.Dialer{Pool: pool, Timeout: cfg.DialTimeout}
+	dialer := &netutil.Dialer{Pool: pool, Timeout: cfg.DialTimeout, FreeBind: routed}
 	srv, err := proxy.New(proxy.Config{
 		Dial:              dialer.DialContext,
 		Logger:            log,
@@ -178,6 +191,19 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}()
 		log.Info("admin API listening", "addr", ln.Addr().String())
 	}
+	var route *netutil.LocalRoute
+	if routed {
+		if route, err = netutil.InstallLocalRoute(h, prefix); err != nil {
+			closeAll()
+			if admin != nil {
+				admin.Close()
+			}
+			return err
+		}
+		if !route.Ours() {
+			log.Info("using the local route for the prefix that is already there", "prefix", prefix)
+		}
+	}
 
 	poolCtx, stopPool := context.WithCancel(context.Background())
 	poolDone := make(chan struct{})
@@ -191,7 +217,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		go func() { serveErr <- srv.Serve(ln) }()
 		log.Info("listening", "addr", ln.Addr().String())
 	}
-	log.Info("egressd ready", "interface", ifname, "prefix", prefix, "max_addrs", cfg.MaxAddrs)
+	log.Info("egressd ready", "mode", cfg.Mode, "interface", ifname, "prefix", prefix, "max_addrs", cfg.MaxAddrs)
 
 	var runErr error
 	select {
@@ -225,6 +251,14 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		log.Error("removing egress addresses", "removed", removed, "err", err)
 		if runErr == nil {
 			runErr = fmt.Errorf("removing egress addresses: %w", err)
+		}
+	}
+	if route != nil {
+		if err := route.Remove(); err != nil {
+			log.Error("removing the local route", "err", err)
+			if runErr == nil {
+				runErr = err
+			}
 		}
 	}
 	if admin != nil {
