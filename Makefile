@@ -25,14 +25,15 @@ unit: ## the tests that need no root (namespace tests skip with a message)
 demo: build ## run egressd in throw-away namespaces and show each request leaving from a fresh address (root)
 	bash test/demo.sh $(BIN)/egressd $(BIN)/echo-upstream $(BIN)/egressctl
 
-bench: ## run the Go benchmarks (root for the netlink ones)
-	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./netutil/ ./proxy/
+bench: ## run the Go benchmarks (root for the netlink and namespace ones)
+	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./netutil/ ./proxy/...
+	$(GO) test -run '^$$' -bench . -benchtime 500x -count 3 ./test/
 
 bench-addrcost: ## the kernel's cost of one egress address add and delete, by addresses on the interface (root)
 	$(GO) run ./bench/addrcost
 
 bench-smoke: ## every benchmark once, so none of them rots
-	$(GO) test -short -run '^$$' -bench . -benchtime 1x ./netutil/ ./proxy/
+	$(GO) test -short -run '^$$' -bench . -benchtime 1x ./netutil/ ./proxy/... ./test/
 
 vet: ## go vet and a gofmt check
 	$(GO) vet $(PKGS)

@@ -50,7 +50,7 @@ func TestMain(m *testing.M) {
 
 // binary returns the path of a binary built in TestMain, failing the test if
 // it did not build. It skips when not root.
-func binary(t *testing.T, pkg string) string {
+func binary(t testing.TB, pkg string) string {
 	t.Helper()
 	nstest.RequireRoot(t)
 	b := bins[pkg]
@@ -82,7 +82,7 @@ func egressdArgs(tp *nstest.Topo, extra ...string) []string {
 }
 
 // setup builds a topology and starts the upstream, without egressd.
-func setup(t *testing.T) *env {
+func setup(t testing.TB) *env {
 	t.Helper()
 	bin := binary(t, "./cmd/egressd")
 	e := &env{tp: nstest.New(t), bin: bin}
@@ -100,7 +100,7 @@ func start(t *testing.T, extra ...string) *env {
 }
 
 // restart starts another egressd in the same topology.
-func (e *env) restart(t *testing.T, extra ...string) *nstest.Process {
+func (e *env) restart(t testing.TB, extra ...string) *nstest.Process {
 	t.Helper()
 	ed := e.tp.StartEgressd(t, e.bin, egressdArgs(e.tp, extra...)...)
 	ed.WaitListening(t, 1)
@@ -108,7 +108,7 @@ func (e *env) restart(t *testing.T, extra ...string) *nstest.Process {
 	return ed
 }
 
-func guardCtx(t *testing.T) context.Context {
+func guardCtx(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), nstest.Guard)
 	t.Cleanup(cancel)
 	return ctx
