@@ -13,8 +13,10 @@ import (
 )
 
 // Dialer opens upstream TCP connections, each bound to a fresh address
-// leased from Pool. It never connects from any other source: when no address
-// can be had it fails with an error wrapping ErrNoAddress.
+// leased from Pool. It never connects from any other IPv6 source: when no
+// address can be had it fails with an error wrapping ErrNoAddress. A host
+// with no IPv6 address is dialed over IPv4 from the host's own address, or
+// refused, as IPv4 says.
 type Dialer struct {
 	Pool *Pool
 	// Timeout bounds each connection attempt; zero means no limit beyond
@@ -26,33 +28,73 @@ type Dialer struct {
 	// interface: routed mode, where the prefix is routed to the host and a
 	// local route for it makes every address of it the host's own.
 	FreeBind bool
+	// IPv4 says what to do with a host that has no IPv6 address but has
+	// IPv4 ones: IPv4Direct dials it from the host's own IPv4 address,
+	// anything else (the zero value included) refuses it with an error
+	// wrapping ErrNoIPv6.
+	IPv4 IPv4Policy
 }
 
-// Conn is an upstream connection bound to a leased egress address. Closing
-// it releases the address. It embeds *net.TCPConn so that io.Copy still
-// reaches the kernel's splice path (ReadFrom, WriteTo) and half-close
-// (CloseWrite, CloseRead) passes through.
+// IPv4Policy says what a Dialer does with a host that has IPv4 addresses
+// only (no AAAA record), or is an IPv4 literal.
+type IPv4Policy string
+
+const (
+	// IPv4Deny fails such a dial with an error wrapping ErrNoIPv6. The zero
+	// value, and any value other than IPv4Direct, means the same, so that a
+	// Dialer left unset fails closed.
+	IPv4Deny IPv4Policy = "deny"
+	// IPv4Direct connects to such a host over IPv4 from the host's own
+	// address (the kernel's choice; no lease, no bind). The connection's
+	// DirectIPv4 reports true. A host with any IPv6 address is never dialed
+	// over IPv4, not even when every IPv6 attempt fails.
+	IPv4Direct IPv4Policy = "direct"
+)
+
+// Conn is an upstream connection bound to a leased egress address, or a
+// direct IPv4 connection from the host's own address (see IPv4Direct), which
+// has no lease. Closing it releases the address. It embeds *net.TCPConn so
+// that io.Copy still reaches the kernel's splice path (ReadFrom, WriteTo) and
+// half-close (CloseWrite, CloseRead) passes through.
 type Conn struct {
 	*net.TCPConn
-	lease *Lease
+	lease *Lease // nil for a direct IPv4 connection
 }
 
-// Close closes the connection and releases its address.
+// Close closes the connection and releases its address, if it has one.
 func (c *Conn) Close() error {
 	err := c.TCPConn.Close()
-	c.lease.Release()
+	if c.lease != nil {
+		c.lease.Release()
+	}
 	return err
 }
 
 // NetConn returns the underlying TCP connection, as tls.Conn.NetConn does.
 func (c *Conn) NetConn() net.Conn { return c.TCPConn }
 
-// Egress returns the source address of the connection.
-func (c *Conn) Egress() netip.Addr { return c.lease.Addr() }
+// Egress returns the source address of the connection: the leased address,
+// or for a direct IPv4 connection the host's own.
+func (c *Conn) Egress() netip.Addr {
+	if c.lease != nil {
+		return c.lease.Addr()
+	}
+	if a, ok := c.TCPConn.LocalAddr().(*net.TCPAddr); ok {
+		return a.AddrPort().Addr().Unmap()
+	}
+	return netip.Addr{}
+}
+
+// DirectIPv4 reports whether the connection went over IPv4 from the host's
+// own address (IPv4Direct) rather than from a leased IPv6 address.
+func (c *Conn) DirectIPv4() bool { return c.lease == nil }
 
 // DialContext connects to address ("host:port") over IPv6 from a fresh
 // address. Names are resolved first, so that a name that does not resolve
 // costs no address; each AAAA record is tried in turn from the same source.
+// A host without AAAA records (or an IPv4 literal) is handled as d.IPv4
+// says; with IPv4Direct each of its A records is tried in turn. The network
+// "tcp6" never goes over IPv4.
 func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
 	if network != "tcp" && network != "tcp6" {
 		return nil, fmt.Errorf("dialing %s: network %q is not supported", address, network)
@@ -65,9 +107,15 @@ func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.
 	if err != nil {
 		return nil, fmt.Errorf("dialing %s: %w", address, err)
 	}
-	ips, err := d.lookup(ctx, host)
+	ips, v4, err := d.lookup(ctx, host)
 	if err != nil {
 		return nil, err
+	}
+	if v4 {
+		if d.IPv4 != IPv4Direct || network != "tcp" {
+			return nil, fmt.Errorf("dialing %s: %w", address, ErrNoIPv6)
+		}
+		return d.dialIPv4(ctx, ips, uint16(port))
 	}
 	lease, err := d.Pool.Acquire(ctx)
 	if err != nil {
@@ -110,38 +158,81 @@ func (d *Dialer) resolver() *net.Resolver {
 	return net.DefaultResolver
 }
 
-// lookup returns the IPv6 addresses of host. A host with none gets a
-// *net.DNSError with IsNotFound set and the text "no IPv6 address".
-func (d *Dialer) lookup(ctx context.Context, host string) ([]netip.Addr, error) {
-	noIPv6 := &net.DNSError{Err: "no IPv6 address", Name: host, IsNotFound: true}
-	if ip, err := netip.ParseAddr(host); err == nil {
-		if !ip.Is6() || ip.Is4In6() {
-			return nil, noIPv6
-		}
-		return []netip.Addr{ip}, nil
-	}
-	ips, err := d.resolver().LookupNetIP(ctx, "ip6", host)
-	if err != nil {
-		var dnsErr *net.DNSError
-		if errors.As(err, &dnsErr) && !dnsErr.IsTimeout && !dnsErr.IsNotFound {
-			// The resolver says "no suitable address" when the name has
-			// only A records.
-			if _, err4 := d.resolver().LookupNetIP(ctx, "ip4", host); err4 == nil {
-				return nil, noIPv6
-			}
-		}
-		return nil, err
-	}
-	out := ips[:0]
+// dialIPv4 connects to the first of ips that answers, over IPv4 from the
+// host's own address: no lease, no bind.
+func (d *Dialer) dialIPv4(ctx context.Context, ips []netip.Addr, port uint16) (net.Conn, error) {
+	nd := net.Dialer{Timeout: d.Timeout}
+	var first error
 	for _, ip := range ips {
-		if ip.Is6() && !ip.Is4In6() {
-			out = append(out, ip)
+		c, err := nd.DialContext(ctx, "tcp4", netip.AddrPortFrom(ip, port).String())
+		if err == nil {
+			return &Conn{TCPConn: c.(*net.TCPConn)}, nil
+		}
+		if first == nil {
+			first = err
+		}
+		if ctx.Err() != nil {
+			break
 		}
 	}
-	if len(out) == 0 {
-		return nil, noIPv6
+	return nil, first
+}
+
+// lookup returns the addresses to dial for host: its IPv6 addresses if it
+// has any, otherwise its IPv4 addresses with v4 set. A name is looked up for
+// AAAA records first; only an answer that there are none (not a failure to
+// get one) leads to the lookup for A records, so that a name with AAAA
+// records never goes over IPv4. A name with neither gets the resolver's
+// *net.DNSError, IsNotFound set when the name does not exist.
+func (d *Dialer) lookup(ctx context.Context, host string) (ips []netip.Addr, v4 bool, err error) {
+	if ip, err := netip.ParseAddr(host); err == nil {
+		if ip.Is6() && !ip.Is4In6() {
+			return []netip.Addr{ip}, false, nil
+		}
+		return []netip.Addr{ip.Unmap()}, true, nil
 	}
-	return out, nil
+	ips6, err := d.resolver().LookupNetIP(ctx, "ip6", host)
+	if err != nil && !noSuchAddress(err) {
+		return nil, false, err
+	}
+	ips = ips6[:0]
+	for _, ip := range ips6 {
+		if ip.Is6() && !ip.Is4In6() {
+			ips = append(ips, ip)
+		}
+	}
+	if len(ips) > 0 {
+		return ips, false, nil
+	}
+	ips4, err4 := d.resolver().LookupNetIP(ctx, "ip4", host)
+	if err4 != nil {
+		if noSuchAddress(err4) {
+			return nil, false, &net.DNSError{Err: "no such host", Name: host, IsNotFound: true}
+		}
+		return nil, false, err4
+	}
+	ips = ips4[:0]
+	for _, ip := range ips4 {
+		if ip.Unmap().Is4() {
+			ips = append(ips, ip.Unmap())
+		}
+	}
+	if len(ips) == 0 {
+		return nil, false, &net.DNSError{Err: "no such host", Name: host, IsNotFound: true}
+	}
+	return ips, true, nil
+}
+
+// noSuchAddress reports whether a lookup failed because the name has no
+// address of the family asked for, or does not exist: an answer, unlike a
+// timeout or a server failure. The resolver says "no suitable address" for a
+// name in /etc/hosts with addresses of the other family only.
+func noSuchAddress(err error) bool {
+	if dnsErr, ok := errors.AsType[*net.DNSError](err); ok {
+		return dnsErr.IsNotFound
+	}
+	addrErr, ok := errors.AsType[*net.AddrError](err)
+	return ok && addrErr.Err == "no suitable address found"
 }
 
 // freeBind sets IPV6_FREEBIND on a socket before it binds.

@@ -1,6 +1,8 @@
 // Package netutil is the address side of egressd: drawing addresses in a
 // prefix, the pool of egress addresses added to an interface with netlink,
-// and the dialer that binds every upstream connection to a fresh one.
+// and the dialer that binds every upstream connection to a fresh one. A host
+// with no IPv6 address at all is dialed over IPv4 from the host's own address,
+// or refused, as the dialer's IPv4Policy says.
 //
 // It knows nothing of HTTP. The proxy package receives a dial function built
 // here and learns about failures only through the sentinel errors below.
@@ -13,3 +15,8 @@ import "errors"
 // add an address, or the kernel refused to bind one. A caller must fail the
 // request rather than fall back to another source address.
 var ErrNoAddress = errors.New("no fresh egress address")
+
+// ErrNoIPv6 is wrapped by the error of a dial to a host that has IPv4
+// addresses only (or is an IPv4 literal) when the Dialer may not go over
+// IPv4 (IPv4Deny).
+var ErrNoIPv6 = errors.New("no IPv6 address")

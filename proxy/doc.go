@@ -5,7 +5,10 @@
 // connection is opened through the dial function it is given (see
 // Config.Dial), which binds the connection to a fresh egress address; the
 // proxy only learns which address was used, for its access log, from the
-// connection's local address.
+// connection's local address, and, for its statistics, whether the
+// connection left from the host's own IPv4 address instead (a connection
+// whose DirectIPv4 method reports true, as egressd's dialer makes for a host
+// with no IPv6 address).
 //
 // Plain HTTP goes through github.com/elazarl/goproxy with a transport of our
 // own (no upstream keep-alive, so every request leaves from a new address;

@@ -49,17 +49,19 @@ func upstreamError(host string, err error) *Error {
 	switch {
 	case errors.Is(err, netutil.ErrNoAddress):
 		return mk(http.StatusServiceUnavailable, "no fresh egress address available")
+	case errors.Is(err, netutil.ErrNoIPv6):
+		// A host with A records only, and -ipv4 deny.
+		return mk(http.StatusBadGateway, "%s has no IPv6 address", host)
 	case isTimeout(err):
 		return mk(http.StatusGatewayTimeout, "upstream %s timed out", host)
 	}
 	if dnsErr, ok := errors.AsType[*net.DNSError](err); ok {
-		// The dialer resolves for tcp6 only, so a host with nothing but A
-		// records is "not found" too.
 		if dnsErr.IsNotFound {
-			return mk(http.StatusBadGateway, "%s has no IPv6 address", host)
+			return mk(http.StatusBadGateway, "cannot resolve %s: no such host", host)
 		}
 		return mk(http.StatusBadGateway, "cannot resolve %s", host)
 	}
+	// A dialer that asks for tcp6 only says this of an IPv4 address.
 	if addrErr, ok := errors.AsType[*net.AddrError](err); ok && addrErr.Err == "no suitable address found" {
 		return mk(http.StatusBadGateway, "%s has no IPv6 address", host)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"syscall"
@@ -27,6 +28,8 @@ func TestUpstreamError(t *testing.T) {
 		{"os deadline", opError(os.ErrDeadlineExceeded), 504, "upstream h.test timed out"},
 		{"reset", opError(syscall.ECONNRESET), 502, "upstream h.test failed"},
 		{"network unreachable", opError(syscall.ENETUNREACH), 502, "upstream h.test is unreachable"},
+		{"ipv4 denied", fmt.Errorf("dialing h.test:80: %w", netutil.ErrNoIPv6), 502, "h.test has no IPv6 address"},
+		{"no such host", &net.DNSError{Err: "no such host", Name: "h.test", IsNotFound: true}, 502, "cannot resolve h.test: no such host"},
 		{"already mapped", fmt.Errorf("x: %w", own), http.StatusTeapot, "mine"},
 	}
 	for _, tt := range tests {

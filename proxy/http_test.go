@@ -388,6 +388,14 @@ var errorCases = []struct {
 			return opError(&net.DNSError{Err: "no such host", Name: "example.test", IsNotFound: true})
 		},
 		status: http.StatusBadGateway,
+		text:   "cannot resolve example.test: no such host",
+	},
+	{
+		name: "ipv4 denied",
+		fail: func(context.Context, string) error {
+			return fmt.Errorf("dialing example.test:80: %w", netutil.ErrNoIPv6)
+		},
+		status: http.StatusBadGateway,
 		text:   "example.test has no IPv6 address",
 	},
 	{

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/egressd/egressd/proxy/shape"
@@ -37,6 +38,10 @@ type reqState struct {
 	// statistics, set once the request was attributed to it.
 	host     string
 	upstream *stats.Upstream
+	// ipv4 is set by the dial when the upstream connection left from the
+	// host's own IPv4 address (the dial may run on the transport's
+	// goroutine).
+	ipv4 atomic.Bool
 
 	mu         sync.Mutex // for what the dial and transport goroutines set
 	egress     string     // source IP of the upstream connection

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy/shape"
 	"github.com/egressd/egressd/proxy/stats"
 	"github.com/elazarl/goproxy"
@@ -304,8 +305,9 @@ func (s *Server) untrack(c io.Closer) {
 }
 
 // dial is the only way the proxy opens upstream connections: cfg.Dial under
-// DialTimeout, recording the egress address in the request state found in
-// ctx, if any.
+// DialTimeout, recording the egress address, and whether the connection
+// went over the host's own IPv4 address, in the request state found in ctx,
+// if any.
 func (s *Server) dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
 	defer cancel()
@@ -315,6 +317,16 @@ func (s *Server) dial(ctx context.Context, network, addr string) (net.Conn, erro
 	}
 	if st := stateFrom(ctx); st != nil {
 		st.setEgress(conn.LocalAddr())
+		if d, ok := conn.(directIPv4); ok && d.DirectIPv4() {
+			st.ipv4.Store(true)
+		}
 	}
 	return conn, nil
 }
+
+// directIPv4 is implemented by an upstream connection that can tell whether
+// it left from the host's own IPv4 address rather than a fresh IPv6 one, as
+// egressd's dialer does for a host with no IPv6 address (-ipv4 direct).
+type directIPv4 interface{ DirectIPv4() bool }
+
+var _ directIPv4 = (*netutil.Conn)(nil)

@@ -71,7 +71,7 @@ const statusClientClosed = 499
 
 // finish ends the accounting of a request: its bytes, and for one that admit
 // let through (rec.admitted is set only then) its permit, in-flight count,
-// error and latency.
+// whether it went over IPv4, error and latency.
 func (s *Server) finish(rec *record, st *reqState) {
 	up := rec.upstream
 	if up == nil {
@@ -84,6 +84,9 @@ func (s *Server) finish(rec *record, st *reqState) {
 	}
 	rec.permit.Release()
 	up.InFlight.Add(-1)
+	if st.ipv4.Load() {
+		up.IPv4.Add(1)
+	}
 	if st.failed || st.bodyErr != nil {
 		up.Errors.Add(1)
 	}

@@ -28,7 +28,7 @@ func cannedStats() stats.Stats {
 			Latency: stats.Quantiles{P50: 0.000155, P90: 0.000199, P99: 104.8576},
 		},
 		{
-			Upstream: "tab\there.test", Requests: 1, BytesDown: 10,
+			Upstream: "tab\there.test", Requests: 1, IPv4: 1, BytesDown: 10,
 			Latency: stats.Quantiles{P50: 0.0024, P90: 0.00304, P99: 0.003184},
 		},
 		{Upstream: "idle.test"},

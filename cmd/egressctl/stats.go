@@ -19,8 +19,9 @@ const statsUsage = `Usage: egressctl [-admin ADDR] stats [-json] [-watch DURATIO
 Shows egressd's counters: totals, a row per upstream host, and the pool of
 egress addresses.
 
-Columns: REQS requests and tunnels that reached the shaper; INFLIGHT admitted
-and not finished; WAITING in the shaper's line now; WAITED total time spent
+Columns: REQS requests and tunnels that reached the shaper; IPV4 of those, the
+ones that left from egressd's own IPv4 address because the upstream has no
+IPv6 address (-ipv4 direct); INFLIGHT admitted and not finished; WAITING in the shaper's line now; WAITED total time spent
 in line; 429-OURS answered 429 by egressd; 429-UPSTREAM answered 429 (or 503
 with Retry-After) by the upstream; ERRORS 502/503/504 from egressd and
 aborted responses; UP client to upstream; DOWN upstream to client; P50, P99
@@ -117,19 +118,19 @@ func (c *statsCommand) frame(ctx context.Context, w io.Writer, asJSON bool) erro
 // writeStats writes the table for people.
 func writeStats(w io.Writer, s *stats.Stats) error {
 	t := s.Totals
-	fmt.Fprintf(w, "egressd up %s: %d requests, %d in flight, %d waiting (waited %s in all), %d rejected (429 ours), %d throttled (429 upstream), %d errors, up %s, down %s\n\n",
-		humanDuration(s.UptimeSeconds), t.Requests, t.InFlight, t.Waiting, humanDuration(t.WaitSeconds),
+	fmt.Fprintf(w, "egressd up %s: %d requests (%d over IPv4), %d in flight, %d waiting (waited %s in all), %d rejected (429 ours), %d throttled (429 upstream), %d errors, up %s, down %s\n\n",
+		humanDuration(s.UptimeSeconds), t.Requests, t.IPv4, t.InFlight, t.Waiting, humanDuration(t.WaitSeconds),
 		t.Rejected, t.Throttled, t.Errors, humanBytes(t.BytesUp), humanBytes(t.BytesDown))
 
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	if len(s.Upstreams) == 0 {
 		fmt.Fprintln(tw, "No upstream has been used yet.")
 	} else {
-		fmt.Fprintln(tw, "UPSTREAM\tRULE\tREQS\tINFLIGHT\tWAITING\tWAITED\t429-OURS\t429-UPSTREAM\tERRORS\tUP\tDOWN\tP50\tP99")
+		fmt.Fprintln(tw, "UPSTREAM\tRULE\tREQS\tIPV4\tINFLIGHT\tWAITING\tWAITED\t429-OURS\t429-UPSTREAM\tERRORS\tUP\tDOWN\tP50\tP99")
 		for _, u := range s.Upstreams {
-			fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\n",
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\n",
 				cell(u.Upstream), cell(u.Rule),
-				u.Requests, u.InFlight, u.Waiting, humanDuration(u.WaitSeconds),
+				u.Requests, u.IPv4, u.InFlight, u.Waiting, humanDuration(u.WaitSeconds),
 				u.Rejected, u.Throttled, u.Errors, humanBytes(u.BytesUp), humanBytes(u.BytesDown),
 				humanLatency(u.Latency.P50), humanLatency(u.Latency.P99))
 		}

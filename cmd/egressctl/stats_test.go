@@ -68,14 +68,14 @@ func TestStatsTable(t *testing.T) {
 			assert.Empty(t, r.stderr)
 
 			first, _, _ := strings.Cut(r.stdout, "\n")
-			assert.Equal(t, "egressd up 1h01m: 121 requests, 3 in flight, 2 waiting (waited 2.50s in all), "+
+			assert.Equal(t, "egressd up 1h01m: 121 requests (1 over IPv4), 3 in flight, 2 waiting (waited 2.50s in all), "+
 				"4 rejected (429 ours), 1 throttled (429 upstream), 2 errors, up 1.0 MiB, down 3.3 MiB", first)
 
 			assert.Equal(t, [][]string{
-				{"UPSTREAM", "RULE", "REQS", "INFLIGHT", "WAITING", "WAITED", "429-OURS", "429-UPSTREAM", "ERRORS", "UP", "DOWN", "P50", "P99"},
-				{"api.example.com", "*.example.com", "120", "3", "2", "2.50s", "4", "1", "2", "1.0 MiB", "3.3 MiB", "155µs", "1m45s"},
-				{`tab\there.test`, "-", "1", "0", "0", "0s", "0", "0", "0", "0 B", "10 B", "2.40ms", "3.18ms"},
-				{"idle.test", "-", "0", "0", "0", "0s", "0", "0", "0", "0 B", "0 B", "-", "-"},
+				{"UPSTREAM", "RULE", "REQS", "IPV4", "INFLIGHT", "WAITING", "WAITED", "429-OURS", "429-UPSTREAM", "ERRORS", "UP", "DOWN", "P50", "P99"},
+				{"api.example.com", "*.example.com", "120", "0", "3", "2", "2.50s", "4", "1", "2", "1.0 MiB", "3.3 MiB", "155µs", "1m45s"},
+				{`tab\there.test`, "-", "1", "1", "0", "0", "0s", "0", "0", "0", "0 B", "10 B", "2.40ms", "3.18ms"},
+				{"idle.test", "-", "0", "0", "0", "0", "0s", "0", "0", "0", "0 B", "0 B", "-", "-"},
 			}, table(t, r.stdout, "UPSTREAM"))
 
 			assert.Equal(t, [][]string{

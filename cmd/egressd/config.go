@@ -47,6 +47,9 @@ type Config struct {
 	TunnelIdle time.Duration
 	// DialTimeout bounds each upstream connection attempt.
 	DialTimeout time.Duration
+	// IPv4 says what happens to a request for a host with no IPv6 address:
+	// direct sends it from the host's own IPv4 address, deny answers 502.
+	IPv4 netutil.IPv4Policy
 	// Limits are the -limit rules that pace requests per upstream.
 	Limits []shape.Rule
 	// Admin is where the admin API listens: a unix socket path or
@@ -69,6 +72,7 @@ func defaultConfig() Config {
 		Grace:       30 * time.Second,
 		TunnelIdle:  5 * time.Minute,
 		DialTimeout: 10 * time.Second,
+		IPv4:        netutil.IPv4Direct,
 		Admin:       defaultAdmin,
 		LogLevel:    slog.LevelInfo,
 	}
@@ -80,7 +84,7 @@ func defaultConfig() Config {
 func flagSet(cfg *Config) *flag.FlagSet {
 	fs := flag.NewFlagSet("egressd", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
-	fs.Var(&listValue[string]{p: &cfg.Listen, parse: parseHostPort}, "listen", "`ADDR` (host:port) to accept proxy clients on; repeatable (default 127.0.0.1:3128)")
+	fs.Var(&listValue[string]{p: &cfg.Listen, parse: parseHostPort}, "listen", "`ADDR` (host:port) to accept proxy clients on; repeatable")
 	fs.Var(choiceValue{&cfg.Mode, []string{modeOnLink, modeRouted}}, "mode", "`MODE`: onlink adds every egress address to the interface; routed needs the prefix routed to the host")
 	fs.StringVar(&cfg.Interface, "interface", cfg.Interface, "`NAME` of the interface to add egress addresses to (default: the interface of the IPv6 default route)")
 	fs.Var(prefixValue{&cfg.Prefix}, "prefix", "`CIDR` to draw egress addresses from (default: the /64 of the interface's first global address)")
@@ -90,6 +94,7 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs.Var(durationValue{&cfg.Grace}, "grace", "`DURATION` a shutdown waits for requests and tunnels in flight")
 	fs.Var(durationValue{&cfg.TunnelIdle}, "tunnel-idle", "`DURATION` after which a CONNECT tunnel with no traffic is closed")
 	fs.Var(durationValue{&cfg.DialTimeout}, "dial-timeout", "`DURATION` an upstream connection attempt may take")
+	fs.Var(choiceValue{(*string)(&cfg.IPv4), []string{string(netutil.IPv4Direct), string(netutil.IPv4Deny)}}, "ipv4", "`POLICY` for an upstream with no IPv6 address: direct connects from the host's own IPv4 address, deny answers 502")
 	fs.Var(&listValue[shape.Rule]{p: &cfg.Limits, parse: shape.ParseRule}, "limit", "`HOST=RATE[,burst=N][,concurrency=N][,wait=DURATION]` paces requests to upstream HOST (exact, *.suffix or *); RATE is Nr/s, Nr/m or Nr/h; repeatable")
 	fs.StringVar(&cfg.Admin, "admin", cfg.Admin, "`ADDR` of the admin API: a unix socket path or host:port; empty turns it off")
 	fs.Var(levelValue{&cfg.LogLevel}, "log-level", "`LEVEL`: debug, info, warn or error")
@@ -191,6 +196,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("tunnel-idle %s: must be positive", c.TunnelIdle)
 	case c.DialTimeout <= 0:
 		return fmt.Errorf("dial-timeout %s: must be positive", c.DialTimeout)
+	case c.IPv4 != netutil.IPv4Direct && c.IPv4 != netutil.IPv4Deny:
+		return fmt.Errorf("ipv4 %q: must be direct or deny", c.IPv4)
 	}
 	if _, err := shape.New(shape.Config{Rules: c.Limits}); err != nil {
 		return fmt.Errorf("limit: %w", err)
@@ -209,10 +216,14 @@ func (v *listValue[T]) repeatable() {}
 func (v *listValue[T]) reset()      { *v.p = nil; v.used = true }
 
 func (v *listValue[T]) String() string {
-	if v == nil || v.p == nil {
+	if v == nil || v.p == nil || len(*v.p) == 0 {
 		return ""
 	}
-	return fmt.Sprint(*v.p)
+	parts := make([]string, len(*v.p))
+	for i, x := range *v.p {
+		parts[i] = fmt.Sprint(x)
+	}
+	return strings.Join(parts, ", ")
 }
 
 func (v *listValue[T]) Set(s string) error {

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egressd/egressd/netutil"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -27,6 +28,39 @@ func TestLoadConfigDefaults(t *testing.T) {
 	assert.Equal(t, defaultConfig(), cfg)
 	assert.Equal(t, []string{"127.0.0.1:3128"}, cfg.Listen, "not an open proxy by default")
 	assert.Equal(t, 1024, cfg.MaxAddrs)
+	assert.Equal(t, netutil.IPv4Direct, cfg.IPv4)
+}
+
+func TestLoadConfigIPv4(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		file string // config file body, when set
+		want netutil.IPv4Policy
+	}{
+		{name: "default", want: netutil.IPv4Direct},
+		{name: "flag deny", args: []string{"-ipv4", "deny"}, want: netutil.IPv4Deny},
+		{name: "flag direct", args: []string{"-ipv4", "direct"}, want: netutil.IPv4Direct},
+		{name: "file deny", file: "ipv4: deny\n", want: netutil.IPv4Deny},
+		{name: "json deny", file: `{"ipv4":"deny"}`, want: netutil.IPv4Deny},
+		{name: "flag wins over file", args: []string{"-ipv4", "direct"}, file: "ipv4: deny\n", want: netutil.IPv4Direct},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			args := tt.args
+			if tt.file != "" {
+				args = append([]string{"-config", writeFile(t, "c.yaml", tt.file)}, args...)
+			}
+			cfg, err := loadConfig(args)
+			require.NoError(t, err)
+			assert.Equal(t, tt.want, cfg.IPv4)
+		})
+	}
+
+	// A Config built in code must say which: the zero value is no policy.
+	cfg := defaultConfig()
+	cfg.IPv4 = ""
+	assert.EqualError(t, cfg.Validate(), `ipv4 "": must be direct or deny`)
 }
 
 func TestLoadConfigFlags(t *testing.T) {
@@ -119,6 +153,8 @@ func TestLoadConfigErrors(t *testing.T) {
 		{name: "listen by name", args: []string{"-listen", "example.org:3128"}, want: "host must be an IP address"},
 		{name: "bad duration", args: []string{"-grace", "soon"}, want: `"soon" is not a duration`},
 		{name: "bad level", args: []string{"-log-level", "loud"}, want: `"loud" is not one of debug, info, warn, error`},
+		{name: "bad ipv4", args: []string{"-ipv4", "allow"}, want: `invalid value "allow" for flag -ipv4: "allow" is not one of direct, deny`},
+		{name: "bad ipv4 in file", file: "ipv4: DENY\n", want: `line 1: key "ipv4": "DENY" is not one of direct, deny`},
 		{name: "ready over max", args: []string{"-max-addrs", "4", "-ready", "8"}, want: "ready 8: must not exceed max-addrs 4"},
 		{name: "bad mode", args: []string{"-mode", "anyip"}, want: `invalid value "anyip" for flag -mode: "anyip" is not one of onlink, routed`},
 		{name: "bad limit rate", args: []string{"-limit", "aur.archlinux.org=60r/d"}, want: `limit "aur.archlinux.org=60r/d"`},
@@ -158,5 +194,5 @@ func TestEmptyConfigFile(t *testing.T) {
 func TestUsageListsEveryFlag(t *testing.T) {
 	var names []string
 	flagSet(&Config{}).VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
-	assert.Equal(t, strings.Fields("admin config dial-timeout grace interface limit listen log-level max-addrs mode pin prefix ready tunnel-idle"), names)
+	assert.Equal(t, strings.Fields("admin config dial-timeout grace interface ipv4 limit listen log-level max-addrs mode pin prefix ready tunnel-idle"), names)
 }

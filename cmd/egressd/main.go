@@ -48,7 +48,8 @@ func main() {
 
 func usage() {
 	fmt.Fprintf(os.Stdout, "usage: egressd [flags]\n\n")
-	fs := flagSet(&Config{})
+	cfg := defaultConfig() // so that every flag shows its real default
+	fs := flagSet(&cfg)
 	fs.SetOutput(os.Stdout)
 	fs.PrintDefaults()
 }
@@ -149,7 +150,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			return fmt.Errorf("limit: %w", err)
 		}
 	}
-	dialer := &netutil.Dialer{Pool: pool, Timeout: cfg.DialTimeout, FreeBind: routed}
+	dialer := &netutil.Dialer{Pool: pool, Timeout: cfg.DialTimeout, FreeBind: routed, IPv4: cfg.IPv4}
 	srv, err := proxy.New(proxy.Config{
 		Dial:              dialer.DialContext,
 		Logger:            log,

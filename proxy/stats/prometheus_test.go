@@ -115,6 +115,8 @@ func TestWritePrometheusValues(t *testing.T) {
 
 	assert.Equal(t, 120.0, counter("egress_upstream_requests_total", api))
 	assert.Equal(t, 1.0, counter("egress_upstream_requests_total", odd))
+	assert.Equal(t, 0.0, counter("egress_upstream_ipv4_requests_total", api))
+	assert.Equal(t, 1.0, counter("egress_upstream_ipv4_requests_total", odd))
 	assert.Equal(t, 2.5, counter("egress_upstream_wait_seconds_total", api))
 	assert.Equal(t, 4.0, counter("egress_upstream_rejected_total", api))
 	assert.Equal(t, 1.0, counter("egress_upstream_throttled_total", api))

@@ -16,6 +16,7 @@ type Upstream struct {
 	Rule string // Host of the -limit rule that applies, "" if none
 
 	Requests  atomic.Uint64 // requests and tunnels that reached our shaper
+	IPv4      atomic.Uint64 // of those, the ones that left from the host's own IPv4 address (-ipv4 direct)
 	InFlight  atomic.Int64  // admitted, not finished
 	Waiting   atomic.Int64  // waiting in the shaper's line now
 	WaitNanos atomic.Int64  // total time spent waiting in line
@@ -34,6 +35,7 @@ func (u *Upstream) Stats() UpstreamStats {
 		Upstream:         u.Name,
 		Rule:             u.Rule,
 		Requests:         u.Requests.Load(),
+		IPv4:             u.IPv4.Load(),
 		InFlight:         u.InFlight.Load(),
 		Waiting:          u.Waiting.Load(),
 		WaitSeconds:      time.Duration(u.WaitNanos.Load()).Seconds(),

@@ -26,6 +26,7 @@ type Stats struct {
 // Totals are the counters of all upstreams added up.
 type Totals struct {
 	Requests    uint64  `json:"requests"`
+	IPv4        uint64  `json:"ipv4"`
 	InFlight    int64   `json:"in_flight"`
 	Waiting     int64   `json:"waiting"`
 	WaitSeconds float64 `json:"wait_seconds"`
@@ -41,6 +42,7 @@ func SumTotals(ups []UpstreamStats) Totals {
 	var t Totals
 	for _, u := range ups {
 		t.Requests += u.Requests
+		t.IPv4 += u.IPv4
 		t.InFlight += u.InFlight
 		t.Waiting += u.Waiting
 		t.WaitSeconds += u.WaitSeconds
@@ -59,6 +61,7 @@ type UpstreamStats struct {
 	Upstream    string    `json:"upstream"`
 	Rule        string    `json:"rule,omitempty"`
 	Requests    uint64    `json:"requests"`
+	IPv4        uint64    `json:"ipv4"`
 	InFlight    int64     `json:"in_flight"`
 	Waiting     int64     `json:"waiting"`
 	WaitSeconds float64   `json:"wait_seconds"`

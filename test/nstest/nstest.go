@@ -7,8 +7,9 @@
 //	R: lo 2001:db8:ffff::1/128 (the upstream), veth 2001:db8:1:2::1/64 (nodad), 192.0.2.1/24
 //
 // In H the name upstream.test resolves (AAAA only) to 2001:db8:ffff::1 through
-// /etc/netns/H/hosts. The upstream servers run inside the test process with
-// their listening sockets made in R (see Topo.StartUpstream). Nothing here
+// /etc/netns/H/hosts; v4only.test (A only) to 192.0.2.1, and dual.test to
+// both. The upstream servers run inside the test process with their listening
+// sockets made in R (see Topo.StartUpstream). Nothing here
 // touches the machine's own interfaces, addresses, routes or /etc files, and
 // every namespace, process and file it makes is removed in t.Cleanup, also when
 // the test fails.
@@ -58,6 +59,13 @@ var (
 // UpstreamName resolves to UpstreamAddr inside H (AAAA only, so nothing can
 // fall back to IPv4).
 const UpstreamName = "upstream.test"
+
+// V4OnlyName resolves to RouterAddr4 inside H, with an A record only: an
+// upstream that has no IPv6 address.
+const V4OnlyName = "v4only.test"
+
+// DualName resolves inside H to both UpstreamAddr (AAAA) and RouterAddr4 (A).
+const DualName = "dual.test"
 
 // Guard is the failure guard for anything a test waits on: generous, because
 // machines are shared; it is never an assertion about speed.
@@ -249,7 +257,8 @@ func New(t testing.TB) *Topo {
 	// nothing listens, so no lookup ever leaves H.
 	writeEtc(t, h, map[string]string{
 		"hosts": "127.0.0.1 localhost\n::1 localhost\n" +
-			UpstreamAddr.String() + " " + UpstreamName + "\n",
+			UpstreamAddr.String() + " " + UpstreamName + " " + DualName + "\n" +
+			RouterAddr4.String() + " " + V4OnlyName + " " + DualName + "\n",
 		"resolv.conf": "nameserver ::1\noptions timeout:1 attempts:1\n",
 	})
 

@@ -18,7 +18,8 @@ import (
 
 // Upstream is the pair of servers behind UpstreamAddr: plain HTTP on port 80
 // and HTTPS on port 443, both answering with the peer address (echo.Handler)
-// and recording it. They run in the test process; their sockets live in R.
+// and recording it. Plain HTTP also listens on RouterAddr4, port 80, for
+// V4OnlyName. They run in the test process; their sockets live in R.
 type Upstream struct {
 	echo.Recorder
 
@@ -54,16 +55,22 @@ func (tp *Topo) StartUpstream(t testing.TB) *Upstream {
 	}
 	u.mux.Handle("/", echo.Handler)
 
-	plain, err := tp.Router.Listen("tcp", net.JoinHostPort(UpstreamAddr.String(), "80"))
-	if err != nil {
-		t.Fatalf("listening in %s: %v", tp.Router.Name, err)
+	var listeners []net.Listener
+	for _, addr := range []string{
+		net.JoinHostPort(UpstreamAddr.String(), "80"),
+		net.JoinHostPort(UpstreamAddr.String(), "443"),
+		net.JoinHostPort(RouterAddr4.String(), "80"),
+	} {
+		ln, err := tp.Router.Listen("tcp", addr)
+		if err != nil {
+			for _, l := range listeners {
+				l.Close()
+			}
+			t.Fatalf("listening in %s: %v", tp.Router.Name, err)
+		}
+		listeners = append(listeners, ln)
 	}
-	secure, err := tp.Router.Listen("tcp", net.JoinHostPort(UpstreamAddr.String(), "443"))
-	if err != nil {
-		plain.Close()
-		t.Fatalf("listening in %s: %v", tp.Router.Name, err)
-	}
-	secure = tls.NewListener(secure, &tls.Config{Certificates: []tls.Certificate{cert}})
+	listeners[1] = tls.NewListener(listeners[1], &tls.Config{Certificates: []tls.Certificate{cert}})
 
 	srv := &http.Server{
 		Handler:           u.Wrap(u.mux),
@@ -71,8 +78,8 @@ func (tp *Topo) StartUpstream(t testing.TB) *Upstream {
 		// Clients that drop a connection mid-handshake are expected here.
 		ErrorLog: log.New(io.Discard, "", 0),
 	}
-	done := make(chan struct{}, 2)
-	for _, ln := range []net.Listener{plain, secure} {
+	done := make(chan struct{}, len(listeners))
+	for _, ln := range listeners {
 		go func() {
 			defer func() { done <- struct{}{} }()
 			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -82,7 +89,7 @@ func (tp *Topo) StartUpstream(t testing.TB) *Upstream {
 	}
 	t.Cleanup(func() {
 		srv.Close()
-		for range 2 {
+		for range listeners {
 			select {
 			case <-done:
 			case <-time.After(Guard):
