@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"sync"
 	"syscall"
 	"time"
 
@@ -58,14 +59,22 @@ const (
 // half-close (CloseWrite, CloseRead) passes through.
 type Conn struct {
 	*net.TCPConn
-	lease *Lease // nil for a direct IPv4 connection
+	lease  *Lease // nil for a direct IPv4 connection
+	shared bool   // lease belongs to a holder (DialFrom), not to this connection
+	closed sync.Once
 }
 
-// Close closes the connection and releases its address, if it has one.
+// Close closes the connection and releases its address, if it has one. A
+// connection from DialFrom only stops counting against its lease, which its
+// holder releases.
 func (c *Conn) Close() error {
 	err := c.TCPConn.Close()
 	if c.lease != nil {
-		c.lease.Release()
+		if c.shared {
+			c.closed.Do(c.lease.unref)
+		} else {
+			c.lease.Release()
+		}
 	}
 	return err
 }
@@ -96,33 +105,80 @@ func (c *Conn) DirectIPv4() bool { return c.lease == nil }
 // says; with IPv4Direct each of its A records is tried in turn. The network
 // "tcp6" never goes over IPv4.
 func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
-	if network != "tcp" && network != "tcp6" {
-		return nil, fmt.Errorf("dialing %s: network %q is not supported", address, network)
-	}
-	host, portStr, err := net.SplitHostPort(address)
-	if err != nil {
-		return nil, fmt.Errorf("dialing %s: %w", address, err)
-	}
-	port, err := d.resolver().LookupPort(ctx, "tcp", portStr)
-	if err != nil {
-		return nil, fmt.Errorf("dialing %s: %w", address, err)
-	}
-	ips, v4, err := d.lookup(ctx, host)
+	ips, port, v4, err := d.resolve(ctx, network, address)
 	if err != nil {
 		return nil, err
 	}
 	if v4 {
-		if d.IPv4 != IPv4Direct || network != "tcp" {
-			return nil, fmt.Errorf("dialing %s: %w", address, ErrNoIPv6)
-		}
-		return d.dialIPv4(ctx, ips, uint16(port))
+		return d.dialIPv4(ctx, ips, port)
 	}
 	lease, err := d.Pool.Acquire(ctx)
 	if err != nil {
 		return nil, err
 	}
+	c, err := d.dialBound(ctx, ips, port, lease.Addr())
+	if err != nil {
+		lease.Release()
+		return nil, err
+	}
+	return &Conn{TCPConn: c, lease: lease}, nil
+}
+
+// DialFrom connects to address as DialContext does, but from the address of
+// lease, which the caller holds for many connections (a proxy session, say)
+// instead of a fresh one. Closing the connection does not release the lease;
+// a lease released while connections from it are open stays in use until
+// the last of them closes. A released lease cannot be dialed from: that
+// fails with an error wrapping ErrNoAddress. A host with no IPv6 address is
+// handled as d.IPv4 says, without using the lease.
+func (d *Dialer) DialFrom(ctx context.Context, network, address string, lease *Lease) (net.Conn, error) {
+	ips, port, v4, err := d.resolve(ctx, network, address)
+	if err != nil {
+		return nil, err
+	}
+	if v4 {
+		return d.dialIPv4(ctx, ips, port)
+	}
+	if !lease.ref() {
+		return nil, fmt.Errorf("%w: the held address was released", ErrNoAddress)
+	}
+	c, err := d.dialBound(ctx, ips, port, lease.Addr())
+	if err != nil {
+		lease.unref()
+		return nil, err
+	}
+	return &Conn{TCPConn: c, lease: lease, shared: true}, nil
+}
+
+// resolve checks network and looks address up: the IPv6 addresses to dial,
+// or with v4 set the IPv4 addresses of a host that has no IPv6 one, when
+// d.IPv4 allows dialing it.
+func (d *Dialer) resolve(ctx context.Context, network, address string) (ips []netip.Addr, port uint16, v4 bool, err error) {
+	if network != "tcp" && network != "tcp6" {
+		return nil, 0, false, fmt.Errorf("dialing %s: network %q is not supported", address, network)
+	}
+	host, portStr, err := net.SplitHostPort(address)
+	if err != nil {
+		return nil, 0, false, fmt.Errorf("dialing %s: %w", address, err)
+	}
+	p, err := d.resolver().LookupPort(ctx, "tcp", portStr)
+	if err != nil {
+		return nil, 0, false, fmt.Errorf("dialing %s: %w", address, err)
+	}
+	ips, v4, err = d.lookup(ctx, host)
+	if err != nil {
+		return nil, 0, false, err
+	}
+	if v4 && (d.IPv4 != IPv4Direct || network != "tcp") {
+		return nil, 0, false, fmt.Errorf("dialing %s: %w", address, ErrNoIPv6)
+	}
+	return ips, uint16(p), v4, nil
+}
+
+// dialBound connects to the first of ips that answers, over IPv6 from src.
+func (d *Dialer) dialBound(ctx context.Context, ips []netip.Addr, port uint16, src netip.Addr) (*net.TCPConn, error) {
 	nd := net.Dialer{
-		LocalAddr: &net.TCPAddr{IP: lease.Addr().AsSlice()},
+		LocalAddr: &net.TCPAddr{IP: src.AsSlice()},
 		Timeout:   d.Timeout,
 	}
 	if d.FreeBind {
@@ -130,15 +186,14 @@ func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.
 	}
 	var first error
 	for _, ip := range ips {
-		c, err := nd.DialContext(ctx, "tcp6", netip.AddrPortFrom(ip, uint16(port)).String())
+		c, err := nd.DialContext(ctx, "tcp6", netip.AddrPortFrom(ip, port).String())
 		if err == nil {
-			return &Conn{TCPConn: c.(*net.TCPConn), lease: lease}, nil
+			return c.(*net.TCPConn), nil
 		}
 		if errors.Is(err, syscall.EADDRNOTAVAIL) {
 			// The address is gone from the interface (somebody removed
 			// it, or it expired): fail closed rather than bind another.
-			lease.Release()
-			return nil, fmt.Errorf("%w: binding %s: %w", ErrNoAddress, lease.Addr(), err)
+			return nil, fmt.Errorf("%w: binding %s: %w", ErrNoAddress, src, err)
 		}
 		if first == nil {
 			first = err
@@ -147,7 +202,6 @@ func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.
 			break
 		}
 	}
-	lease.Release()
 	return nil, first
 }
 

@@ -131,3 +131,40 @@ func TestDialerContextCanceled(t *testing.T) {
 	require.Error(t, err)
 	assert.True(t, errors.Is(err, context.Canceled))
 }
+
+// TestDialFromSharesLease: many connections from one held address, none of
+// which gives it back when it closes; the holder's Release does, once the
+// last connection bound to it is closed.
+func TestDialFromSharesLease(t *testing.T) {
+	d, p := loopbackDialer(t)
+	ln := listenLoopback(t)
+	ctx := context.Background()
+
+	lease, err := p.Acquire(ctx)
+	require.NoError(t, err)
+	var conns []net.Conn
+	for range 3 {
+		c, err := d.DialFrom(ctx, "tcp", ln.Addr().String(), lease)
+		require.NoError(t, err)
+		assert.Equal(t, "::1", c.LocalAddr().(*net.TCPAddr).IP.String())
+		assert.Equal(t, lease.Addr(), c.(*Conn).Egress())
+		assert.False(t, c.(*Conn).DirectIPv4())
+		conns = append(conns, c)
+	}
+	require.NoError(t, conns[0].Close())
+	_ = conns[0].Close() // closing twice counts once
+	assert.Equal(t, 1, p.Stats().InUse, "a connection's close keeps the held address")
+
+	// A failed dial does not count against the lease either.
+	_, err = d.DialFrom(ctx, "tcp", "192.0.2.1:80", lease)
+	require.ErrorIs(t, err, ErrNoIPv6)
+
+	lease.Release()
+	assert.Equal(t, 1, p.Stats().InUse, "open connections keep a released lease")
+	_, err = d.DialFrom(ctx, "tcp", ln.Addr().String(), lease)
+	require.ErrorIs(t, err, ErrNoAddress, "a released lease cannot be dialed from")
+	require.NoError(t, conns[1].Close())
+	assert.Equal(t, 1, p.Stats().InUse)
+	require.NoError(t, conns[2].Close())
+	assert.Zero(t, p.Stats().Live, "the last connection gave the address back")
+}

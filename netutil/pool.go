@@ -235,20 +235,56 @@ func NewPool(cfg PoolConfig) (*Pool, error) {
 // Prefix returns the prefix the pool draws from.
 func (p *Pool) Prefix() netip.Prefix { return p.cfg.Prefix }
 
-// Lease is one address handed to one connection. Release gives it back.
+// Lease is one address handed to one holder: a connection (Dialer.DialContext),
+// or a holder such as a proxy session that binds many connections to it with
+// Dialer.DialFrom. Release gives it back.
 type Lease struct {
 	pool *Pool
 	addr netip.Addr
 	once sync.Once
+
+	mu    sync.Mutex
+	conns int  // open connections DialFrom bound to it
+	done  bool // Release was called
 }
 
 // Addr returns the leased address.
 func (l *Lease) Addr() netip.Addr { return l.addr }
 
 // Release ends the lease: the address lingers briefly and is then removed.
+// Connections DialFrom bound to it keep it until the last of them closes.
 // It is safe to call more than once.
 func (l *Lease) Release() {
-	l.once.Do(func() { l.pool.release(l.addr) })
+	l.mu.Lock()
+	l.done = true
+	last := l.conns == 0
+	l.mu.Unlock()
+	if last {
+		l.once.Do(func() { l.pool.release(l.addr) })
+	}
+}
+
+// ref counts one more connection bound to l, unless l was released.
+func (l *Lease) ref() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.done {
+		return false
+	}
+	l.conns++
+	return true
+}
+
+// unref counts one connection fewer, and gives the address back if it was
+// the last one and the holder released the lease.
+func (l *Lease) unref() {
+	l.mu.Lock()
+	l.conns--
+	last := l.done && l.conns == 0
+	l.mu.Unlock()
+	if last {
+		l.once.Do(func() { l.pool.release(l.addr) })
+	}
 }
 
 // Acquire leases a fresh address: a ready one if there is one, otherwise one

@@ -1,5 +1,6 @@
 // Package proxy is the protocol side of egressd: an HTTP/1.1 forward proxy
-// that serves plain HTTP requests in absolute form and CONNECT tunnels.
+// that serves plain HTTP requests in absolute form and CONNECT tunnels, and
+// a SOCKS5 server (ServeSOCKS5) whose CONNECTs are served as tunnels are.
 //
 // The package never touches the network configuration. Every upstream
 // connection is opened through the dial function it is given (see
@@ -12,8 +13,11 @@
 //
 // Plain HTTP goes through github.com/elazarl/goproxy with a transport of our
 // own (no upstream keep-alive, so every request leaves from a new address;
-// verified TLS; no proxy from the environment). CONNECT is handled here rather
-// than by goproxy: see connect.go for why.
+// verified TLS; no proxy from the environment). Config.Rotate changes what
+// shares an address: each client connection (RotateConnection), or each
+// session key, whose requests also reuse upstream keep-alive connections
+// through a transport of the session's own (RotateSession; see rotate.go).
+// CONNECT is handled here rather than by goproxy: see connect.go for why.
 //
 // Errors reach clients as a status and a one-line text that names only the
 // host the client asked for (see Error); the full error, which may contain

@@ -123,7 +123,13 @@ func (s *Server) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Re
 // wrapped here rather than in onResponse because goproxy drops the
 // Content-Length header of a response whose body a handler replaced.
 func (s *Server) roundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*http.Response, error) {
-	resp, err := s.tr.RoundTrip(req)
+	var resp *http.Response
+	var err error
+	if sess := sessionOf(req.Context()); sess != nil {
+		resp, err = s.sessionRoundTrip(sess, req)
+	} else {
+		resp, err = s.tr.RoundTrip(req)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -106,16 +106,23 @@ type record struct {
 
 // logAccess writes the access log line for r.
 func (s *Server) logAccess(r *http.Request, rec *record, st *reqState, d time.Duration) {
-	s.log.LogAttrs(context.Background(), slog.LevelInfo, "request",
-		slog.String("client", r.RemoteAddr),
-		slog.String("method", r.Method),
+	s.logRecord(r.RemoteAddr, r.Method, rec, st, d)
+}
+
+// logRecord writes an access log line, the same for every protocol: method
+// is the HTTP method, or "SOCKS5". extra attributes go at the end.
+func (s *Server) logRecord(client, method string, rec *record, st *reqState, d time.Duration, extra ...slog.Attr) {
+	attrs := append([]slog.Attr{
+		slog.String("client", client),
+		slog.String("method", method),
 		slog.String("host", rec.host),
 		slog.Int("status", rec.status),
 		slog.Int64("bytes", rec.down),
 		slog.Int64("bytes_up", rec.up),
 		slog.Duration("duration", d),
 		slog.String("egress", st.getEgress()),
-	)
+	}, extra...)
+	s.log.LogAttrs(context.Background(), slog.LevelInfo, "request", attrs...)
 }
 
 // goproxyLogger routes goproxy's printf logging to slog at debug level.

@@ -59,6 +59,24 @@ type Config struct {
 	// Stats receives the per-upstream accounting. Default: a registry of
 	// its own, read with Server.Upstreams.
 	Stats *stats.Registry
+
+	// Rotate says how often the egress address changes: RotateRequest (the
+	// default), RotateConnection or RotateSession. The last two need Hold.
+	Rotate Rotate
+
+	// Hold leases one egress address for many upstream connections, for
+	// RotateConnection and RotateSession. Requests that rotate per request
+	// still dial with Dial.
+	Hold HoldFunc
+
+	// SessionIdle ends a session (RotateSession) that carried no request
+	// and no tunnel for this long: its address is given back, and the
+	// next request with its key gets a fresh one. Default 10m.
+	SessionIdle time.Duration
+
+	// MaxSessions bounds the sessions open at once; a request for a new
+	// session past it is answered 503. Default netutil.DefaultMaxAddrs.
+	MaxSessions int
 }
 
 // Defaults for zero Config fields.
@@ -66,6 +84,7 @@ const (
 	DefaultDialTimeout           = 10 * time.Second
 	DefaultResponseHeaderTimeout = 60 * time.Second
 	DefaultTunnelIdleTimeout     = 5 * time.Minute
+	DefaultSessionIdle           = 10 * time.Minute
 )
 
 // Fixed settings.
@@ -93,10 +112,23 @@ func (c Config) Validate() error {
 		{"DialTimeout", c.DialTimeout},
 		{"ResponseHeaderTimeout", c.ResponseHeaderTimeout},
 		{"TunnelIdleTimeout", c.TunnelIdleTimeout},
+		{"SessionIdle", c.SessionIdle},
 	} {
 		if d.v < 0 {
 			return fmt.Errorf("proxy config: %s is negative (%v)", d.name, d.v)
 		}
+	}
+	switch c.Rotate {
+	case "", RotateRequest:
+	case RotateConnection, RotateSession:
+		if c.Hold == nil {
+			return fmt.Errorf("proxy config: Rotate %q needs Hold", c.Rotate)
+		}
+	default:
+		return fmt.Errorf("proxy config: Rotate %q is not one of request, connection, session", c.Rotate)
+	}
+	if c.MaxSessions < 0 {
+		return fmt.Errorf("proxy config: MaxSessions is negative (%d)", c.MaxSessions)
 	}
 	return nil
 }
@@ -119,6 +151,15 @@ func (c Config) withDefaults() Config {
 	if c.Stats == nil {
 		c.Stats = stats.NewRegistry(maxUpstreams)
 	}
+	if c.Rotate == "" {
+		c.Rotate = RotateRequest
+	}
+	if c.SessionIdle == 0 {
+		c.SessionIdle = DefaultSessionIdle
+	}
+	if c.MaxSessions == 0 {
+		c.MaxSessions = netutil.DefaultMaxAddrs
+	}
 	return c
 }
 
@@ -137,6 +178,12 @@ type Server struct {
 	idle   chan struct{}          // closed when active drops to 0; nil if nobody waits
 	conns  map[io.Closer]struct{} // hijacked connections, closed on forced shutdown
 	forced bool                   // Shutdown ran out of time: close hijacked conns at once
+
+	socks socksListeners // listeners passed to ServeSOCKS5; see socks5.go
+
+	sessions *sessionTable // RotateSession
+	heldMu   sync.Mutex
+	held     map[net.Conn]*heldAddr // RotateConnection: by client connection, until it closes or is hijacked
 }
 
 var _ http.Handler = (*Server)(nil)
@@ -164,6 +211,14 @@ func New(cfg Config) (*Server, error) {
 		IdleTimeout:       clientIdleTimeout,
 		Protocols:         &protocols,
 		ErrorLog:          slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelWarn),
+	}
+	switch cfg.Rotate {
+	case RotateConnection:
+		s.held = make(map[net.Conn]*heldAddr)
+		s.srv.ConnContext = s.connContext
+		s.srv.ConnState = s.connState
+	case RotateSession:
+		s.sessions = newSessionTable(cfg.SessionIdle, cfg.MaxSessions, s.newSessionTransport)
 	}
 	return s, nil
 }
@@ -194,6 +249,34 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.logAccess(r, &rec, st, time.Since(start))
 	}()
 
+	if h, _ := r.Context().Value(connHeldKey{}).(*heldAddr); h != nil {
+		// RotateConnection: a hijacked client connection (a tunnel) gives
+		// its address back once its handler is done with it.
+		defer func() {
+			if h.hijacked.Load() {
+				h.end()
+			}
+		}()
+	}
+	// The session key is egressd's own: it never goes upstream.
+	var key string
+	if s.cfg.Rotate == RotateSession {
+		key = requestSession(r.Header)
+	}
+	r.Header.Del(SessionHeader)
+	ctx, done, err := s.beginSession(r.Context(), key)
+	if err != nil {
+		rec.host = r.Host
+		e, ok := errors.AsType[*Error](err)
+		if !ok {
+			e = &Error{Status: http.StatusServiceUnavailable, Reason: errShutdown.Error()}
+		}
+		refuse(w, &rec, e.Status, e.Reason, r.Method == http.MethodConnect)
+		return
+	}
+	defer done()
+	r = r.WithContext(ctx)
+
 	if r.Method == http.MethodConnect {
 		// goproxy is bypassed for CONNECT; see connect.go.
 		s.serveConnect(w, r, &rec)
@@ -218,14 +301,17 @@ func (s *Server) Active() int {
 func (s *Server) Shutdown(ctx context.Context) error {
 	// http.Server.Shutdown waits for requests it still owns, but not for
 	// hijacked connections: every tunnel is one, hence waitIdle.
+	s.socks.close() // SOCKS5 connections are waited for like tunnels, below
 	err := s.srv.Shutdown(ctx)
 	if ctx.Err() == nil {
 		err = errors.Join(err, s.waitIdle(ctx))
 	}
 	s.tr.CloseIdleConnections()
 	if ctx.Err() == nil {
+		s.closeSessions()
 		return err
 	}
+	defer s.closeSessions()
 
 	s.log.Warn("shutdown timed out: closing remaining connections", "active", s.Active())
 	_ = s.srv.Close() // client connections not hijacked, and listeners
@@ -309,9 +395,26 @@ func (s *Server) untrack(c io.Closer) {
 // went over the host's own IPv4 address, in the request state found in ctx,
 // if any.
 func (s *Server) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	h, err := s.heldFor(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("dialing %s: %w", addr, err)
+	}
+	return s.dialHeld(ctx, h, network, addr)
+}
+
+// dialHeld is dial from the held address h, or from a fresh one (cfg.Dial)
+// when h is nil.
+func (s *Server) dialHeld(ctx context.Context, h *heldAddr, network, addr string) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
 	defer cancel()
-	conn, err := s.cfg.Dial(ctx, network, addr)
+	dial := s.cfg.Dial
+	if h != nil {
+		var err error
+		if dial, err = h.dialer(ctx, s.cfg.Hold); err != nil {
+			return nil, fmt.Errorf("dialing %s: %w", addr, err)
+		}
+	}
+	conn, err := dial(ctx, network, addr)
 	if err != nil {
 		return nil, fmt.Errorf("dialing %s: %w", addr, err)
 	}

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"strconv"
@@ -24,6 +25,27 @@ const maxPushback = time.Hour
 // the client (429 with Retry-After) or the client has gone away. A request
 // that was admitted is finished by finish, which ServeHTTP defers.
 func (s *Server) admit(w http.ResponseWriter, r *http.Request, host string, rec *record, closeConn bool) bool {
+	err := s.acquire(r.Context(), host, rec)
+	if err == nil {
+		return true
+	}
+	if rej, ok := errors.AsType[*shape.RejectError](err); ok {
+		w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds(rej.RetryAfter)))
+		refuse(w, rec, http.StatusTooManyRequests, rej.Reason, closeConn)
+		return false
+	}
+	// The client hung up while waiting; there is nobody to answer.
+	rec.status = statusClientClosed
+	return false
+}
+
+// acquire is admit without the answer, for every protocol: it accounts a
+// request to its upstream (in rec, and in the request state ctx carries) and
+// waits for its turn under the shaper. It returns nil if the request may go
+// on, a *shape.RejectError if the shaper refused it (counted as rejected),
+// or ctx's error if ctx was done first. Either way the caller finishes the
+// request with finish.
+func (s *Server) acquire(ctx context.Context, host string, rec *record) error {
 	host = normHost(host)
 	rule := ""
 	if s.cfg.Shaper != nil {
@@ -33,36 +55,31 @@ func (s *Server) admit(w http.ResponseWriter, r *http.Request, host string, rec 
 	}
 	up := s.stats.Upstream(host, rule)
 	rec.upstream = up
-	if st := stateFrom(r.Context()); st != nil {
+	if st := stateFrom(ctx); st != nil {
 		st.host, st.upstream = host, up
 	}
 	up.Requests.Add(1)
 	if s.cfg.Shaper == nil {
 		rec.admitted = time.Now()
 		up.InFlight.Add(1)
-		return true
+		return nil
 	}
 
 	start := time.Now()
 	up.Waiting.Add(1)
-	permit, err := s.cfg.Shaper.Acquire(r.Context(), host)
+	permit, err := s.cfg.Shaper.Acquire(ctx, host)
 	up.Waiting.Add(-1)
 	now := time.Now()
 	up.WaitNanos.Add(int64(now.Sub(start)))
 	if err != nil {
-		if rej, ok := errors.AsType[*shape.RejectError](err); ok {
+		if _, ok := errors.AsType[*shape.RejectError](err); ok {
 			up.Rejected.Add(1)
-			w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds(rej.RetryAfter)))
-			refuse(w, rec, http.StatusTooManyRequests, rej.Reason, closeConn)
-			return false
 		}
-		// The client hung up while waiting; there is nobody to answer.
-		rec.status = statusClientClosed
-		return false
+		return err
 	}
 	rec.admitted, rec.permit = now, permit
 	up.InFlight.Add(1)
-	return true
+	return nil
 }
 
 // statusClientClosed is what the access log says of a request whose client

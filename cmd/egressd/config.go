@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/egressd/egressd/netutil"
+	"github.com/egressd/egressd/proxy"
 	"github.com/egressd/egressd/proxy/shape"
 	"go.yaml.in/yaml/v3"
 )
@@ -25,6 +26,9 @@ import (
 type Config struct {
 	// Listen lists the addresses the proxy accepts clients on.
 	Listen []string
+	// SOCKS5 is where the proxy accepts SOCKS5 clients (host:port); empty
+	// turns SOCKS5 off.
+	SOCKS5 string
 	// Mode is how egress addresses become the host's: "onlink" adds each
 	// one to Interface; "routed" installs a local route for a prefix that
 	// is routed to the host and binds with IPV6_FREEBIND.
@@ -47,6 +51,11 @@ type Config struct {
 	TunnelIdle time.Duration
 	// DialTimeout bounds each upstream connection attempt.
 	DialTimeout time.Duration
+	// Rotate is how often the egress address changes: request, connection
+	// or session.
+	Rotate proxy.Rotate
+	// SessionIdle ends a session (-rotate session) idle for this long.
+	SessionIdle time.Duration
 	// IPv4 says what happens to a request for a host with no IPv6 address:
 	// direct sends it from the host's own IPv4 address, deny answers 502.
 	IPv4 netutil.IPv4Policy
@@ -72,6 +81,8 @@ func defaultConfig() Config {
 		Grace:       30 * time.Second,
 		TunnelIdle:  5 * time.Minute,
 		DialTimeout: 10 * time.Second,
+		Rotate:      proxy.RotateRequest,
+		SessionIdle: proxy.DefaultSessionIdle,
 		IPv4:        netutil.IPv4Direct,
 		Admin:       defaultAdmin,
 		LogLevel:    slog.LevelInfo,
@@ -85,6 +96,7 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs := flag.NewFlagSet("egressd", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.Var(&listValue[string]{p: &cfg.Listen, parse: parseHostPort}, "listen", "`ADDR` (host:port) to accept proxy clients on; repeatable")
+	fs.Var(optHostPortValue{&cfg.SOCKS5}, "socks5", "`ADDR` (host:port) to accept SOCKS5 clients on; empty turns SOCKS5 off")
 	fs.Var(choiceValue{&cfg.Mode, []string{modeOnLink, modeRouted}}, "mode", "`MODE`: onlink adds every egress address to the interface; routed needs the prefix routed to the host")
 	fs.StringVar(&cfg.Interface, "interface", cfg.Interface, "`NAME` of the interface to add egress addresses to (default: the interface of the IPv6 default route)")
 	fs.Var(prefixValue{&cfg.Prefix}, "prefix", "`CIDR` to draw egress addresses from (default: the /64 of the interface's first global address)")
@@ -94,6 +106,8 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs.Var(durationValue{&cfg.Grace}, "grace", "`DURATION` a shutdown waits for requests and tunnels in flight")
 	fs.Var(durationValue{&cfg.TunnelIdle}, "tunnel-idle", "`DURATION` after which a CONNECT tunnel with no traffic is closed")
 	fs.Var(durationValue{&cfg.DialTimeout}, "dial-timeout", "`DURATION` an upstream connection attempt may take")
+	fs.Var(choiceValue{(*string)(&cfg.Rotate), []string{string(proxy.RotateRequest), string(proxy.RotateConnection), string(proxy.RotateSession)}}, "rotate", "`POLICY`: request gives every upstream connection a fresh address; connection one per client connection; session one per session key (X-Egress-Session header or proxy user session-KEY)")
+	fs.Var(durationValue{&cfg.SessionIdle}, "session-idle", "`DURATION` after which an unused session (-rotate session) gives its address back")
 	fs.Var(choiceValue{(*string)(&cfg.IPv4), []string{string(netutil.IPv4Direct), string(netutil.IPv4Deny)}}, "ipv4", "`POLICY` for an upstream with no IPv6 address: direct connects from the host's own IPv4 address, deny answers 502")
 	fs.Var(&listValue[shape.Rule]{p: &cfg.Limits, parse: shape.ParseRule}, "limit", "`HOST=RATE[,burst=N][,concurrency=N][,wait=DURATION]` paces requests to upstream HOST (exact, *.suffix or *); RATE is Nr/s, Nr/m or Nr/h; repeatable")
 	fs.StringVar(&cfg.Admin, "admin", cfg.Admin, "`ADDR` of the admin API: a unix socket path or host:port; empty turns it off")
@@ -190,12 +204,16 @@ func (c *Config) Validate() error {
 	switch {
 	case len(c.Listen) == 0:
 		return errors.New("listen: give at least one address")
+	case c.SOCKS5 != "" && slices.Contains(c.Listen, c.SOCKS5):
+		return fmt.Errorf("socks5 %s: also a listen address", c.SOCKS5)
 	case c.Ready > c.MaxAddrs:
 		return fmt.Errorf("ready %d: must not exceed max-addrs %d", c.Ready, c.MaxAddrs)
 	case c.TunnelIdle <= 0:
 		return fmt.Errorf("tunnel-idle %s: must be positive", c.TunnelIdle)
 	case c.DialTimeout <= 0:
 		return fmt.Errorf("dial-timeout %s: must be positive", c.DialTimeout)
+	case c.SessionIdle <= 0:
+		return fmt.Errorf("session-idle %s: must be positive", c.SessionIdle)
 	case c.IPv4 != netutil.IPv4Direct && c.IPv4 != netutil.IPv4Deny:
 		return fmt.Errorf("ipv4 %q: must be direct or deny", c.IPv4)
 	}
@@ -252,6 +270,27 @@ func parseHostPort(s string) (string, error) {
 		return "", fmt.Errorf("%q: port must be a number from 1 to 65535", s)
 	}
 	return s, nil
+}
+
+// optHostPortValue is a host:port flag, checked like -listen, that may be
+// empty.
+type optHostPortValue struct{ p *string }
+
+func (v optHostPortValue) String() string {
+	if v.p == nil {
+		return ""
+	}
+	return *v.p
+}
+
+func (v optHostPortValue) Set(s string) error {
+	if s != "" {
+		if _, err := parseHostPort(s); err != nil {
+			return err
+		}
+	}
+	*v.p = s
+	return nil
 }
 
 // The values of -mode.

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/egressd/egressd/netutil"
+	"github.com/egressd/egressd/proxy"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -151,6 +152,11 @@ func TestLoadConfigErrors(t *testing.T) {
 		{name: "bad pin", args: []string{"-pin", "nope"}, want: `-pin: ParseAddr("nope")`},
 		{name: "bad listen", args: []string{"-listen", "3128"}, want: `"3128" is not host:port`},
 		{name: "listen by name", args: []string{"-listen", "example.org:3128"}, want: "host must be an IP address"},
+		{name: "bad socks5", args: []string{"-socks5", "1080"}, want: `invalid value "1080" for flag -socks5: "1080" is not host:port`},
+		{name: "socks5 by name", args: []string{"-socks5", "localhost.example:1080"}, want: "host must be an IP address"},
+		{name: "socks5 port 0", args: []string{"-socks5", "127.0.0.1:0"}, want: "port must be a number from 1 to 65535"},
+		{name: "socks5 is listen", args: []string{"-socks5", "127.0.0.1:3128"}, want: "socks5 127.0.0.1:3128: also a listen address"},
+		{name: "bad socks5 in file", file: "socks5: \"[::1]\"\n", want: `line 1: key "socks5": "[::1]" is not host:port`},
 		{name: "bad duration", args: []string{"-grace", "soon"}, want: `"soon" is not a duration`},
 		{name: "bad level", args: []string{"-log-level", "loud"}, want: `"loud" is not one of debug, info, warn, error`},
 		{name: "bad ipv4", args: []string{"-ipv4", "allow"}, want: `invalid value "allow" for flag -ipv4: "allow" is not one of direct, deny`},
@@ -185,6 +191,62 @@ func TestLoadConfigErrors(t *testing.T) {
 	}
 }
 
+func TestLoadConfigSOCKS5(t *testing.T) {
+	cfg, err := loadConfig(nil)
+	require.NoError(t, err)
+	assert.Empty(t, cfg.SOCKS5, "SOCKS5 is off by default")
+
+	cfg, err = loadConfig([]string{"-socks5", "127.0.0.1:1080"})
+	require.NoError(t, err)
+	assert.Equal(t, "127.0.0.1:1080", cfg.SOCKS5)
+
+	file := writeFile(t, "egressd.yaml", "socks5: \"[::1]:1080\"\n")
+	cfg, err = loadConfig([]string{"-config", file})
+	require.NoError(t, err)
+	assert.Equal(t, "[::1]:1080", cfg.SOCKS5)
+	cfg, err = loadConfig([]string{"-config", file, "-socks5", ""})
+	require.NoError(t, err)
+	assert.Empty(t, cfg.SOCKS5, "an empty flag turns off what the file set")
+}
+
+func TestLoadConfigRotate(t *testing.T) {
+	tests := []struct {
+		name   string
+		args   []string
+		file   string // config file body, when set
+		rotate proxy.Rotate
+		idle   time.Duration
+		err    string
+	}{
+		{name: "default", rotate: proxy.RotateRequest, idle: 10 * time.Minute},
+		{name: "flag session", args: []string{"-rotate", "session", "-session-idle", "1s"}, rotate: proxy.RotateSession, idle: time.Second},
+		{name: "flag connection", args: []string{"-rotate", "connection"}, rotate: proxy.RotateConnection, idle: 10 * time.Minute},
+		{name: "file", file: "rotate: session\nsession-idle: 90s\n", rotate: proxy.RotateSession, idle: 90 * time.Second},
+		{name: "flag wins over file", args: []string{"-rotate", "request"}, file: "rotate: session\n", rotate: proxy.RotateRequest, idle: 10 * time.Minute},
+		{name: "bad rotate", args: []string{"-rotate", "hourly"}, err: `invalid value "hourly" for flag -rotate: "hourly" is not one of request, connection, session`},
+		{name: "bad rotate in file", file: "rotate: always\n", err: `line 1: key "rotate": "always" is not one of request, connection, session`},
+		{name: "zero idle", args: []string{"-session-idle", "0s"}, err: "session-idle 0s: must be positive"},
+		{name: "bad idle", args: []string{"-session-idle", "soon"}, err: `"soon" is not a duration`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			args := tt.args
+			if tt.file != "" {
+				args = append([]string{"-config", writeFile(t, "c.yaml", tt.file)}, args...)
+			}
+			cfg, err := loadConfig(args)
+			if tt.err != "" {
+				require.Error(t, err)
+				assert.Contains(t, err.Error(), tt.err)
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, tt.rotate, cfg.Rotate)
+			assert.Equal(t, tt.idle, cfg.SessionIdle)
+		})
+	}
+}
+
 func TestEmptyConfigFile(t *testing.T) {
 	cfg, err := loadConfig([]string{"-config", writeFile(t, "empty.yaml", "")})
 	require.NoError(t, err)
@@ -194,5 +256,5 @@ func TestEmptyConfigFile(t *testing.T) {
 func TestUsageListsEveryFlag(t *testing.T) {
 	var names []string
 	flagSet(&Config{}).VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
-	assert.Equal(t, strings.Fields("admin config dial-timeout grace interface ipv4 limit listen log-level max-addrs mode pin prefix ready tunnel-idle"), names)
+	assert.Equal(t, strings.Fields("admin config dial-timeout grace interface ipv4 limit listen log-level max-addrs mode pin prefix ready rotate session-idle socks5 tunnel-idle"), names)
 }

@@ -157,6 +157,19 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		DialTimeout:       cfg.DialTimeout,
 		TunnelIdleTimeout: cfg.TunnelIdle,
 		Shaper:            shaper,
+		Rotate:            cfg.Rotate,
+		Hold: func(ctx context.Context) (proxy.DialFunc, func(), error) {
+			lease, err := pool.Acquire(ctx)
+			if err != nil {
+				return nil, nil, err
+			}
+			dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+				return dialer.DialFrom(ctx, network, addr, lease)
+			}
+			return dial, lease.Release, nil
+		},
+		SessionIdle: cfg.SessionIdle,
+		MaxSessions: cfg.MaxAddrs,
 	})
 	if err != nil {
 		return err
@@ -173,6 +186,14 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		if err != nil {
 			closeAll()
 			return fmt.Errorf("listening on %s: %w", addr, unwrapOp(err))
+		}
+		listeners = append(listeners, ln)
+	}
+	if cfg.SOCKS5 != "" { // last in listeners, the only one not served as HTTP
+		ln, err := net.Listen("tcp", cfg.SOCKS5)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("listening on %s (socks5): %w", cfg.SOCKS5, unwrapOp(err))
 		}
 		listeners = append(listeners, ln)
 	}
@@ -213,12 +234,16 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		pool.Run(poolCtx)
 	}()
 
-	serveErr := make(chan error, len(cfg.Listen))
-	for _, ln := range listeners {
+	serveErr := make(chan error, len(listeners))
+	for _, ln := range listeners[:len(cfg.Listen)] {
 		go func() { serveErr <- srv.Serve(ln) }()
 		log.Info("listening", "addr", ln.Addr().String())
 	}
-	log.Info("egressd ready", "mode", cfg.Mode, "interface", ifname, "prefix", prefix, "max_addrs", cfg.MaxAddrs)
+	for _, ln := range listeners[len(cfg.Listen):] { // Shutdown stops it too
+		go func() { serveErr <- srv.ServeSOCKS5(ln) }()
+		log.Info("listening", "addr", ln.Addr().String(), "protocol", "socks5")
+	}
+	log.Info("egressd ready", "mode", cfg.Mode, "interface", ifname, "prefix", prefix, "max_addrs", cfg.MaxAddrs, "rotate", cfg.Rotate)
 
 	var runErr error
 	select {

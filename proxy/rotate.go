@@ -1,0 +1,389 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/base64"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/egressd/egressd/netutil"
+)
+
+// Rotate says how often upstream connections change egress address.
+type Rotate string
+
+const (
+	// RotateRequest gives every upstream connection a fresh address: every
+	// plain HTTP request and every tunnel. The zero value means the same.
+	RotateRequest Rotate = "request"
+	// RotateConnection gives every client connection to the proxy one
+	// address, held from its first upstream dial until it closes.
+	RotateConnection Rotate = "connection"
+	// RotateSession gives every session key (see SessionHeader) one address,
+	// held until the session has been idle for Config.SessionIdle, and keeps
+	// the session's plain HTTP upstream connections alive. Requests without
+	// a key rotate per request.
+	RotateSession Rotate = "session"
+)
+
+// HoldFunc leases one fresh egress address for many upstream connections:
+// dial opens a connection from it (closing the connection keeps the
+// address), and release gives it back once the connections still open from
+// it have closed. egressd's is netutil.Pool.Acquire with
+// netutil.Dialer.DialFrom.
+type HoldFunc func(ctx context.Context) (dial DialFunc, release func(), err error)
+
+// maxSessionKey bounds the length of a session key, since the table keeps
+// up to MaxSessions of them.
+const maxSessionKey = 256
+
+var (
+	errTooManySessions = &Error{Status: http.StatusServiceUnavailable, Reason: "too many sessions open (-max-addrs)"}
+	errHeldEnded       = fmt.Errorf("%w: the held address was given back", netutil.ErrNoAddress)
+)
+
+// heldAddr is an egress address held for many upstream connections: those
+// of one client connection, or of one session. It is leased on first use.
+type heldAddr struct {
+	mu      sync.Mutex
+	dial    DialFunc
+	release func()
+	ended   bool
+
+	hijacked atomic.Bool // RotateConnection: the client connection was hijacked
+}
+
+// dialer returns the function that dials from the held address, leasing it
+// with hold first if need be.
+func (h *heldAddr) dialer(ctx context.Context, hold HoldFunc) (DialFunc, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.ended {
+		return nil, errHeldEnded
+	}
+	if h.dial == nil {
+		dial, release, err := hold(ctx)
+		if err != nil {
+			return nil, err
+		}
+		h.dial, h.release = dial, release
+	}
+	return h.dial, nil
+}
+
+// end gives the address back, if it was ever leased. Later dials fail.
+func (h *heldAddr) end() {
+	h.mu.Lock()
+	h.ended = true
+	release := h.release
+	h.release = nil
+	h.mu.Unlock()
+	if release != nil {
+		release()
+	}
+}
+
+type connHeldKey struct{}
+
+// connContext gives each client connection its held address (RotateConnection).
+func (s *Server) connContext(ctx context.Context, c net.Conn) context.Context {
+	h := &heldAddr{}
+	s.heldMu.Lock()
+	s.held[c] = h
+	s.heldMu.Unlock()
+	return context.WithValue(ctx, connHeldKey{}, h)
+}
+
+// connState gives a client connection's address back when it closes. A
+// hijacked connection (a tunnel) is left to its handler: see ServeHTTP.
+func (s *Server) connState(c net.Conn, state http.ConnState) {
+	if state != http.StateClosed && state != http.StateHijacked {
+		return
+	}
+	s.heldMu.Lock()
+	h := s.held[c]
+	delete(s.held, c)
+	s.heldMu.Unlock()
+	if h == nil {
+		return
+	}
+	if state == http.StateHijacked {
+		h.hijacked.Store(true)
+		return
+	}
+	h.end()
+}
+
+// heldFor returns the address a dial with ctx must leave from, or nil for a
+// fresh one.
+func (s *Server) heldFor(ctx context.Context) (*heldAddr, error) {
+	switch s.cfg.Rotate {
+	case RotateConnection:
+		h, _ := ctx.Value(connHeldKey{}).(*heldAddr)
+		return h, nil
+	case RotateSession:
+		if sess := sessionOf(ctx); sess != nil {
+			return &sess.held, nil
+		}
+		// A session key set by another front end (SOCKS5) without
+		// beginSession: the dial itself keeps the session alive.
+		if key := sessionFrom(ctx); key != "" {
+			sess, err := s.sessions.begin(key)
+			if err != nil {
+				return nil, err
+			}
+			s.sessions.end(sess)
+			return &sess.held, nil
+		}
+	}
+	return nil, nil
+}
+
+type sessionCtxKey struct{}
+
+func sessionOf(ctx context.Context) *session {
+	sess, _ := ctx.Value(sessionCtxKey{}).(*session)
+	return sess
+}
+
+// beginSession marks the session of key in use until done is called, so
+// that it does not idle out under a long request or tunnel, and returns ctx
+// carrying it. Outside RotateSession, or without a key, it does nothing.
+func (s *Server) beginSession(ctx context.Context, key string) (_ context.Context, done func(), _ error) {
+	if s.cfg.Rotate != RotateSession || key == "" {
+		return ctx, func() {}, nil
+	}
+	sess, err := s.sessions.begin(key)
+	if err != nil {
+		return ctx, nil, err
+	}
+	ctx = withSession(ctx, key)
+	return context.WithValue(ctx, sessionCtxKey{}, sess), func() { s.sessions.end(sess) }, nil
+}
+
+// requestSession returns the session key of a proxy request: the
+// X-Egress-Session header, or the user name "session-KEY" of its
+// Proxy-Authorization (Basic) header.
+func requestSession(h http.Header) string {
+	if key := h.Get(SessionHeader); key != "" {
+		return key
+	}
+	user, ok := basicUser(h.Get("Proxy-Authorization"))
+	if !ok {
+		return ""
+	}
+	key, _ := sessionFromUser(user)
+	return key
+}
+
+// basicUser returns the user name of Basic credentials.
+func basicUser(auth string) (string, bool) {
+	const prefix = "Basic "
+	if len(auth) < len(prefix) || !strings.EqualFold(auth[:len(prefix)], prefix) {
+		return "", false
+	}
+	b, err := base64.StdEncoding.DecodeString(strings.TrimSpace(auth[len(prefix):]))
+	if err != nil {
+		return "", false
+	}
+	user, _, ok := strings.Cut(string(b), ":")
+	return user, ok
+}
+
+// session is one session key's held address and upstream transport.
+type session struct {
+	key  string
+	held heldAddr
+	tr   *http.Transport // keep-alive, dialing from held
+
+	refs int       // requests and tunnels using it; table mutex
+	last time.Time // when it was last used; table mutex
+}
+
+// sessionTable maps session keys to sessions, ends sessions idle for idle,
+// and holds at most max of them. Its janitor is a timer armed only while
+// sessions exist, so that an idle proxy runs no goroutine for it.
+type sessionTable struct {
+	idle  time.Duration
+	max   int
+	now   func() time.Time
+	newTr func(*session) *http.Transport
+
+	mu     sync.Mutex
+	m      map[string]*session
+	timer  *time.Timer
+	closed bool
+}
+
+func newSessionTable(idle time.Duration, max int, newTr func(*session) *http.Transport) *sessionTable {
+	return &sessionTable{idle: idle, max: max, now: time.Now, newTr: newTr, m: make(map[string]*session)}
+}
+
+// begin returns the session of key, made now if there is none or it idled
+// out, and counts one more user of it.
+func (t *sessionTable) begin(key string) (*session, error) {
+	if len(key) > maxSessionKey {
+		return nil, &Error{Status: http.StatusBadRequest, Reason: fmt.Sprintf("session key longer than %d bytes", maxSessionKey)}
+	}
+	var ended []*session
+	defer func() { finish(ended) }()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return nil, errShutdown
+	}
+	now := t.now()
+	sess := t.m[key]
+	if sess != nil && t.expiredLocked(sess, now) {
+		delete(t.m, key)
+		ended = append(ended, sess)
+		sess = nil
+	}
+	if sess == nil {
+		if len(t.m) >= t.max {
+			ended = append(ended, t.sweepLocked(now)...)
+		}
+		if len(t.m) >= t.max {
+			return nil, errTooManySessions
+		}
+		sess = &session{key: key}
+		sess.tr = t.newTr(sess)
+		t.m[key] = sess
+		if t.timer == nil {
+			t.timer = time.AfterFunc(t.idle, t.janitor)
+		}
+	}
+	sess.refs++
+	sess.last = now
+	return sess, nil
+}
+
+// end counts one user of sess fewer.
+func (t *sessionTable) end(sess *session) {
+	t.mu.Lock()
+	sess.refs--
+	sess.last = t.now()
+	t.mu.Unlock()
+}
+
+func (t *sessionTable) expiredLocked(sess *session, now time.Time) bool {
+	return sess.refs == 0 && now.Sub(sess.last) >= t.idle
+}
+
+// sweepLocked removes the sessions that idled out and returns them, to be
+// finished outside the lock.
+func (t *sessionTable) sweepLocked(now time.Time) []*session {
+	var ended []*session
+	for key, sess := range t.m {
+		if t.expiredLocked(sess, now) {
+			delete(t.m, key)
+			ended = append(ended, sess)
+		}
+	}
+	return ended
+}
+
+// janitor ends idle sessions, and runs again when the next one may be due,
+// as long as sessions exist.
+func (t *sessionTable) janitor() {
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		return
+	}
+	now := t.now()
+	ended := t.sweepLocked(now)
+	next := t.idle
+	for _, sess := range t.m {
+		if sess.refs == 0 {
+			next = min(next, sess.last.Add(t.idle).Sub(now))
+		}
+	}
+	if len(t.m) == 0 {
+		t.timer = nil
+	} else {
+		t.timer.Reset(max(next, time.Millisecond))
+	}
+	t.mu.Unlock()
+	finish(ended)
+}
+
+// len returns the number of sessions.
+func (t *sessionTable) len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.m)
+}
+
+// close ends every session and stops the janitor. Sessions still in use keep
+// their upstream connections until those close, and their address until the
+// last of them does.
+func (t *sessionTable) close() {
+	t.mu.Lock()
+	t.closed = true
+	if t.timer != nil {
+		t.timer.Stop()
+		t.timer = nil
+	}
+	ended := make([]*session, 0, len(t.m))
+	for _, sess := range t.m {
+		ended = append(ended, sess)
+	}
+	clear(t.m)
+	t.mu.Unlock()
+	finish(ended)
+}
+
+// closeSessions ends every session (RotateSession), at the end of Shutdown.
+func (s *Server) closeSessions() {
+	if s.sessions != nil {
+		s.sessions.close()
+	}
+}
+
+// finish closes the idle upstream connections of ended sessions and gives
+// their addresses back.
+func finish(ended []*session) {
+	for _, sess := range ended {
+		sess.tr.CloseIdleConnections()
+		sess.held.end()
+	}
+}
+
+// newSessionTransport returns a session's transport: the proxy's, with
+// upstream keep-alive, dialing from the session's address.
+func (s *Server) newSessionTransport(sess *session) *http.Transport {
+	tr := s.newTransport()
+	tr.DisableKeepAlives = false
+	tr.IdleConnTimeout = s.cfg.SessionIdle
+	tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		return s.dialHeld(ctx, &sess.held, network, addr)
+	}
+	return tr
+}
+
+// sessionRoundTrip sends req over its session's keep-alive transport, and
+// records the egress address of the connection it got, new or reused.
+func (s *Server) sessionRoundTrip(sess *session, req *http.Request) (*http.Response, error) {
+	if st := stateFrom(req.Context()); st != nil {
+		trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
+			c := info.Conn
+			if tc, ok := c.(*tls.Conn); ok { // an https:// URL
+				c = tc.NetConn()
+			}
+			st.setEgress(c.LocalAddr())
+			if d, ok := c.(directIPv4); ok && d.DirectIPv4() {
+				st.ipv4.Store(true)
+			}
+		}}
+		req = req.WithContext(httptrace.WithClientTrace(req.Context(), trace))
+	}
+	return sess.tr.RoundTrip(req)
+}
