@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/netip"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -18,19 +17,11 @@ import (
 )
 
 // startWithIPv4 runs the proxy on egressd's own dialer with the IPv4 policy
-// given, and its own statistics. The pool is startWithPool's; a direct IPv4
+// given, and its own statistics. The pool is loopbackPool; a direct IPv4
 // connection must not touch it.
 func startWithIPv4(t *testing.T, policy netutil.IPv4Policy) (*testProxy, *stats.Registry, *fakeAddrs) {
 	t.Helper()
-	m := &fakeAddrs{live: make(map[netip.Addr]bool)}
-	pool, err := netutil.NewPool(netutil.PoolConfig{
-		Prefix:  netip.MustParsePrefix("::/127"),
-		Max:     1,
-		Ready:   -1,
-		Linger:  -1,
-		Manager: m,
-	})
-	require.NoError(t, err)
+	pool, m := loopbackPool(t)
 	d := &netutil.Dialer{Pool: pool, Timeout: 5 * time.Second, IPv4: policy}
 	reg := stats.NewRegistry(10)
 	p := startProxy(t, nil, withDial(d.DialContext), func(c *Config) { c.Stats = reg })

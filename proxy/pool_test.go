@@ -59,17 +59,12 @@ func (m *fakeAddrs) counts() (adds, removes, live int) {
 	return m.adds, m.removes, len(m.live)
 }
 
-// startWithPool runs the proxy on egressd's own dialer and pool, with the
-// fake address manager. The pool draws from ::/127, whose only drawable
-// address is ::1: real sockets bound to a leased address, without root, and
-// at most one upstream connection at a time.
-func startWithPool(t *testing.T) (*testProxy, *fakeAddrs, *netutil.Pool) {
+// loopbackPool is egressd's own pool with the fake address manager. It
+// draws from ::/127, whose only drawable address is ::1: real sockets bound
+// to a leased address, without root, and at most one upstream connection at
+// a time.
+func loopbackPool(t *testing.T) (*netutil.Pool, *fakeAddrs) {
 	t.Helper()
-	if ln, err := net.Listen("tcp6", "[::1]:0"); err != nil {
-		t.Skipf("no IPv6 loopback here: %v", err)
-	} else {
-		ln.Close()
-	}
 	m := &fakeAddrs{live: make(map[netip.Addr]bool)}
 	pool, err := netutil.NewPool(netutil.PoolConfig{
 		Prefix:  netip.MustParsePrefix("::/127"),
@@ -79,6 +74,18 @@ func startWithPool(t *testing.T) (*testProxy, *fakeAddrs, *netutil.Pool) {
 		Manager: m,
 	})
 	require.NoError(t, err)
+	return pool, m
+}
+
+// startWithPool runs the proxy on egressd's own dialer and loopbackPool.
+func startWithPool(t *testing.T) (*testProxy, *fakeAddrs, *netutil.Pool) {
+	t.Helper()
+	if ln, err := net.Listen("tcp6", "[::1]:0"); err != nil {
+		t.Skipf("no IPv6 loopback here: %v", err)
+	} else {
+		ln.Close()
+	}
+	pool, m := loopbackPool(t)
 	d := &netutil.Dialer{Pool: pool, Timeout: 5 * time.Second}
 	return startProxy(t, nil, withDial(d.DialContext)), m, pool
 }
