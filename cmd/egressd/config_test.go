@@ -23,6 +23,16 @@ func writeFile(t *testing.T, name, body string) string {
 	return path
 }
 
+// withFile returns args preceded by -config naming a file with body, when
+// body is not empty.
+func withFile(t *testing.T, args []string, body string) []string {
+	t.Helper()
+	if body == "" {
+		return args
+	}
+	return append([]string{"-config", writeFile(t, "c.yaml", body)}, args...)
+}
+
 func TestLoadConfigDefaults(t *testing.T) {
 	cfg, err := loadConfig(nil)
 	require.NoError(t, err)
@@ -48,10 +58,7 @@ func TestLoadConfigIPv4(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			args := tt.args
-			if tt.file != "" {
-				args = append([]string{"-config", writeFile(t, "c.yaml", tt.file)}, args...)
-			}
+			args := withFile(t, tt.args, tt.file)
 			cfg, err := loadConfig(args)
 			require.NoError(t, err)
 			assert.Equal(t, tt.want, cfg.IPv4)
@@ -179,10 +186,7 @@ func TestLoadConfigErrors(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			args := tt.args
-			if tt.file != "" {
-				args = append([]string{"-config", writeFile(t, "c.yaml", tt.file)}, args...)
-			}
+			args := withFile(t, tt.args, tt.file)
 			_, err := loadConfig(args)
 			require.Error(t, err)
 			assert.Contains(t, err.Error(), tt.want)
@@ -230,10 +234,7 @@ func TestLoadConfigRotate(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			args := tt.args
-			if tt.file != "" {
-				args = append([]string{"-config", writeFile(t, "c.yaml", tt.file)}, args...)
-			}
+			args := withFile(t, tt.args, tt.file)
 			cfg, err := loadConfig(args)
 			if tt.err != "" {
 				require.Error(t, err)
