@@ -17,12 +17,27 @@ type StatsSource interface {
 	Addrs() []stats.Addr
 }
 
+// ReloadFunc reloads egressd's configuration. It returns one line saying
+// what changed, or the error that made it refuse the new configuration (the
+// old one stays in force).
+type ReloadFunc func() (string, error)
+
+// ReloadResult is the JSON answer of POST /reload: 200 with OK set and
+// Message saying what changed, or 422 with Error saying why the new
+// configuration was refused.
+type ReloadResult struct {
+	OK      bool   `json:"ok"`
+	Message string `json:"message,omitempty"`
+	Error   string `json:"error,omitempty"`
+}
+
 // AdminHandler serves the admin API: GET /stats (JSON), GET /metrics
-// (Prometheus text format), GET /addrs (the live egress addresses, JSON) and
-// the pprof profiles under /debug/pprof/. It belongs on a listener of its
-// own, a unix socket by default: it shows egress addresses, which the proxy
-// never shows its clients.
-func AdminHandler(src StatsSource) http.Handler {
+// (Prometheus text format), GET /addrs (the live egress addresses, JSON),
+// POST /reload (when reload is not nil) and the pprof profiles under
+// /debug/pprof/. It belongs on a listener of its own, a unix socket by
+// default: it shows egress addresses, which the proxy never shows its
+// clients, and it can reload the configuration.
+func AdminHandler(src StatsSource, reload ReloadFunc) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
@@ -30,6 +45,7 @@ func AdminHandler(src StatsSource) http.Handler {
 			"GET /stats          statistics, JSON\n"+
 			"GET /metrics        statistics, Prometheus text format\n"+
 			"GET /addrs          live egress addresses, JSON\n"+
+			"POST /reload        read the configuration again, as SIGHUP does\n"+
 			"GET /debug/pprof/   profiles\n")
 	})
 	mux.HandleFunc("GET /stats", func(w http.ResponseWriter, _ *http.Request) {
@@ -47,6 +63,16 @@ func AdminHandler(src StatsSource) http.Handler {
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 		_, _ = w.Write(buf.Bytes())
 	})
+	if reload != nil {
+		mux.HandleFunc("POST /reload", func(w http.ResponseWriter, _ *http.Request) {
+			msg, err := reload()
+			if err != nil {
+				writeJSONStatus(w, http.StatusUnprocessableEntity, ReloadResult{Error: err.Error()})
+				return
+			}
+			writeJSON(w, ReloadResult{OK: true, Message: msg})
+		})
+	}
 	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
 	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
@@ -55,12 +81,15 @@ func AdminHandler(src StatsSource) http.Handler {
 	return mux
 }
 
-func writeJSON(w http.ResponseWriter, v any) {
+func writeJSON(w http.ResponseWriter, v any) { writeJSONStatus(w, http.StatusOK, v) }
+
+func writeJSONStatus(w http.ResponseWriter, status int, v any) {
 	b, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
 		http.Error(w, "encoding: "+err.Error(), http.StatusInternalServerError)
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
 	_, _ = w.Write(append(b, '\n'))
 }

@@ -19,6 +19,14 @@
 // through a transport of the session's own (RotateSession; see rotate.go).
 // CONNECT is handled here rather than by goproxy: see connect.go for why.
 //
+// Config.Access says who may use the proxy, for every protocol: the client
+// networks admitted (403, or the SOCKS5 reply "not allowed by ruleset", for
+// the others) and, with users (package auth), Basic proxy authentication or
+// SOCKS5 user/password. Credentials never go upstream nor into the log.
+// SetAccess and SetShaper replace the rules while the proxy runs, for a
+// reload: each request reads them once, so requests in flight finish under
+// the rules they started with (see access.go).
+//
 // Errors reach clients as a status and a one-line text that names only the
 // host the client asked for (see Error); the full error, which may contain
 // the egress address, goes to the operator's log.

@@ -95,9 +95,10 @@ func (st *reqState) getConnection() []string {
 type record struct {
 	host   string // host:port the client asked for
 	status int
-	down   int64 // bytes sent to the client: response body, or upstream->client in a tunnel
-	up     int64 // bytes sent upstream: request body, or client->upstream in a tunnel
-	own    int64 // of down, the bytes of egressd's own error answer
+	down   int64  // bytes sent to the client: response body, or upstream->client in a tunnel
+	up     int64  // bytes sent upstream: request body, or client->upstream in a tunnel
+	own    int64  // of down, the bytes of egressd's own error answer
+	user   string // the proxy user, when users authenticate; never a password
 
 	upstream *stats.Upstream // set by admit
 	admitted time.Time       // when the shaper let the request through
@@ -122,6 +123,9 @@ func (s *Server) logRecord(client, method string, rec *record, st *reqState, d t
 		slog.Duration("duration", d),
 		slog.String("egress", st.getEgress()),
 	}, extra...)
+	if rec.user != "" {
+		attrs = append(attrs, slog.String("user", rec.user))
+	}
 	s.log.LogAttrs(context.Background(), slog.LevelInfo, "request", attrs...)
 }
 

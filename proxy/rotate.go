@@ -3,12 +3,10 @@ package proxy
 import (
 	"context"
 	"crypto/tls"
-	"encoding/base64"
 	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptrace"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -166,35 +164,6 @@ func (s *Server) beginSession(ctx context.Context, key string) (_ context.Contex
 	}
 	ctx = withSession(ctx, key)
 	return context.WithValue(ctx, sessionCtxKey{}, sess), func() { s.sessions.end(sess) }, nil
-}
-
-// requestSession returns the session key of a proxy request: the
-// X-Egress-Session header, or the user name "session-KEY" of its
-// Proxy-Authorization (Basic) header.
-func requestSession(h http.Header) string {
-	if key := h.Get(SessionHeader); key != "" {
-		return key
-	}
-	user, ok := basicUser(h.Get("Proxy-Authorization"))
-	if !ok {
-		return ""
-	}
-	key, _ := sessionFromUser(user)
-	return key
-}
-
-// basicUser returns the user name of Basic credentials.
-func basicUser(auth string) (string, bool) {
-	const prefix = "Basic "
-	if len(auth) < len(prefix) || !strings.EqualFold(auth[:len(prefix)], prefix) {
-		return "", false
-	}
-	b, err := base64.StdEncoding.DecodeString(strings.TrimSpace(auth[len(prefix):]))
-	if err != nil {
-		return "", false
-	}
-	user, _, ok := strings.Cut(string(b), ":")
-	return user, ok
 }
 
 // session is one session key's held address and upstream transport.

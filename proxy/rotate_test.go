@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"sync"
 	"sync/atomic"
@@ -15,6 +16,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/egressd/egressd/proxy/auth"
 )
 
 // fakeHold holds "addresses" on loopback: hold number i dials from
@@ -294,26 +297,55 @@ func TestRotateConnection(t *testing.T) {
 	}, 5*time.Second, time.Millisecond, "the tunnel's address was given back")
 }
 
-func TestRequestSession(t *testing.T) {
+// TestUserSession: without users, a proxy user name session-KEY carries a
+// session key; with users, USER-session-KEY does, and the user must
+// authenticate. The credentials never stay in the request.
+func TestUserSession(t *testing.T) {
 	basic := func(s string) string { return "Basic " + base64.StdEncoding.EncodeToString([]byte(s)) }
+	users := testUsers(t, "alice", "pw")
 	tests := []struct {
-		name   string
-		header http.Header
-		want   string
+		name      string
+		users     *auth.Users
+		auth      string // Proxy-Authorization
+		user, key string
+		status    int // 0: admitted
 	}{
-		{"none", http.Header{}, ""},
-		{"header", http.Header{"X-Egress-Session": {"k1"}}, "k1"},
-		{"user", http.Header{"Proxy-Authorization": {basic("session-k1:x")}}, "k1"},
-		{"user lower-case scheme", http.Header{"Proxy-Authorization": {"basic " + basic("session-k1:")[6:]}}, "k1"},
-		{"header wins", http.Header{"X-Egress-Session": {"h"}, "Proxy-Authorization": {basic("session-u:x")}}, "h"},
-		{"other user", http.Header{"Proxy-Authorization": {basic("alice:x")}}, ""},
-		{"empty key", http.Header{"Proxy-Authorization": {basic("session-:x")}}, ""},
-		{"not basic", http.Header{"Proxy-Authorization": {"Bearer session-k1"}}, ""},
-		{"bad base64", http.Header{"Proxy-Authorization": {"Basic !!!"}}, ""},
+		{name: "none"},
+		{name: "user", auth: basic("session-k1:x"), key: "k1"},
+		{name: "user lower-case scheme", auth: "basic " + basic("session-k1:")[6:], key: "k1"},
+		{name: "other user", auth: basic("alice:x")},
+		{name: "empty key", auth: basic("session-:x")},
+		{name: "not basic", auth: "Bearer session-k1"},
+		{name: "bad base64", auth: "Basic !!!"},
+		{name: "auth user", users: users, auth: basic("alice:pw"), user: "alice"},
+		{name: "auth user with key", users: users, auth: basic("alice-session-k1:pw"), user: "alice", key: "k1"},
+		{name: "auth key with dashes", users: users, auth: basic("alice-session-a-session-b:pw"), user: "alice", key: "a-session-b"},
+		{name: "auth bare session user", users: users, auth: basic("session-k1:pw"), status: http.StatusProxyAuthRequired},
+		{name: "auth wrong password", users: users, auth: basic("alice-session-k1:nope"), status: http.StatusProxyAuthRequired},
+		{name: "auth none", users: users, status: http.StatusProxyAuthRequired},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			assert.Equal(t, tt.want, requestSession(tt.header))
+			s, err := New(Config{Dial: (&fakeDialer{}).Dial, Access: Access{Users: tt.users}})
+			require.NoError(t, err)
+			r := httptest.NewRequest(http.MethodGet, "http://example.org/", nil)
+			r.RemoteAddr = "127.0.0.1:40000"
+			if tt.auth != "" {
+				r.Header.Set("Proxy-Authorization", tt.auth)
+			}
+			w := httptest.NewRecorder()
+			var rec record
+			user, key, ok := s.authorize(w, r, &rec)
+			assert.Empty(t, r.Header.Get("Proxy-Authorization"), "credentials removed")
+			if tt.status != 0 {
+				assert.False(t, ok)
+				assert.Equal(t, tt.status, w.Code)
+				assert.Equal(t, `Basic realm="egressd"`, w.Header().Get("Proxy-Authenticate"))
+				return
+			}
+			require.True(t, ok, "status %d", w.Code)
+			assert.Equal(t, tt.user, user)
+			assert.Equal(t, tt.key, key)
 		})
 	}
 }

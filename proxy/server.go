@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/egressd/egressd/netutil"
@@ -53,8 +54,13 @@ type Config struct {
 
 	// Shaper paces requests per upstream host before they are dialed: a
 	// plain HTTP request counts once, a CONNECT tunnel once when it opens.
-	// Nil: no shaping.
+	// Nil: no shaping. Server.SetShaper replaces it.
 	Shaper *shape.Shaper
+
+	// Access says which clients may use the proxy: by source network, and
+	// with a user name and password if it has users. The zero value admits
+	// loopback clients only. Server.SetAccess replaces it.
+	Access Access
 
 	// Stats receives the per-upstream accounting. Default: a registry of
 	// its own, read with Server.Upstreams.
@@ -173,6 +179,10 @@ type Server struct {
 	srv   *http.Server             // shared by every listener passed to Serve
 	stats *stats.Registry
 
+	// What a reload may replace; each request reads them once.
+	access atomic.Pointer[Access]
+	shaper atomic.Pointer[shape.Shaper]
+
 	mu     sync.Mutex
 	active int                    // handlers running; a tunnel runs in its handler
 	idle   chan struct{}          // closed when active drops to 0; nil if nobody waits
@@ -200,6 +210,8 @@ func New(cfg Config) (*Server, error) {
 		stats: cfg.Stats,
 		conns: make(map[io.Closer]struct{}),
 	}
+	s.SetAccess(cfg.Access)
+	s.SetShaper(cfg.Shaper)
 	s.tr = s.newTransport()
 	s.gp = s.newGoproxy()
 
@@ -258,10 +270,19 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			}
 		}()
 	}
-	// The session key is egressd's own: it never goes upstream.
+	user, userKey, ok := s.authorize(w, r, &rec)
+	if !ok {
+		rec.host = r.Host
+		return
+	}
+	rec.user = user
+	// The session key is egressd's own: it never goes upstream. The header
+	// wins over the proxy user name.
 	var key string
 	if s.cfg.Rotate == RotateSession {
-		key = requestSession(r.Header)
+		if key = r.Header.Get(SessionHeader); key == "" {
+			key = userKey
+		}
 	}
 	r.Header.Del(SessionHeader)
 	ctx, done, err := s.beginSession(r.Context(), key)

@@ -47,9 +47,10 @@ func (s *Server) admit(w http.ResponseWriter, r *http.Request, host string, rec 
 // request with finish.
 func (s *Server) acquire(ctx context.Context, host string, rec *record) error {
 	host = normHost(host)
+	shaper := s.shaper.Load() // the same one for the whole request, across a reload
 	rule := ""
-	if s.cfg.Shaper != nil {
-		if ru, ok := s.cfg.Shaper.RuleFor(host); ok {
+	if shaper != nil {
+		if ru, ok := shaper.RuleFor(host); ok {
 			rule = ru.Host
 		}
 	}
@@ -59,7 +60,7 @@ func (s *Server) acquire(ctx context.Context, host string, rec *record) error {
 		st.host, st.upstream = host, up
 	}
 	up.Requests.Add(1)
-	if s.cfg.Shaper == nil {
+	if shaper == nil {
 		rec.admitted = time.Now()
 		up.InFlight.Add(1)
 		return nil
@@ -67,7 +68,7 @@ func (s *Server) acquire(ctx context.Context, host string, rec *record) error {
 
 	start := time.Now()
 	up.Waiting.Add(1)
-	permit, err := s.cfg.Shaper.Acquire(ctx, host)
+	permit, err := shaper.Acquire(ctx, host)
 	up.Waiting.Add(-1)
 	now := time.Now()
 	up.WaitNanos.Add(int64(now.Sub(start)))
@@ -126,8 +127,8 @@ func (s *Server) pushback(st *reqState, resp *http.Response) {
 	if st.upstream != nil {
 		st.upstream.Throttled.Add(1)
 	}
-	if ok && s.cfg.Shaper != nil && st.host != "" {
-		if s.cfg.Shaper.Pushback(st.host, min(after, maxPushback)) {
+	if shaper := s.shaper.Load(); ok && shaper != nil && st.host != "" {
+		if shaper.Pushback(st.host, min(after, maxPushback)) {
 			s.log.Info("upstream asked to slow down", "upstream", st.host, "status", resp.StatusCode, "retry_after", after)
 		}
 	}

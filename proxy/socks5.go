@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -90,11 +92,13 @@ func (l *socksListeners) enter(s *Server) bool {
 // IPv4, IPv6 and domain name targets; names are resolved by egressd's dial,
 // as clients that say socks5h expect, so that rotation applies to them.
 //
-// The client may authenticate with a user name and password (RFC 1929), or
-// not at all. Any credentials are accepted for now (auth files come later);
-// a user name "session-KEY" carries a session key, so user/password is
-// chosen whenever the client offers it. BIND and UDP ASSOCIATE are answered
-// "command not supported".
+// A client whose address Access does not allow gets the reply "connection
+// not allowed by ruleset". With users (Access.Users), the client must
+// authenticate with a user name and password (RFC 1929), and a user name
+// USER-session-KEY carries a session key. Without, it may authenticate or
+// not, any credentials pass, and a user name "session-KEY" carries a
+// session key, so user/password is chosen whenever the client offers it.
+// BIND and UDP ASSOCIATE are answered "command not supported".
 //
 // Like Serve, it may be called for several listeners at once; Shutdown
 // waits for SOCKS5 connections as for CONNECT tunnels and force-closes them
@@ -184,9 +188,13 @@ func (s *Server) serveSOCKS(c net.Conn) {
 	}
 
 	_ = c.SetDeadline(time.Now().Add(socksHandshakeTimeout))
-	q, session, status, ok := s.socksHandshake(c)
+	q, user, session, status, ok := s.socksHandshake(c)
+	rec.user = user
 	if !ok {
 		rec.status = status
+		if status == http.StatusForbidden {
+			reply = socks5.ReplyNotAllowed
+		}
 		return
 	}
 	// Waiting for the shaper and dialing have bounds of their own.
@@ -250,34 +258,46 @@ func (s *Server) serveSOCKS(c net.Conn) {
 }
 
 // socksHandshake runs the method negotiation, the user name/password
-// subnegotiation if chosen, and reads the request. It returns the request
-// and the session key in the user name, if any, and ok; or, when the
-// handshake failed and was answered as the protocol says, the HTTP-like
+// subnegotiation if chosen, and reads the request. It returns the request,
+// the authenticated user (only when users authenticate) and the session key
+// in the user name, if any, and ok; or, when the handshake failed or the
+// client was refused and it was answered as the protocol says, the HTTP-like
 // status for the log (0 if the client sent nothing at all).
-func (s *Server) socksHandshake(c net.Conn) (q socks5.Request, session string, status int, ok bool) {
-	fail := func(err error, status int) (socks5.Request, string, int, bool) {
-		s.log.Debug("socks5: bad handshake", "client", c.RemoteAddr().String(), "err", err)
+func (s *Server) socksHandshake(c net.Conn) (q socks5.Request, user, session string, status int, ok bool) {
+	fail := func(err error, status int) (socks5.Request, string, string, int, bool) {
+		s.log.Debug("socks5: handshake failed", "client", c.RemoteAddr().String(), "err", err)
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			status = http.StatusRequestTimeout
 		}
-		return socks5.Request{}, "", status, false
+		return socks5.Request{}, user, "", status, false
 	}
 
+	a := s.access.Load()
 	methods, err := socks5.ReadGreeting(c)
 	if errors.Is(err, io.EOF) {
-		return socks5.Request{}, "", 0, false
+		return socks5.Request{}, "", "", 0, false
 	}
 	if err != nil {
 		_ = socks5.WriteMethod(c, socks5.MethodNoAcceptable)
 		return fail(err, http.StatusBadRequest)
 	}
+	if !a.admitsConn(c.RemoteAddr()) {
+		if !slices.Contains(methods, socks5.MethodNoAuth) && !slices.Contains(methods, socks5.MethodUserPass) {
+			// No method to go on with, so no way to send the reply.
+			_ = socks5.WriteMethod(c, socks5.MethodNoAcceptable)
+			return fail(errors.New("no acceptable authentication method (and the client address is not allowed)"), http.StatusProxyAuthRequired)
+		}
+		return fail(s.socksRefuse(c, methods), http.StatusForbidden)
+	}
+	// With users, user/password is the only method; without, it is chosen
+	// whenever offered, for the session key a user name may carry.
 	var method byte = socks5.MethodNoAcceptable
 	for _, m := range methods {
 		if m == socks5.MethodUserPass {
 			method = m
 			break
 		}
-		if m == socks5.MethodNoAuth {
+		if m == socks5.MethodNoAuth && a.Users == nil {
 			method = m
 		}
 	}
@@ -288,16 +308,23 @@ func (s *Server) socksHandshake(c net.Conn) (q socks5.Request, session string, s
 	case socks5.MethodNoAcceptable:
 		return fail(errors.New("no acceptable authentication method"), http.StatusProxyAuthRequired)
 	case socks5.MethodUserPass:
-		user, _, err := socks5.ReadUserPass(c)
+		name, pass, err := socks5.ReadUserPass(c)
 		if err != nil {
 			_ = socks5.WriteUserPassStatus(c, false)
 			return fail(err, http.StatusBadRequest)
 		}
-		// Any credentials pass until auth files exist.
+		if a.Users == nil {
+			session, _ = sessionFromUser(name)
+		} else {
+			user, session = splitSessionUser(name)
+			if !a.Users.Verify(user, pass) {
+				_ = socks5.WriteUserPassStatus(c, false)
+				return fail(errors.New("wrong user name or password"), http.StatusProxyAuthRequired)
+			}
+		}
 		if err := socks5.WriteUserPassStatus(c, true); err != nil {
 			return fail(err, http.StatusBadRequest)
 		}
-		session, _ = sessionFromUser(user)
 	}
 
 	q, err = socks5.ReadRequest(c)
@@ -312,7 +339,37 @@ func (s *Server) socksHandshake(c net.Conn) (q socks5.Request, session string, s
 	if err != nil { // truncated: nothing to answer
 		return fail(err, http.StatusBadRequest)
 	}
-	return q, session, 0, true
+	return q, user, session, 0, true
+}
+
+// socksRefuse answers a client whose address is not allowed with the reply
+// "connection not allowed by ruleset", as early as the protocol lets it: the
+// method (no authentication if offered) and the reply go in one write, and
+// the request is never read. A client that offers user/password only has
+// its credentials read but not checked: it is refused for its address, and
+// bcrypt's work is not spent on it. The client offered one of the two.
+func (s *Server) socksRefuse(c net.Conn, methods []byte) error {
+	method := byte(socks5.MethodNoAuth)
+	if !slices.Contains(methods, socks5.MethodNoAuth) {
+		method = socks5.MethodUserPass
+	}
+	msg := []byte{socks5.Version, method}
+	if method == socks5.MethodUserPass {
+		if err := socks5.WriteMethod(c, method); err != nil {
+			return err
+		}
+		if _, _, err := socks5.ReadUserPass(c); err != nil {
+			return err
+		}
+		msg = []byte{socks5.UserPassVersion, 0x00}
+	}
+	var reply bytes.Buffer
+	reply.Write(msg)
+	_ = socks5.WriteReply(&reply, socks5.ReplyNotAllowed)
+	if _, err := c.Write(reply.Bytes()); err != nil {
+		return err
+	}
+	return errors.New(reasonNotAllowed)
 }
 
 // lingerClose ends a connection whose handshake failed so that the error

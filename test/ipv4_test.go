@@ -140,21 +140,9 @@ func TestIPv4Only(t *testing.T) {
 		ln, err := e.tp.Router.Listen("tcp", net.JoinHostPort(nstest.RouterAddr4.String(), "81"))
 		require.NoError(t, err)
 		var accepted atomic.Int64
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				accepted.Add(1)
-				c.Close()
-			}
-		}()
-		t.Cleanup(func() {
-			ln.Close()
-			<-done
+		serveTCP(t, ln, func(c net.Conn) {
+			accepted.Add(1)
+			c.Close()
 		})
 
 		c := e.tp.Host.NewClient(t, proxyAddr, e.up.RootCAs, false)

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 )
@@ -60,41 +61,48 @@ func isTCP(admin string) bool {
 
 // get fetches path and returns the body of a 200 answer.
 func (c *adminClient) get(ctx context.Context, path string) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+path, nil)
+	_, body, err := c.do(ctx, http.MethodGet, path)
+	return body, err
+}
+
+// do sends a request with method to path and returns the status and body of
+// an answer whose status is 200 or one of also; any other is an error.
+func (c *adminClient) do(ctx context.Context, method, path string, also ...int) (int, []byte, error) {
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, nil)
 	if err != nil {
-		return nil, fmt.Errorf("-admin %s: %w", c.admin, err)
+		return 0, nil, fmt.Errorf("-admin %s: %w", c.admin, err)
 	}
 	req.Header.Set("Accept", "application/json")
 	resp, err := c.hc.Do(req)
 	if err != nil {
 		if ctx.Err() != nil {
-			return nil, ctx.Err()
+			return 0, nil, ctx.Err()
 		}
 		if ue := (*url.Error)(nil); errors.As(err, &ue) {
 			err = ue.Err // its text repeats the made-up URL
 		}
 		if oe := (*net.OpError)(nil); errors.As(err, &oe) && oe.Op == "dial" {
-			return nil, &unreachableError{admin: c.admin, err: oe}
+			return 0, nil, &unreachableError{admin: c.admin, err: oe}
 		}
-		return nil, fmt.Errorf("GET %s from egressd at %s: %w", path, c.admin, err)
+		return 0, nil, fmt.Errorf("%s %s to egressd at %s: %w", method, path, c.admin, err)
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
+	if resp.StatusCode != http.StatusOK && !slices.Contains(also, resp.StatusCode) {
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 300))
 		msg := strings.Join(strings.Fields(string(b)), " ")
 		if msg != "" {
 			msg = ": " + msg
 		}
-		return nil, fmt.Errorf("egressd at %s answered GET %s with %s%s", c.admin, path, resp.Status, msg)
+		return 0, nil, fmt.Errorf("egressd at %s answered %s %s with %s%s", c.admin, method, path, resp.Status, msg)
 	}
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxBody+1))
 	if err != nil {
-		return nil, fmt.Errorf("reading GET %s from egressd at %s: %w", path, c.admin, err)
+		return 0, nil, fmt.Errorf("reading %s %s from egressd at %s: %w", method, path, c.admin, err)
 	}
 	if len(body) > maxBody {
-		return nil, fmt.Errorf("GET %s from egressd at %s: answer larger than %d MiB", path, c.admin, maxBody>>20)
+		return 0, nil, fmt.Errorf("%s %s from egressd at %s: answer larger than %d MiB", method, path, c.admin, maxBody>>20)
 	}
-	return body, nil
+	return resp.StatusCode, body, nil
 }
 
 // unreachableError is a failure to connect to the admin API.

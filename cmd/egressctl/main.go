@@ -1,6 +1,7 @@
 // Command egressctl shows what a running egressd is doing: per-upstream
 // counters and latencies (egressctl stats) and its egress addresses
-// (egressctl addrs), read from egressd's admin API. Each command prints a
+// (egressctl addrs), read from egressd's admin API, and makes it reload its
+// configuration (egressctl reload). Each command prints a
 // table for people, or with -json the document egressd sent, for scripts.
 package main
 
@@ -26,6 +27,7 @@ const usage = `Usage: egressctl [-admin ADDR] COMMAND [flags]
 Commands:
   stats   per-upstream requests, waits, errors, bytes and latency, and the address pool
   addrs   the egress addresses egressd holds, oldest first
+  reload  read the configuration again (as SIGHUP does) and say what changed
 
 Flags:
   -admin ADDR   egressd's admin API: a unix socket path or host:port
@@ -66,18 +68,19 @@ func run(ctx context.Context, args []string, stdout io.Writer, terminal bool) er
 	case "help":
 		_, err := io.WriteString(stdout, usage)
 		return err
-	case "stats":
+	case "stats", "addrs", "reload":
 		c, err := newAdminClient(*admin)
 		if err != nil {
 			return err
 		}
-		cmd = &statsCommand{admin: c, stdout: stdout, terminal: terminal}
-	case "addrs":
-		c, err := newAdminClient(*admin)
-		if err != nil {
-			return err
+		switch name {
+		case "stats":
+			cmd = &statsCommand{admin: c, stdout: stdout, terminal: terminal}
+		case "addrs":
+			cmd = &addrsCommand{admin: c, stdout: stdout}
+		default:
+			cmd = &reloadCommand{admin: c, stdout: stdout}
 		}
-		cmd = &addrsCommand{admin: c, stdout: stdout}
 	default:
 		return usageError{"", fmt.Sprintf("unknown command %q", name)}
 	}

@@ -61,6 +61,13 @@ type Config struct {
 	IPv4 netutil.IPv4Policy
 	// Limits are the -limit rules that pace requests per upstream.
 	Limits []shape.Rule
+	// Allow lists the networks proxy clients may connect from; empty means
+	// loopback only (proxy.DefaultAllow), or every address when AuthFile is
+	// set (see allowed).
+	Allow []netip.Prefix
+	// AuthFile is an htpasswd file of bcrypt hashes; when set, clients must
+	// authenticate as one of its users.
+	AuthFile string
 	// Admin is where the admin API listens: a unix socket path or
 	// host:port; empty turns it off.
 	Admin string
@@ -68,6 +75,10 @@ type Config struct {
 	LogLevel slog.Level
 	// File is the config file read, if any (flag only).
 	File string
+
+	// args is the command line the Config was made from, for a reload to
+	// read the file and apply the command line over it again.
+	args []string
 }
 
 // defaultConfig returns the configuration with every default set: the one
@@ -110,6 +121,8 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs.Var(durationValue{&cfg.SessionIdle}, "session-idle", "`DURATION` after which an unused session (-rotate session) gives its address back")
 	fs.Var(choiceValue{(*string)(&cfg.IPv4), []string{string(netutil.IPv4Direct), string(netutil.IPv4Deny)}}, "ipv4", "`POLICY` for an upstream with no IPv6 address: direct connects from the host's own IPv4 address, deny answers 502")
 	fs.Var(&listValue[shape.Rule]{p: &cfg.Limits, parse: shape.ParseRule}, "limit", "`HOST=RATE[,burst=N][,concurrency=N][,wait=DURATION]` paces requests to upstream HOST (exact, *.suffix or *); RATE is Nr/s, Nr/m or Nr/h; repeatable")
+	fs.Var(&listValue[netip.Prefix]{p: &cfg.Allow, parse: parseAllow}, "allow", "`CIDR` of clients that may use the proxy (HTTP and SOCKS5); repeatable (default: loopback only, 127.0.0.0/8 and ::1/128; with -auth-file, any address)")
+	fs.StringVar(&cfg.AuthFile, "auth-file", cfg.AuthFile, "htpasswd `FILE` of bcrypt hashes (htpasswd -B): clients must authenticate as one of its users")
 	fs.StringVar(&cfg.Admin, "admin", cfg.Admin, "`ADDR` of the admin API: a unix socket path or host:port; empty turns it off")
 	fs.Var(levelValue{&cfg.LogLevel}, "log-level", "`LEVEL`: debug, info, warn or error")
 	fs.StringVar(&cfg.File, "config", cfg.File, "YAML or JSON `FILE` with the same keys as these flags; flags win")
@@ -136,6 +149,7 @@ func loadConfig(args []string) (Config, error) {
 	if err := cfg.Validate(); err != nil {
 		return Config{}, err
 	}
+	cfg.args = slices.Clone(args)
 	return cfg, nil
 }
 
@@ -220,7 +234,65 @@ func (c *Config) Validate() error {
 	if _, err := shape.New(shape.Config{Rules: c.Limits}); err != nil {
 		return fmt.Errorf("limit: %w", err)
 	}
+	if len(c.Allow) == 0 && c.AuthFile == "" {
+		// Off loopback with the default allow list, only local clients
+		// could use it; but someone who listens there means others to, and
+		// must say who.
+		open := func(key, addr string) error {
+			return fmt.Errorf("%s %s is not a loopback address: give -allow CIDR (the clients' networks) or -auth-file FILE, or egressd would be an open proxy", key, addr)
+		}
+		for _, addr := range c.Listen {
+			if !isLoopback(addr) {
+				return open("listen", addr)
+			}
+		}
+		if c.SOCKS5 != "" && !isLoopback(c.SOCKS5) {
+			return open("socks5", c.SOCKS5)
+		}
+	}
 	return nil
+}
+
+// anywhere is every address, IPv4 and IPv6.
+var anywhere = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
+
+// allowed returns the networks clients may connect from: Allow; without it,
+// every address if users must authenticate (the password is the guard),
+// else loopback only.
+func (c *Config) allowed() []netip.Prefix {
+	switch {
+	case len(c.Allow) > 0:
+		return c.Allow
+	case c.AuthFile != "":
+		return anywhere
+	default:
+		return proxy.DefaultAllow
+	}
+}
+
+// isLoopback reports whether a host:port listens on loopback only. An empty
+// host is every address.
+func isLoopback(hostport string) bool {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	a, err := netip.ParseAddr(host)
+	return err == nil && a.Unmap().IsLoopback()
+}
+
+// parseAllow reads a -allow value: a CIDR prefix, or one address.
+func parseAllow(s string) (netip.Prefix, error) {
+	if p, err := netip.ParsePrefix(s); err == nil {
+		return p.Masked(), nil
+	}
+	if a, err := netip.ParseAddr(s); err == nil && a.Zone() == "" {
+		return netip.PrefixFrom(a, a.BitLen()), nil
+	}
+	return netip.Prefix{}, fmt.Errorf("%q is not a CIDR prefix like 10.0.5.0/24 or an address", s)
 }
 
 // listValue is a repeatable flag: each use adds one element.

@@ -107,6 +107,7 @@ listen:
   - 10.0.5.1:3128
   - 127.0.0.1:3128
 interface: br0
+allow: [10.0.5.0/24]
 prefix: 2001:db8:1:2::/64
 pin: [2001:db8:1:2::1]
 max-addrs: 256
@@ -117,7 +118,7 @@ admin: /run/egressd/other.sock
 `)
 	// The JSON Nix's builtins.toJSON writes: numbers as numbers, lists as
 	// arrays, on one line.
-	jsonFile := writeFile(t, "egressd.json", `{"admin":"/run/egressd/other.sock","grace":"10s","interface":"br0","limit":["aur.archlinux.org=60r/m,burst=10"],"listen":["10.0.5.1:3128","127.0.0.1:3128"],"max-addrs":256,"pin":["2001:db8:1:2::1"],"prefix":"2001:db8:1:2::/64"}`)
+	jsonFile := writeFile(t, "egressd.json", `{"admin":"/run/egressd/other.sock","allow":["10.0.5.0/24"],"grace":"10s","interface":"br0","limit":["aur.archlinux.org=60r/m,burst=10"],"listen":["10.0.5.1:3128","127.0.0.1:3128"],"max-addrs":256,"pin":["2001:db8:1:2::1"],"prefix":"2001:db8:1:2::/64"}`)
 
 	for _, file := range []string{yamlFile, jsonFile} {
 		t.Run(filepath.Ext(file), func(t *testing.T) {
@@ -132,6 +133,7 @@ admin: /run/egressd/other.sock
 			require.Len(t, cfg.Limits, 1)
 			assert.Equal(t, 10, cfg.Limits[0].Burst)
 			assert.Equal(t, "/run/egressd/other.sock", cfg.Admin)
+			assert.Equal(t, []netip.Prefix{netip.MustParsePrefix("10.0.5.0/24")}, cfg.Allow)
 
 			// A flag wins over the file, and a repeatable flag replaces
 			// the file's list rather than adding to it.
@@ -183,6 +185,13 @@ func TestLoadConfigErrors(t *testing.T) {
 		{name: "config in file", file: "config: other.yaml\n", want: `unknown key "config"`},
 		{name: "syntax", file: "listen: [\n", want: "config "},
 		{name: "json bad value", file: `{"tunnel-idle": 5}`, want: `key "tunnel-idle": "5" is not a duration`},
+		{name: "bad allow", args: []string{"-allow", "10.0.5.0/33"}, want: `invalid value "10.0.5.0/33" for flag -allow: "10.0.5.0/33" is not a CIDR prefix like 10.0.5.0/24 or an address`},
+		{name: "bad allow in file", file: "allow: [10.0.5.0/24, bridge]\n", want: `line 1: key "allow": "bridge" is not a CIDR prefix`},
+		{name: "open proxy", args: []string{"-listen", "10.0.5.1:3128"}, want: "listen 10.0.5.1:3128 is not a loopback address: give -allow CIDR (the clients' networks) or -auth-file FILE, or egressd would be an open proxy"},
+		{name: "open proxy, all addresses", args: []string{"-listen", ":3128"}, want: "listen :3128 is not a loopback address"},
+		{name: "open proxy, second listener", args: []string{"-listen", "127.0.0.1:3128", "-listen", "[::]:3128"}, want: "listen [::]:3128 is not a loopback address"},
+		{name: "open proxy, socks5", args: []string{"-socks5", "0.0.0.0:1080"}, want: "socks5 0.0.0.0:1080 is not a loopback address"},
+		{name: "open proxy in file", file: "listen: [\"10.0.5.1:3128\"]\n", want: "listen 10.0.5.1:3128 is not a loopback address"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -257,5 +266,54 @@ func TestEmptyConfigFile(t *testing.T) {
 func TestUsageListsEveryFlag(t *testing.T) {
 	var names []string
 	flagSet(&Config{}).VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
-	assert.Equal(t, strings.Fields("admin config dial-timeout grace interface ipv4 limit listen log-level max-addrs mode pin prefix ready rotate session-idle socks5 tunnel-idle"), names)
+	assert.Equal(t, strings.Fields("admin allow auth-file config dial-timeout grace interface ipv4 limit listen log-level max-addrs mode pin prefix ready rotate session-idle socks5 tunnel-idle"), names)
+}
+
+func TestLoadConfigAccess(t *testing.T) {
+	p := netip.MustParsePrefix
+	tests := []struct {
+		name     string
+		args     []string
+		file     string // config file body, when set
+		allow    []netip.Prefix
+		authFile string
+	}{
+		{name: "default: loopback only", allow: nil},
+		{name: "flags", args: []string{"-allow", "10.0.5.0/24", "-allow", "fd00:5::/64", "-allow", "192.0.2.7"},
+			allow: []netip.Prefix{p("10.0.5.0/24"), p("fd00:5::/64"), p("192.0.2.7/32")}},
+		{name: "host bits dropped", args: []string{"-allow", "10.0.5.1/24"}, allow: []netip.Prefix{p("10.0.5.0/24")}},
+		{name: "file", file: "allow: [10.0.5.0/24]\nauth-file: /etc/egressd/users\n",
+			allow: []netip.Prefix{p("10.0.5.0/24")}, authFile: "/etc/egressd/users"},
+		{name: "json as the NixOS module writes it", file: `{"allow":["10.0.5.0/24"],"auth-file":"/run/secrets/egressd","listen":["10.0.5.1:3128"]}`,
+			allow: []netip.Prefix{p("10.0.5.0/24")}, authFile: "/run/secrets/egressd"},
+		{name: "flag replaces file's list", args: []string{"-allow", "10.0.6.0/24"}, file: "allow: [10.0.5.0/24]\n",
+			allow: []netip.Prefix{p("10.0.6.0/24")}},
+		{name: "off loopback with allow", args: []string{"-listen", "10.0.5.1:3128", "-socks5", "10.0.5.1:1080", "-allow", "10.0.5.0/24"},
+			allow: []netip.Prefix{p("10.0.5.0/24")}},
+		{name: "off loopback with auth", args: []string{"-listen", "[::]:3128", "-auth-file", "/etc/egressd/users"}, authFile: "/etc/egressd/users"},
+		{name: "loopback by name", args: []string{"-listen", "localhost:3128", "-listen", "[::1]:3128", "-listen", "127.0.0.2:3128"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := loadConfig(withFile(t, tt.args, tt.file))
+			require.NoError(t, err)
+			assert.Equal(t, tt.allow, cfg.Allow)
+			assert.Equal(t, tt.authFile, cfg.AuthFile)
+		})
+	}
+
+	// What is admitted: -allow; else anyone who authenticates; else loopback.
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{nil, "127.0.0.0/8,::1/128"},
+		{[]string{"-auth-file", "/etc/egressd/users"}, "0.0.0.0/0,::/0"},
+		{[]string{"-auth-file", "/etc/egressd/users", "-allow", "10.0.5.0/24"}, "10.0.5.0/24"},
+		{[]string{"-allow", "10.0.5.0/24"}, "10.0.5.0/24"},
+	} {
+		cfg, err := loadConfig(tt.args)
+		require.NoError(t, err)
+		assert.Equal(t, tt.want, allowList(cfg.allowed()), "%v", tt.args)
+	}
 }

@@ -5,6 +5,11 @@
 // connection egressd adds a random /128 of the prefix to the interface
 // (deprecated, so that the host's own default source address never changes),
 // binds the connection to it, and removes it when the connection closes.
+//
+// SIGHUP (or `egressctl reload`) reads the configuration again and applies
+// the -limit rules, the -allow list, the users of -auth-file, the log level
+// and the grace period without dropping a connection. Under systemd
+// (NOTIFY_SOCKET) it tells READY=1, RELOADING=1 and STOPPING=1.
 package main
 
 import (
@@ -15,15 +20,16 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/signal"
 	"slices"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy"
-	"github.com/egressd/egressd/proxy/shape"
 	"github.com/egressd/egressd/proxy/stats"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -39,8 +45,10 @@ func main() {
 		fmt.Fprintf(os.Stderr, "egressd: %v\n", err)
 		os.Exit(1)
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: cfg.LogLevel}))
-	if err := run(context.Background(), cfg, log); err != nil {
+	level := new(slog.LevelVar) // a reload may change it
+	level.Set(cfg.LogLevel)
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if err := run(context.Background(), cfg, log, level); err != nil {
 		fmt.Fprintf(os.Stderr, "egressd: %v\n", err)
 		os.Exit(1)
 	}
@@ -57,12 +65,26 @@ func usage() {
 // run starts egressd and serves until SIGTERM or SIGINT, then shuts down:
 // it stops accepting, gives requests and tunnels in flight cfg.Grace to
 // finish, and removes every address it added. A second signal cuts the grace
-// period short; the addresses are removed all the same.
-func run(ctx context.Context, cfg Config, log *slog.Logger) error {
+// period short; the addresses are removed all the same. SIGHUP reloads the
+// configuration (see reloader.Reload); level is the logger's level, which a
+// reload sets.
+func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar) error {
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 
+	lv, err := newLive(cfg)
+	if err != nil {
+		return err
+	}
+	notify, err := newNotifier()
+	if err != nil {
+		return err
+	}
+	defer notify.Close()
 	if err := checkNetAdmin(); err != nil {
 		return err
 	}
@@ -144,19 +166,14 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 
-	var shaper *shape.Shaper
-	if len(cfg.Limits) > 0 {
-		if shaper, err = shape.New(shape.Config{Rules: cfg.Limits}); err != nil {
-			return fmt.Errorf("limit: %w", err)
-		}
-	}
 	dialer := &netutil.Dialer{Pool: pool, Timeout: cfg.DialTimeout, FreeBind: routed, IPv4: cfg.IPv4}
 	srv, err := proxy.New(proxy.Config{
 		Dial:              dialer.DialContext,
 		Logger:            log,
 		DialTimeout:       cfg.DialTimeout,
 		TunnelIdleTimeout: cfg.TunnelIdle,
-		Shaper:            shaper,
+		Shaper:            lv.shaper,
+		Access:            lv.access,
 		Rotate:            cfg.Rotate,
 		Hold: func(ctx context.Context) (proxy.DialFunc, func(), error) {
 			lease, err := pool.Acquire(ctx)
@@ -197,6 +214,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 		listeners = append(listeners, ln)
 	}
+	rl := &reloader{srv: srv, level: level, log: log, notify: notify, cfg: cfg, live: lv}
 	var admin *http.Server
 	if cfg.Admin != "" {
 		ln, err := listenAdmin(cfg.Admin)
@@ -205,7 +223,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			return err
 		}
 		src := &statsSource{started: time.Now(), srv: srv, pool: pool, addLatency: addLatency}
-		admin = &http.Server{Handler: proxy.AdminHandler(src), ReadHeaderTimeout: 10 * time.Second}
+		admin = &http.Server{Handler: proxy.AdminHandler(src, rl.Reload), ReadHeaderTimeout: 10 * time.Second}
 		go func() {
 			if err := admin.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				log.Error("admin API stopped", "err", err)
@@ -243,20 +261,33 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		go func() { serveErr <- srv.ServeSOCKS5(ln) }()
 		log.Info("listening", "addr", ln.Addr().String(), "protocol", "socks5")
 	}
-	log.Info("egressd ready", "mode", cfg.Mode, "interface", ifname, "prefix", prefix, "max_addrs", cfg.MaxAddrs, "rotate", cfg.Rotate)
-
-	var runErr error
-	select {
-	case sig := <-sigs:
-		log.Info("shutting down", "signal", sig.String(), "grace", cfg.Grace)
-	case <-ctx.Done():
-		log.Info("shutting down", "reason", context.Cause(ctx), "grace", cfg.Grace)
-	case err := <-serveErr:
-		runErr = fmt.Errorf("serving: %w", err)
-		log.Error("serving failed; shutting down", "err", err)
+	log.Info("egressd ready", "mode", cfg.Mode, "interface", ifname, "prefix", prefix, "max_addrs", cfg.MaxAddrs, "rotate", cfg.Rotate,
+		"allow", allowList(cfg.allowed()), "auth", cfg.AuthFile != "")
+	if err := notify.send("READY=1", "STATUS=serving"); err != nil {
+		log.Warn("telling systemd egressd is ready", "err", err)
 	}
 
-	graceCtx, cancelGrace := context.WithTimeout(context.Background(), cfg.Grace)
+	var runErr error
+serve:
+	for {
+		select {
+		case <-hup:
+			_, _ = rl.Reload() // it logs what happened
+		case sig := <-sigs:
+			log.Info("shutting down", "signal", sig.String(), "grace", rl.current().Grace)
+			break serve
+		case <-ctx.Done():
+			log.Info("shutting down", "reason", context.Cause(ctx), "grace", rl.current().Grace)
+			break serve
+		case err := <-serveErr:
+			runErr = fmt.Errorf("serving: %w", err)
+			log.Error("serving failed; shutting down", "err", err)
+			break serve
+		}
+	}
+	rl.stop()
+
+	graceCtx, cancelGrace := context.WithTimeout(context.Background(), rl.current().Grace)
 	defer cancelGrace()
 	go func() {
 		select {
@@ -293,6 +324,15 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	s := pool.Stats()
 	log.Info("stopped", "removed", removed, "added_total", s.Added, "removed_total", s.Removed)
 	return runErr
+}
+
+// allowList is an allow list as the startup line shows it.
+func allowList(allow []netip.Prefix) string {
+	parts := make([]string, len(allow))
+	for i, p := range allow {
+		parts[i] = p.String()
+	}
+	return strings.Join(parts, ",")
 }
 
 // readyOrOff maps the -ready flag, where 0 means none, to the pool's
