@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -34,6 +35,27 @@ type Dialer struct {
 	// anything else (the zero value included) refuses it with an error
 	// wrapping ErrNoIPv6.
 	IPv4 IPv4Policy
+	// Deny lists destinations never to connect to, whatever name leads to
+	// them: a name that resolves only to such addresses fails with an error
+	// wrapping ErrDenied, and the denied ones among several are skipped.
+	// DefaultDeny plus the egress prefix is what egressd uses. Nil: none.
+	Deny []netip.Prefix
+}
+
+// DefaultDeny is what a proxy must never connect to for a client: the host
+// itself (loopback, and the unspecified address, which connects to it as
+// well), link-local networks (other hosts' and the cloud's metadata
+// services) and multicast. Squid's default configuration refuses the first
+// two in the same spirit (to_localhost).
+var DefaultDeny = []netip.Prefix{
+	netip.MustParsePrefix("127.0.0.0/8"),
+	netip.MustParsePrefix("0.0.0.0/8"),
+	netip.MustParsePrefix("169.254.0.0/16"),
+	netip.MustParsePrefix("224.0.0.0/4"),
+	netip.MustParsePrefix("::1/128"),
+	netip.MustParsePrefix("::/128"),
+	netip.MustParsePrefix("fe80::/10"),
+	netip.MustParsePrefix("ff00::/8"),
 }
 
 // IPv4Policy says what a Dialer does with a host that has IPv4 addresses
@@ -169,10 +191,24 @@ func (d *Dialer) resolve(ctx context.Context, network, address string) (ips []ne
 	if err != nil {
 		return nil, 0, false, err
 	}
+	if ips = d.allowed(ips); len(ips) == 0 {
+		return nil, 0, false, fmt.Errorf("dialing %s: %w", address, ErrDenied)
+	}
 	if v4 && (d.IPv4 != IPv4Direct || network != "tcp") {
 		return nil, 0, false, fmt.Errorf("dialing %s: %w", address, ErrNoIPv6)
 	}
 	return ips, uint16(p), v4, nil
+}
+
+// allowed returns ips without the addresses d.Deny covers, in place.
+func (d *Dialer) allowed(ips []netip.Addr) []netip.Addr {
+	if len(d.Deny) == 0 {
+		return ips
+	}
+	return slices.DeleteFunc(ips, func(ip netip.Addr) bool {
+		ip = ip.Unmap()
+		return slices.ContainsFunc(d.Deny, func(p netip.Prefix) bool { return p.Contains(ip) })
+	})
 }
 
 // dialBound connects to the first of ips that answers, over IPv6 from src.

@@ -168,3 +168,33 @@ func TestDialFromSharesLease(t *testing.T) {
 	require.NoError(t, conns[2].Close())
 	assert.Zero(t, p.Stats().Live, "the last connection gave the address back")
 }
+
+// TestDialerDeny: destinations in Deny are never connected to, whether named
+// by a literal or by a name that resolves to them; a name with other
+// addresses too is dialed at those only.
+func TestDialerDeny(t *testing.T) {
+	d, p := loopbackDialer(t)
+	ln := listenLoopback(t)
+	_, port, err := net.SplitHostPort(ln.Addr().String())
+	require.NoError(t, err)
+	d.Deny = DefaultDeny
+	d.IPv4 = IPv4Direct
+	ctx := context.Background()
+	for _, host := range []string{"::1", "127.0.0.1", "::ffff:127.0.0.1", "0.0.0.0", "::", "169.254.169.254", "fe80::1", "localhost"} {
+		_, err := d.DialContext(ctx, "tcp", net.JoinHostPort(host, port))
+		require.ErrorIs(t, err, ErrDenied, host)
+		assert.Contains(t, err.Error(), "destination not allowed", host)
+	}
+	assert.Zero(t, p.Stats().Live, "a denied dial takes no address")
+
+	// Only the allowed one of several addresses is tried.
+	ips := []netip.Addr{netip.MustParseAddr("::1"), netip.MustParseAddr("2001:db8::1")}
+	assert.Equal(t, []netip.Addr{netip.MustParseAddr("2001:db8::1")}, d.allowed(ips))
+
+	// Without Deny, the loopback is an upstream like any other (the tests
+	// of this package rely on that).
+	d.Deny = nil
+	c, err := d.DialContext(ctx, "tcp", ln.Addr().String())
+	require.NoError(t, err)
+	c.Close()
+}

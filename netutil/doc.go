@@ -20,3 +20,8 @@ var ErrNoAddress = errors.New("no fresh egress address")
 // addresses only (or is an IPv4 literal) when the Dialer may not go over
 // IPv4 (IPv4Deny).
 var ErrNoIPv6 = errors.New("no IPv6 address")
+
+// ErrDenied is wrapped by the error of a dial to a destination the Dialer
+// refuses (Dialer.Deny): the host's loopback, egressd's own prefix, and the
+// like, which a client must not reach through the proxy.
+var ErrDenied = errors.New("destination not allowed")

@@ -49,6 +49,8 @@ func upstreamError(host string, err error) *Error {
 	switch {
 	case errors.Is(err, netutil.ErrNoAddress):
 		return mk(http.StatusServiceUnavailable, "no fresh egress address available")
+	case errors.Is(err, netutil.ErrDenied):
+		return mk(http.StatusForbidden, "destination %s not allowed (the proxy host itself, its own prefix, link-local or multicast)", host)
 	case errors.Is(err, netutil.ErrNoIPv6):
 		// A host with A records only, and -ipv4 deny.
 		return mk(http.StatusBadGateway, "%s has no IPv6 address", host)

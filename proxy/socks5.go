@@ -398,6 +398,8 @@ func socksReply(err error) byte {
 		return socks5.ReplyNotAllowed
 	}
 	switch {
+	case errors.Is(err, netutil.ErrDenied):
+		return socks5.ReplyNotAllowed
 	case errors.Is(err, netutil.ErrNoAddress):
 		return socks5.ReplyGeneralFailure
 	case errors.Is(err, netutil.ErrNoIPv6):

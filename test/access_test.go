@@ -240,3 +240,51 @@ func TestOpenProxyRefused(t *testing.T) {
 		})
 	}
 }
+
+// TestHostServicesUnreachable: a client of the proxy cannot reach the host's
+// own services through it: not on loopback (the services a host keeps from
+// its containers), not on the host's addresses in its egress prefix. Each
+// way in, plain HTTP, CONNECT and SOCKS5, is refused with 403 or "not
+// allowed by ruleset", and the services see no connection.
+func TestHostServicesUnreachable(t *testing.T) {
+	t.Parallel()
+	const socks = "127.0.0.1:1080"
+	e := start(t, "-socks5", socks, "-ipv4", "direct")
+
+	var mu sync.Mutex
+	accepted := 0
+	var targets []string
+	for _, addr := range []string{"127.0.0.1:0", "[::1]:0", "[" + nstest.HostAddr.String() + "]:0"} {
+		ln, err := e.tp.Host.Listen("tcp", addr)
+		require.NoError(t, err)
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				mu.Lock()
+				accepted++
+				mu.Unlock()
+				c.Close()
+			}
+		}()
+		targets = append(targets, ln.Addr().String())
+	}
+
+	for _, target := range targets {
+		code, _, err := curlStatus(e.tp.Host, "-x", "http://"+proxyAddr, "http://"+target+"/")
+		require.NoError(t, err)
+		assert.Equal(t, "403", code, "plain HTTP to %s", target)
+		_, connect, err := curlStatus(e.tp.Host, "-x", "http://"+proxyAddr, "-p", "http://"+target+"/")
+		assert.Error(t, err, "curl fails when the tunnel is refused")
+		assert.Equal(t, "403", connect, "CONNECT to %s", target)
+		_, _, err = curlStatus(e.tp.Host, "--socks5-hostname", socks, "http://"+target+"/")
+		require.Error(t, err, "SOCKS5 to %s", target)
+		assert.Contains(t, err.Error(), "(97)", "curl's exit status for a SOCKS5 refusal")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	assert.Zero(t, accepted, "no connection reached the host's services")
+}

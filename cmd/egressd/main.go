@@ -166,7 +166,11 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 		return err
 	}
 
-	dialer := &netutil.Dialer{Pool: pool, Timeout: cfg.DialTimeout, FreeBind: routed, IPv4: cfg.IPv4}
+	// Clients must not reach the host's own services through the proxy:
+	// not its loopback, and not its egress prefix, every address of which
+	// is the host's own in routed mode.
+	deny := append(slices.Clone(netutil.DefaultDeny), prefix)
+	dialer := &netutil.Dialer{Pool: pool, Timeout: cfg.DialTimeout, FreeBind: routed, IPv4: cfg.IPv4, Deny: deny}
 	srv, err := proxy.New(proxy.Config{
 		Dial:              dialer.DialContext,
 		Logger:            log,
