@@ -78,7 +78,8 @@ const (
 // direct IPv4 connection from the host's own address (see IPv4Direct), which
 // has no lease. Closing it releases the address. It embeds *net.TCPConn so
 // that io.Copy still reaches the kernel's splice path (ReadFrom, WriteTo) and
-// half-close (CloseWrite, CloseRead) passes through.
+// half-close (CloseWrite, CloseRead) passes through; NetConn gives the proxy's
+// tunnels the *net.TCPConn itself.
 type Conn struct {
 	*net.TCPConn
 	lease  *Lease // nil for a direct IPv4 connection

@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"bufio"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -9,9 +11,14 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // CONNECT is served here rather than by goproxy, because goproxy v1.9.3:
@@ -28,9 +35,11 @@ import (
 // errTunnelIdle ends a tunnel that carried no byte for TunnelIdleTimeout.
 var errTunnelIdle = errors.New("tunnel idle timeout")
 
-// serveConnect dials the CONNECT target, answers, and relays bytes until the
-// tunnel ends.
-func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request, rec *record) {
+// serveConnect dials the CONNECT target and answers. Once the tunnel is up,
+// it hands the relay, and the exchange with it, to a goroutine of its own
+// and returns, so that the HTTP server lets go of the connection's buffers.
+func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request, x *exchange) {
+	rec := &x.rec
 	rec.host = r.Host
 	host, addr, err := connectTarget(r)
 	if err != nil {
@@ -74,34 +83,48 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request, rec *recor
 		rec.status = http.StatusServiceUnavailable
 		return
 	}
-	defer s.untrack(t)
-	defer t.Close()
-
 	rec.status = http.StatusOK
 	st.answered = time.Now()
-	if _, err := io.WriteString(client, "HTTP/1.1 200 Connection established\r\n\r\n"); err != nil {
-		s.log.Debug("tunnel: answering client", "client", r.RemoteAddr, "err", err)
+	if err := s.openTunnel(t, brw.Reader, rec); err != nil {
+		s.log.Debug("tunnel: answering client", "client", r.RemoteAddr, "host", addr, "err", err)
+		s.untrack(t)
+		t.Close()
 		return
 	}
+	x.handedOff = true
+	go func() {
+		defer s.settle(x)
+		defer s.untrack(t)
+		down, up, err := t.run()
+		rec.down += down
+		rec.up += up
+		if err != nil {
+			s.log.Debug("tunnel ended", "client", x.r.RemoteAddr, "host", addr, "err", err)
+		}
+	}()
+}
+
+// connectEstablished is the answer to a CONNECT whose tunnel is up.
+var connectEstablished = []byte("HTTP/1.1 200 Connection established\r\n\r\n")
+
+// openTunnel answers the client that its tunnel is established, and sends
+// upstream the bytes the client sent after its CONNECT request that the HTTP
+// server already read into br.
+func (s *Server) openTunnel(t *tunnel, br *bufio.Reader, rec *record) error {
+	if _, err := t.client.Write(connectEstablished); err != nil {
+		return err
+	}
 	// The client may have sent its first bytes (a TLS ClientHello) in the
-	// same write as the CONNECT request: the HTTP server read them into its
-	// buffer while parsing, so they go upstream before anything else.
-	if n := brw.Reader.Buffered(); n > 0 {
-		early, _ := brw.Reader.Peek(n) // cannot fail: n bytes are buffered
-		m, err := upstream.Write(early)
+	// same write as the CONNECT request.
+	if n := br.Buffered(); n > 0 {
+		early, _ := br.Peek(n) // cannot fail: n bytes are buffered
+		m, err := t.upstream.Write(early)
 		rec.up += int64(m)
 		if err != nil {
-			s.log.Debug("tunnel: replaying early bytes", "client", r.RemoteAddr, "host", addr, "err", err)
-			return
+			return fmt.Errorf("replaying early bytes: %w", err)
 		}
 	}
-
-	down, up, err := t.run()
-	rec.down += down
-	rec.up += up
-	if err != nil {
-		s.log.Debug("tunnel ended", "client", r.RemoteAddr, "host", addr, "err", err)
-	}
+	return nil
 }
 
 // connectTarget returns the host and the host:port to dial for a CONNECT
@@ -121,12 +144,21 @@ func connectTarget(r *http.Request) (host, addr string, err error) {
 	if p, err := strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
 		return "", "", fmt.Errorf("CONNECT target %q: bad port %q", u.Host, port)
 	}
-	if ip, err := netip.ParseAddr(host); err == nil {
+	// Only an IPv6 address has a colon; an IPv4 one passes as a host name
+	// (and costs no failed parse, which allocates, for a name).
+	if strings.Contains(host, ":") {
+		ip, err := netip.ParseAddr(host)
+		if err != nil {
+			return "", "", fmt.Errorf("CONNECT target %q: bad IPv6 address", u.Host)
+		}
 		if ip.Zone() != "" {
 			return "", "", fmt.Errorf("CONNECT target %q: zoned address", u.Host)
 		}
 	} else if !validHostname(host) {
 		return "", "", fmt.Errorf("CONNECT target %q: bad host name", u.Host)
+	}
+	if len(u.Host) == len(host)+len(":")+len(port) && !strings.Contains(host, ":") {
+		return host, u.Host, nil // already host:port: no allocation
 	}
 	return host, net.JoinHostPort(host, port), nil
 }
@@ -152,23 +184,37 @@ func validHostname(h string) bool {
 // connection, passing half-closes through and closing both after
 // TunnelIdleTimeout without a byte either way.
 //
-// Copies go through io.Copy between the connections themselves, so that
-// between two *net.TCPConn (or types embedding one) the kernel splices
-// the bytes without copying them to user space. Bytes cannot be observed
-// mid-splice, so idleness is checked from outside: each direction reads under
-// a deadline one tick (a quarter of the idle timeout) away. A deadline on the
+// Between two TCP connections (see tcpConnOf), each direction waits until
+// its source has bytes queued, without holding anything but the goroutine,
+// and then has the kernel splice exactly those bytes to the destination
+// (*net.TCPConn.ReadFrom of an io.LimitedReader of the source), without
+// copying them to user space. It never calls ReadFrom on an empty socket:
+// Go's splice takes a pipe (two descriptors and its kernel buffer) before
+// it waits for the source, so an idle tunnel relayed by a plain io.Copy
+// holds two pipes besides its two sockets. Other connections are relayed by
+// io.Copy.
+//
+// Idleness is checked from outside: each direction waits under a read
+// deadline one tick (a quarter of the idle timeout) away. A deadline on the
 // read side loses nothing (splice moves what it drained into its pipe to the
 // destination before returning); write deadlines, which could strand bytes
-// in that pipe, are never set. When a copy returns with a timeout, bytes it
-// moved count as activity; if the tunnel as a whole, both directions
-// together, was silent for the idle timeout, it is closed, otherwise the
-// deadline is moved on.
+// in that pipe, are never set. When the deadline passes, bytes moved since
+// count as activity; if the tunnel as a whole, both directions together,
+// was silent for the idle timeout, it is closed, otherwise the deadline is
+// moved on.
 type tunnel struct {
 	client, upstream net.Conn
 	idle             time.Duration
 	start            time.Time
 	last             atomic.Int64 // last byte either way, as time.Duration since start
 	closeOnce        sync.Once
+
+	// Each direction's splice state, and client->upstream's result (it
+	// runs on a goroutine of its own), kept here to save allocations.
+	downQ, upQ queued
+	wg         sync.WaitGroup
+	up         int64
+	upErr      error
 }
 
 func newTunnel(client, upstream net.Conn, idle time.Duration) *tunnel {
@@ -188,49 +234,176 @@ func (t *tunnel) Close() error {
 // upstream->client (down) and client->upstream (up), and what ended the
 // tunnel if it was not a normal close.
 func (t *tunnel) run() (down, up int64, err error) {
-	var wg sync.WaitGroup
-	var upErr error
-	wg.Go(func() { up, upErr = t.pipe(t.upstream, t.client) })
-	down, err = t.pipe(t.client, t.upstream)
-	wg.Wait()
+	t.wg.Add(1)
+	go t.runUp()
+	down, err = t.pipe(t.client, t.upstream, &t.downQ)
+	t.wg.Wait()
 	t.Close()
-	return down, up, errors.Join(err, upErr)
+	return down, t.up, errors.Join(err, t.upErr)
+}
+
+func (t *tunnel) runUp() {
+	defer t.wg.Done()
+	t.up, t.upErr = t.pipe(t.upstream, t.client, &t.upQ)
 }
 
 type closeWriter interface{ CloseWrite() error }
 
+// testHookCopy, when set by a test, sees the destination and the source of
+// every copy a tunnel makes, as passed to ReadFrom or io.Copy.
+var testHookCopy func(dst io.Writer, src io.Reader)
+
 // pipe copies src to dst until src reaches EOF, which it passes on to dst as
-// a half-close, or until the tunnel fails, idles out or is closed.
-func (t *tunnel) pipe(dst, src net.Conn) (int64, error) {
+// a half-close, or until the tunnel fails, idles out or is closed. Between
+// two TCP connections it splices with q.
+func (t *tunnel) pipe(dst, src net.Conn, q *queued) (int64, error) {
 	tick := max(t.idle/4, time.Millisecond)
-	var total int64
-	for {
-		if err := src.SetReadDeadline(time.Now().Add(tick)); err != nil {
+	d, s := tcpConnOf(dst), tcpConnOf(src)
+	var w *queued
+	if d != nil && s != nil {
+		if err := q.init(s); err != nil {
 			t.Close()
-			return total, quiet(err)
+			return 0, err
 		}
-		n, err := io.Copy(dst, src)
+		w = q
+	}
+	var total int64
+	if err := src.SetReadDeadline(time.Now().Add(tick)); err != nil {
+		t.Close()
+		return total, quiet(err)
+	}
+	for {
+		var n int64
+		var err error
+		if w != nil {
+			n, err = w.spliceTo(d)
+		} else {
+			if testHookCopy != nil {
+				testHookCopy(dst, src)
+			}
+			n, err = io.Copy(dst, src)
+		}
 		total += n
 		if n > 0 {
 			t.last.Store(int64(time.Since(t.start)))
 		}
 		switch {
-		case err == nil: // EOF from src
+		case err == nil && (w == nil || w.eof): // EOF from src
 			if cw, ok := dst.(closeWriter); ok && cw.CloseWrite() == nil {
 				return total, nil // the other direction goes on
 			}
 			t.Close() // cannot half-close dst: end the tunnel
 			return total, nil
+		case err == nil: // more to wait for
 		case errors.Is(err, os.ErrDeadlineExceeded):
-			if time.Since(t.start)-time.Duration(t.last.Load()) < t.idle {
-				continue
+			if time.Since(t.start)-time.Duration(t.last.Load()) >= t.idle {
+				t.Close()
+				return total, errTunnelIdle
 			}
-			t.Close()
-			return total, errTunnelIdle
+			if err := src.SetReadDeadline(time.Now().Add(tick)); err != nil {
+				t.Close()
+				return total, quiet(err)
+			}
 		default:
 			t.Close()
 			return total, quiet(err)
 		}
+	}
+}
+
+// tcpConnOf returns the TCP connection c is or carries unchanged: c itself,
+// or what its NetConn method returns (netutil.Conn). It returns nil for
+// anything else, TLS included, whose bytes are not the socket's.
+func tcpConnOf(c net.Conn) *net.TCPConn {
+	for range 4 { // wrappers of wrappers, but not forever
+		switch v := c.(type) {
+		case *net.TCPConn:
+			return v
+		case *tls.Conn:
+			return nil
+		case interface{ NetConn() net.Conn }:
+			c = v.NetConn()
+		default:
+			return nil
+		}
+	}
+	return nil
+}
+
+// queued waits until a TCP connection has bytes to read, or has reached
+// EOF, without reading them, and then lets the kernel splice exactly the
+// bytes queued to a destination. It allocates nothing per wait or splice.
+type queued struct {
+	rc    syscall.RawConn
+	ready func(fd uintptr) bool // q.check, bound once
+	lr    io.LimitedReader      // of src, for ReadFrom
+
+	n     int32         // bytes queued (SIOCINQ)
+	peek  [1]byte       // MSG_PEEK target
+	eof   bool          // src sent FIN and every byte before it was moved
+	errno syscall.Errno // the socket's error, if any
+}
+
+// init readies q to wait on src.
+func (q *queued) init(src *net.TCPConn) error {
+	rc, err := src.SyscallConn()
+	if err != nil {
+		return err
+	}
+	*q = queued{rc: rc, lr: io.LimitedReader{R: src}}
+	q.ready = q.check
+	return nil
+}
+
+// spliceTo waits until src has bytes queued and moves them to dst, or
+// sets q.eof. It returns the bytes moved and the error that ended the wait
+// or the splice (os.ErrDeadlineExceeded for src's read deadline).
+func (q *queued) spliceTo(dst *net.TCPConn) (int64, error) {
+	q.n, q.errno = 0, 0
+	if err := q.rc.Read(q.ready); err != nil {
+		return 0, err
+	}
+	if q.errno != 0 {
+		return 0, q.errno
+	}
+	if q.n == 0 {
+		q.eof = true
+		return 0, nil
+	}
+	q.lr.N = int64(q.n)
+	if testHookCopy != nil {
+		testHookCopy(dst, &q.lr)
+	}
+	return dst.ReadFrom(&q.lr)
+}
+
+// check is the RawConn.Read callback: it returns false, to wait for the
+// socket to become readable, while nothing is queued and no EOF or error
+// arrived.
+func (q *queued) check(fd uintptr) bool {
+	for {
+		if _, _, e := unix.RawSyscall(unix.SYS_IOCTL, fd, unix.SIOCINQ, uintptr(unsafe.Pointer(&q.n))); e != 0 {
+			q.errno = e
+			return true
+		}
+		if q.n > 0 {
+			return true
+		}
+		// Nothing queued: either nothing came yet, or EOF, which only a
+		// read tells apart.
+		n, _, e := unix.RawSyscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&q.peek[0])), 1,
+			unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+		switch {
+		case e == unix.EAGAIN:
+			return false
+		case e == unix.EINTR:
+		case e != 0:
+			q.errno = e
+			return true
+		case n == 0:
+			return true // EOF, with q.n == 0
+		}
+		// A byte arrived between the two calls: count again.
 	}
 }
 

@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"net/textproto"
-	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -136,7 +135,12 @@ func (s *Server) roundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*http.Respon
 	// A 101's body is the upgraded connection, which goproxy needs as an
 	// io.ReadWriter.
 	if st := stateFrom(req.Context()); st != nil && resp.StatusCode != http.StatusSwitchingProtocols {
-		resp.Body = &upstreamBody{ReadCloser: resp.Body, st: st}
+		b := &st.body // one round trip per request: no allocation
+		if b.ReadCloser != nil {
+			b = new(upstreamBody)
+		}
+		*b = upstreamBody{ReadCloser: resp.Body, st: st}
+		resp.Body = b
 	}
 	return resp, nil
 }
@@ -156,7 +160,8 @@ func (b *upstreamBody) Read(p []byte) (int, error) {
 }
 
 // serveHTTP forwards a plain HTTP request through goproxy.
-func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request, rec *record) {
+func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request, x *exchange) {
+	rec := &x.rec
 	rec.host = r.Host
 	if !r.URL.IsAbs() || r.URL.Host == "" {
 		refuse(w, rec, http.StatusBadRequest, notProxyText, false)
@@ -183,8 +188,9 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request, rec *record) 
 		// connection, response and all. A proxy is full duplex.
 		_ = http.NewResponseController(w).EnableFullDuplex()
 	}
-	st := stateFrom(r.Context())
-	rw := &responseWriter{ResponseWriter: w, s: s, st: st}
+	st := &x.st
+	rw := &x.rw
+	*rw = responseWriter{ResponseWriter: w, s: s, st: st}
 
 	s.gp.ServeHTTP(rw, r)
 
@@ -264,10 +270,16 @@ var hopHeaders = []string{"Connection", "Keep-Alive", "Te", "Trailer", "Transfer
 // survives, because goproxy relays WebSocket upgrades and needs both.
 func removeHopByHop(h http.Header, connection []string, keepWebsocket bool) {
 	upgrade := h.Get("Upgrade")
-	for _, v := range slices.Concat(h["Connection"], connection) {
-		for name := range strings.SplitSeq(v, ",") {
-			if name = textproto.TrimString(name); name != "" {
-				h.Del(name)
+	for _, values := range [...][]string{h["Connection"], connection} {
+		for _, v := range values {
+			for name := range strings.SplitSeq(v, ",") {
+				switch name = textproto.TrimString(name); {
+				case name == "":
+				case strings.EqualFold(name, "close"):
+					h.Del("Close") // already canonical: no allocation
+				default:
+					h.Del(name)
+				}
 			}
 		}
 	}
@@ -406,7 +418,12 @@ func (s *Server) dialHTTP(ctx context.Context, network, addr string) (net.Conn, 
 		return nil, err
 	}
 	if st := stateFrom(ctx); st != nil {
-		return &headSniffer{Conn: c, st: st}, nil
+		h := &st.sniffer // one dial per request: no allocation
+		if h.st != nil {
+			h = new(headSniffer)
+		}
+		*h = headSniffer{Conn: c, st: st}
+		return h, nil
 	}
 	return c, nil
 }
@@ -439,43 +456,91 @@ func (c *headSniffer) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// sniff takes the next bytes read from the connection.
+// sniff takes the next bytes read from the connection. It copies them only
+// while a head is incomplete, so that the usual head, read whole in the
+// first read, costs no allocation.
 func (c *headSniffer) sniff(b []byte) {
 	if c.done {
 		return
 	}
-	c.buf = append(c.buf, b...)
+	if len(c.buf) > 0 {
+		c.buf = append(c.buf, b...)
+		b = c.buf
+	}
 	for !c.done {
-		if len(c.buf) >= len("HTTP/") && !bytes.HasPrefix(c.buf, []byte("HTTP/")) {
+		if len(b) >= len("HTTP/") && !bytes.HasPrefix(b, []byte("HTTP/")) {
 			c.stop()
 			return
 		}
-		end := headEnd(c.buf)
+		end := headEnd(b)
 		if end < 0 {
-			if len(c.buf) > maxSniff {
+			if len(b) > maxSniff {
 				c.stop()
+				return
 			}
+			c.buf = append(c.buf[:0], b...) // may overlap: append moves, forward
 			return
 		}
-		tp := textproto.NewReader(bufio.NewReader(bytes.NewReader(c.buf[:end])))
-		status, err := tp.ReadLine()
-		if err != nil {
-			c.stop()
-			return
-		}
-		h, err := tp.ReadMIMEHeader()
-		if err != nil {
-			c.stop()
-			return
-		}
-		c.buf = c.buf[end:]
+		head := b[:end]
+		b = b[end:]
+		status, _, _ := bytes.Cut(head, []byte("\n"))
 		// Skip interim responses (100 Continue, 103 Early Hints); 101 is final.
-		if _, code, _ := strings.Cut(status, " "); len(code) >= 3 && code[0] == '1' && code[:3] != "101" {
+		if _, code, _ := bytes.Cut(status, []byte(" ")); len(code) >= 3 && code[0] == '1' && string(code[:3]) != "101" {
 			continue
 		}
-		c.st.setConnection(h.Values("Connection"))
+		c.st.setConnection(connectionValues(head[len(status)+1:]))
 		c.stop()
 	}
+}
+
+// closeOnly is the Connection header most upstreams answer egressd's
+// "Connection: close" with, shared rather than allocated per response.
+var closeOnly = []string{"close"}
+
+// connectionValues returns the values of the Connection header fields among
+// the header lines of a message head (a continuation line, obs-fold,
+// continues the previous one), as textproto would read them.
+func connectionValues(lines []byte) []string {
+	var vals []string
+	inConnection := false
+	for len(lines) > 0 {
+		var line []byte
+		line, lines, _ = bytes.Cut(lines, []byte("\n"))
+		line = bytes.TrimSuffix(line, []byte("\r"))
+		if len(line) > 0 && (line[0] == ' ' || line[0] == '\t') {
+			if inConnection && len(vals) > 0 {
+				vals[len(vals)-1] += " " + string(bytes.TrimSpace(line))
+			}
+			continue
+		}
+		name, value, ok := bytes.Cut(line, []byte(":"))
+		inConnection = ok && bytes.EqualFold(name, []byte("Connection"))
+		if !inConnection {
+			continue
+		}
+		value = bytes.TrimSpace(value)
+		if vals == nil && string(value) == "close" && !moreConnection(lines) {
+			return closeOnly
+		}
+		vals = append(vals, string(value))
+	}
+	return vals
+}
+
+// moreConnection reports whether header lines hold another Connection
+// field, or a continuation line right away.
+func moreConnection(lines []byte) bool {
+	if len(lines) > 0 && (lines[0] == ' ' || lines[0] == '\t') {
+		return true
+	}
+	for len(lines) > 0 {
+		var line []byte
+		line, lines, _ = bytes.Cut(lines, []byte("\n"))
+		if name, _, ok := bytes.Cut(line, []byte(":")); ok && bytes.EqualFold(name, []byte("Connection")) {
+			return true
+		}
+	}
+	return false
 }
 
 func (c *headSniffer) stop() {

@@ -520,6 +520,10 @@ func TestHeadSniffer(t *testing.T) {
 		{"interim first", "HTTP/1.1 100 Continue\r\nConnection: X-Interim\r\n\r\nHTTP/1.1 200 OK\r\nConnection: X-B\r\nConnection: close\r\n\r\n", []string{"X-B", "close"}},
 		{"bare LF", "HTTP/1.1 204 No Content\nConnection: close, X-C\n\n", []string{"close, X-C"}},
 		{"switching protocols is final", "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\nHTTP/1.1 200 OK\r\nConnection: X-No\r\n\r\n", []string{"Upgrade"}},
+		{"close alone", "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", []string{"close"}},
+		{"close, then another", "HTTP/1.1 200 OK\r\nConnection: close\r\nconnection: X-D\r\n\r\n", []string{"close", "X-D"}},
+		{"continuation line", "HTTP/1.1 200 OK\r\nConnection: close,\r\n X-E\r\nX-E: 1\r\n\r\n", []string{"close, X-E"}},
+		{"none", "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", nil},
 		{"not HTTP", "\x16\x03\x03\x00\x10HTTP/1.1 200 OK\r\nConnection: X-No\r\n\r\n", nil},
 	}
 	for _, tt := range tests {

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -42,6 +43,13 @@ type reqState struct {
 	// host's own IPv4 address (the dial may run on the transport's
 	// goroutine).
 	ipv4 atomic.Bool
+
+	// body and sniffer are the request's upstreamBody and headSniffer,
+	// kept here so that a plain HTTP request allocates neither.
+	body    upstreamBody
+	sniffer headSniffer
+	// trace is the request's trace on a session's transport (RotateSession).
+	trace httptrace.ClientTrace
 
 	mu         sync.Mutex // for what the dial and transport goroutines set
 	egress     string     // source IP of the upstream connection

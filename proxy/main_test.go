@@ -42,6 +42,9 @@ type fakeDialer struct {
 // embeds *net.TCPConn, so ReadFrom, WriteTo and CloseWrite are promoted.
 type boundConn struct{ *net.TCPConn }
 
+// NetConn returns the TCP connection, as netutil.Conn.NetConn does.
+func (c boundConn) NetConn() net.Conn { return c.TCPConn }
+
 func (d *fakeDialer) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	d.mu.Lock()
 	d.addrs = append(d.addrs, addr)

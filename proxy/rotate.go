@@ -162,7 +162,7 @@ func (s *Server) beginSession(ctx context.Context, key string) (_ context.Contex
 	if err != nil {
 		return ctx, nil, err
 	}
-	ctx = withSession(ctx, key)
+	// sessionFrom finds the key in sess: one context value, not two.
 	return context.WithValue(ctx, sessionCtxKey{}, sess), func() { s.sessions.end(sess) }, nil
 }
 
@@ -342,7 +342,8 @@ func (s *Server) newSessionTransport(sess *session) *http.Transport {
 // records the egress address of the connection it got, new or reused.
 func (s *Server) sessionRoundTrip(sess *session, req *http.Request) (*http.Response, error) {
 	if st := stateFrom(req.Context()); st != nil {
-		trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
+		trace := &st.trace // one round trip per request: no allocation
+		*trace = httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
 			c := info.Conn
 			if tc, ok := c.(*tls.Conn); ok { // an https:// URL
 				c = tc.NetConn()

@@ -29,9 +29,10 @@ type Config struct {
 	// Dial opens every upstream connection, for plain HTTP and CONNECT alike;
 	// the proxy never dials any other way. Required.
 	//
-	// For CONNECT tunnels to keep Linux splice(2), the returned connection
-	// should be a *net.TCPConn or a type embedding one, so that ReadFrom,
-	// WriteTo and CloseWrite are promoted.
+	// For CONNECT tunnels to move bytes with Linux splice(2), the returned
+	// connection should be a *net.TCPConn, or carry one unchanged and return
+	// it from a NetConn method, as netutil.Conn does. Others are copied
+	// through user space.
 	Dial DialFunc
 
 	// Logger receives the access log (one Info line "request" per request or
@@ -246,31 +247,24 @@ func (s *Server) Serve(ln net.Listener) error {
 	return err
 }
 
-// ServeHTTP serves one proxy request: CONNECT opens a tunnel (and returns
-// when it ends), any other method must be in absolute form and is forwarded.
+// ServeHTTP serves one proxy request: CONNECT opens a tunnel (which goes on
+// after ServeHTTP returns), any other method must be in absolute form and is
+// forwarded.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.begin()
-	defer s.end()
-
-	start := time.Now()
-	st := &reqState{}
-	r = r.WithContext(context.WithValue(r.Context(), stateKey{}, st))
-	var rec record
+	x := &exchange{start: time.Now(), r: r}
+	ctx := context.WithValue(r.Context(), stateKey{}, &x.st)
 	defer func() {
-		s.finish(&rec, st)
-		s.logAccess(r, &rec, st, time.Since(start))
+		if !x.handedOff {
+			s.settle(x)
+		}
 	}()
+	rec := &x.rec
 
-	if h, _ := r.Context().Value(connHeldKey{}).(*heldAddr); h != nil {
-		// RotateConnection: a hijacked client connection (a tunnel) gives
-		// its address back once its handler is done with it.
-		defer func() {
-			if h.hijacked.Load() {
-				h.end()
-			}
-		}()
-	}
-	user, userKey, ok := s.authorize(w, r, &rec)
+	// RotateConnection: a hijacked client connection (a tunnel) gives its
+	// address back once the tunnel is done with it.
+	x.held, _ = r.Context().Value(connHeldKey{}).(*heldAddr)
+	user, userKey, ok := s.authorize(w, r, rec)
 	if !ok {
 		rec.host = r.Host
 		return
@@ -285,25 +279,56 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	r.Header.Del(SessionHeader)
-	ctx, done, err := s.beginSession(r.Context(), key)
+	ctx, done, err := s.beginSession(ctx, key)
 	if err != nil {
 		rec.host = r.Host
 		e, ok := errors.AsType[*Error](err)
 		if !ok {
 			e = &Error{Status: http.StatusServiceUnavailable, Reason: errShutdown.Error()}
 		}
-		refuse(w, &rec, e.Status, e.Reason, r.Method == http.MethodConnect)
+		refuse(w, rec, e.Status, e.Reason, r.Method == http.MethodConnect)
 		return
 	}
-	defer done()
+	x.done = done
 	r = r.WithContext(ctx)
 
 	if r.Method == http.MethodConnect {
 		// goproxy is bypassed for CONNECT; see connect.go.
-		s.serveConnect(w, r, &rec)
+		s.serveConnect(w, r, x)
 		return
 	}
-	s.serveHTTP(w, r, &rec)
+	s.serveHTTP(w, r, x)
+}
+
+// exchange is one request's bookkeeping, settled when the request ends:
+// when ServeHTTP returns, or, for a tunnel it handed off to goroutines of
+// its own (so that an open tunnel keeps none of the HTTP server's buffers),
+// when the tunnel ends.
+type exchange struct {
+	r     *http.Request
+	start time.Time
+	st    reqState
+	rec   record
+	rw    responseWriter // plain HTTP
+	held  *heldAddr      // RotateConnection: the client connection's address
+	done  func()         // ends the request's use of its session
+
+	handedOff bool // a tunnel settles the exchange, not ServeHTTP
+}
+
+// settle ends the request: the session's use, the held address of a
+// hijacked connection, statistics and the access log line, and the count of
+// requests in flight.
+func (s *Server) settle(x *exchange) {
+	if x.done != nil {
+		x.done()
+	}
+	if x.held != nil && x.held.hijacked.Load() {
+		x.held.end()
+	}
+	s.finish(&x.rec, &x.st)
+	s.logAccess(x.r, &x.rec, &x.st, time.Since(x.start))
+	s.end()
 }
 
 // Active returns the number of requests in flight, open CONNECT tunnels

@@ -28,8 +28,12 @@ func withSession(ctx context.Context, key string) context.Context {
 	return context.WithValue(ctx, sessionKeyCtx{}, key)
 }
 
-// sessionFrom returns the session key ctx carries, or "".
+// sessionFrom returns the session key ctx carries, or "": the key of the
+// session begun for it (beginSession), or the one withSession put in.
 func sessionFrom(ctx context.Context) string {
+	if sess := sessionOf(ctx); sess != nil {
+		return sess.key
+	}
 	key, _ := ctx.Value(sessionKeyCtx{}).(string)
 	return key
 }
