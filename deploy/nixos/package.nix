@@ -1,0 +1,37 @@
+# egressd and egressctl from this checkout: `pkgs.callPackage ./package.nix { }`.
+# go.mod asks for Go 1.26: with a nixpkgs whose default Go is older, pass
+# `{ buildGoModule = pkgs.buildGo126Module; }`.
+{ lib, buildGoModule }:
+
+buildGoModule {
+  pname = "egressd";
+  version = "0-unstable";
+
+  # The checkout without .git and without make's bin/.
+  src = lib.cleanSourceWith {
+    src = lib.cleanSource ../..;
+    filter = path: _: path != toString ../../bin;
+  };
+
+  # The NAR hash of `go mod vendor` of the module (deploy/nix_test.go
+  # recomputes it from go.mod and go.sum and says the new value when they
+  # change).
+  vendorHash = "sha256-drvxnHht6PbYY77bfpNJXy1lDJIjxuMiKvgHsGPp/8w=";
+
+  subPackages = [
+    "cmd/egressd"
+    "cmd/egressctl"
+  ];
+
+  ldflags = [
+    "-s"
+    "-w"
+  ];
+
+  meta = {
+    description = "Forward proxy that sends every upstream connection from a fresh IPv6 address of the host's prefix";
+    homepage = "https://github.com/egressd/egressd";
+    mainProgram = "egressd";
+    platforms = lib.platforms.linux;
+  };
+}
