@@ -93,6 +93,11 @@ func (g *gitServer) newRepo(t testing.TB, name string, files map[string]string) 
 // (no system or global git config unless env names one, the upstream's CA
 // trusted) and returns its output.
 func (g *gitServer) clone(e *env, env []string, url, dir string) (string, error) {
+	return g.cloneIn(e.tp.Host, e, env, url, dir)
+}
+
+// cloneIn is clone in the namespace ns.
+func (g *gitServer) cloneIn(ns *nstest.NS, e *env, env []string, url, dir string) (string, error) {
 	base := []string{
 		"HOME=" + filepath.Dir(dir),
 		"GIT_CONFIG_NOSYSTEM=1",
@@ -101,7 +106,7 @@ func (g *gitServer) clone(e *env, env []string, url, dir string) (string, error)
 		"GIT_SSL_CAINFO=" + e.up.CAFile,
 	}
 	// Later entries win: env may name its own GIT_CONFIG_GLOBAL.
-	return e.tp.Host.OutputEnv(append(base, env...), "git", "clone", "-q", url, dir)
+	return ns.OutputEnv(append(base, env...), "git", "clone", "-q", url, dir)
 }
 
 // hitList returns the recorded requests in arrival order.

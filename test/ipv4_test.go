@@ -69,7 +69,7 @@ func TestIPv4Only(t *testing.T) {
 		assert.Equal(t, nstest.HostAddr4.String()+"\n", body)
 		assert.Equal(t, []netip.Addr{nstest.HostAddr4}, e.up.Peers(), "the upstream saw H's own IPv4 address")
 
-		recs := waitRequestLogs(t, e.ed, 1)
+		recs := waitRequestLogs(t, e.ed, 1, nil)
 		assert.Equal(t, nstest.HostAddr4.String(), recs[0]["egress"], "the access log names the source")
 		s := ctlStats(t, e)
 		u := upstreamStats(t, s, nstest.V4OnlyName)
@@ -93,7 +93,7 @@ func TestIPv4Only(t *testing.T) {
 		require.Len(t, peers, 3)
 		assertFresh(t, peers[2:], 1)
 
-		waitRequestLogs(t, e.ed, 3)
+		waitRequestLogs(t, e.ed, 3, nil)
 		s = ctlStats(t, e)
 		assert.Equal(t, uint64(2), upstreamStats(t, s, nstest.V4OnlyName).IPv4)
 		assert.Zero(t, upstreamStats(t, s, nstest.UpstreamName).IPv4)
@@ -123,7 +123,7 @@ func TestIPv4Only(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, http.StatusOK, status, body)
 
-		waitRequestLogs(t, e.ed, 3)
+		waitRequestLogs(t, e.ed, 3, nil)
 		s := ctlStats(t, e)
 		u := upstreamStats(t, s, nstest.V4OnlyName)
 		assert.Equal(t, uint64(2), u.Requests)
@@ -162,7 +162,7 @@ func TestIPv4Only(t *testing.T) {
 		require.Equal(t, http.StatusOK, status, body)
 		assertFresh(t, e.up.Peers(), 1)
 
-		waitRequestLogs(t, e.ed, 3)
+		waitRequestLogs(t, e.ed, 3, nil)
 		assert.Zero(t, accepted.Load(), "egressd fell back to IPv4 for a name with an AAAA record")
 		assert.Zero(t, upstreamStats(t, ctlStats(t, e), nstest.DualName).IPv4)
 

@@ -7,6 +7,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -108,6 +109,15 @@ func (e *env) restart(t testing.TB, extra ...string) *nstest.Process {
 	return ed
 }
 
+// replace stops e's egressd with SIGTERM, as systemd stops it, and starts
+// another in the same topology with extra flags.
+func (e *env) replace(t testing.TB, extra ...string) *nstest.Process {
+	t.Helper()
+	require.NoError(t, e.ed.Signal(syscall.SIGTERM))
+	require.Zero(t, e.ed.Wait(t), "egressd's exit status after SIGTERM")
+	return e.restart(t, extra...)
+}
+
 func guardCtx(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), nstest.Guard)
 	t.Cleanup(cancel)
@@ -189,12 +199,37 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// waitRequestLogs waits until egressd has logged at least n access lines and
-// returns them.
-func waitRequestLogs(t *testing.T, ed *nstest.Process, n int) []map[string]string {
+// waitRequestLogs waits until egressd has logged at least n access lines that
+// keep accepts (every line when keep is nil) and returns those lines.
+// egressd writes an access line when a request ends, after the client has
+// its answer, so a line of an earlier request can come after the lines of a
+// later one: a test picks its own lines by what marks them (egressIn,
+// statusIs), never by their position in the log.
+func waitRequestLogs(t *testing.T, ed *nstest.Process, n int, keep func(rec map[string]string) bool) []map[string]string {
 	t.Helper()
-	waitFor(t, fmt.Sprintf("%d access log lines", n), func() bool { return len(ed.Log("request")) >= n })
-	return ed.Log("request")
+	lines := func() []map[string]string {
+		recs := ed.Log("request")
+		if keep != nil {
+			recs = slices.DeleteFunc(recs, func(rec map[string]string) bool { return !keep(rec) })
+		}
+		return recs
+	}
+	waitFor(t, fmt.Sprintf("%d access log lines", n), func() bool { return len(lines()) >= n })
+	return lines()
+}
+
+// egressIn keeps the access lines of requests that left from one of addrs:
+// fresh addresses are never reused, so they mark a test's own requests.
+func egressIn(addrs []netip.Addr) func(map[string]string) bool {
+	return func(rec map[string]string) bool {
+		a, err := netip.ParseAddr(rec["egress"])
+		return err == nil && slices.Contains(addrs, a)
+	}
+}
+
+// statusIs keeps the access lines with the given status.
+func statusIs(status string) func(map[string]string) bool {
+	return func(rec map[string]string) bool { return rec["status"] == status }
 }
 
 // assertEgressAddr checks what egressd added to the interface: a /128 with

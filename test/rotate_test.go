@@ -80,7 +80,7 @@ func TestRotateSession(t *testing.T) {
 	require.Len(t, addrsA, 1, "key a: egress addresses")
 	assert.Len(t, connsA, 1, "key a: upstream connections")
 	a := addrsA[0]
-	for _, rec := range waitRequestLogs(t, e.ed, 10)[:10] {
+	for _, rec := range waitRequestLogs(t, e.ed, 10, nil)[:10] {
 		assert.Equal(t, a.String(), rec["egress"], "access line of a reused connection names its address")
 	}
 	addrsB, connsB := fetchMany(t, c, url, "b", 10)

@@ -34,7 +34,6 @@ func TestSOCKS5(t *testing.T) {
 			}
 			t.Run(name, func(t *testing.T) {
 				e.up.Reset()
-				logged := len(e.ed.Log("request"))
 				url := e.up.HTTPURL
 				if scheme == "https" {
 					url = e.up.HTTPSURL
@@ -56,7 +55,8 @@ func TestSOCKS5(t *testing.T) {
 				assert.Equal(t, peers, bodies)
 				total += runs
 
-				recs := waitRequestLogs(t, e.ed, logged+runs)[logged:]
+				recs := waitRequestLogs(t, e.ed, runs, egressIn(peers))
+				assert.Len(t, recs, runs, "one access line per connection")
 				var egress []string
 				port := "80"
 				if scheme == "https" {
@@ -94,8 +94,7 @@ func TestSOCKS5Errors(t *testing.T) {
 	e := start(t, "-socks5", socksAddr)
 	_, err := e.tp.Host.Output("curl", "-q", "-sS", "--max-time", "30", "--socks5-hostname", socksAddr, "http://nosuch.test/")
 	require.Error(t, err)
-	recs := waitRequestLogs(t, e.ed, 1)
-	rec := recs[len(recs)-1]
+	rec := waitRequestLogs(t, e.ed, 1, nil)[0]
 	assert.Equal(t, "SOCKS5", rec["method"])
 	assert.Equal(t, "nosuch.test:80", rec["host"])
 	assert.Equal(t, "502", rec["status"])
