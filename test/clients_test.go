@@ -282,7 +282,7 @@ func TestGitClonePaced(t *testing.T) {
 	opened := slices.SortedFunc(maps.Values(firsts), time.Time.Compare)
 	assertPaced(t, opened, interval, burst)
 
-	u := upstreamStats(t, ctlStats(t, e), nstest.UpstreamName)
+	u := nstest.UpstreamStats(t, ctlStats(t, e), nstest.UpstreamName)
 	assert.EqualValues(t, clones, u.Requests, "the shaper counts one per tunnel")
 	assert.Greater(t, len(hits), clones, "git sends several requests inside each tunnel")
 	t.Logf("%d clones: %d requests, %d tunnels, first requests %v apart in all",
@@ -436,7 +436,7 @@ func TestServiceRecipes(t *testing.T) {
 			socks := func() []map[string]string {
 				return slices.DeleteFunc(e.ed.Log("request"), func(rec map[string]string) bool { return rec["method"] != "SOCKS5" })
 			}
-			waitFor(t, "SOCKS5 access lines", func() bool { return len(socks()) >= n })
+			nstest.WaitFor(t, "SOCKS5 access lines", func() bool { return len(socks()) >= n })
 			for _, rec := range socks() {
 				assert.Equal(t, nstest.UpstreamName+":443", rec["host"], "egressd got the name, not an address")
 			}
