@@ -2,7 +2,6 @@ package deploy
 
 import (
 	"bufio"
-	"fmt"
 	"os"
 	"os/exec"
 	"strings"
@@ -15,52 +14,20 @@ import (
 
 // The files under test, relative to this package's directory.
 const (
-	unitFile     = "systemd/egressd.service"
-	exampleFile  = "systemd/egressd.yaml"
-	sysusersFile = "systemd/egressd.sysusers"
-	settingsNix  = "nixos/settings.nix"
-	serviceNix   = "nixos/service.nix"
-	packageNix   = "nixos/package.nix"
+	unitFile      = "systemd/egressd.service"
+	exampleFile   = "systemd/egressd.yaml"
+	sysusersFile  = "systemd/egressd.sysusers"
+	settingsNix   = "nixos/settings.nix"
+	serviceNix    = "nixos/service.nix"
+	packageNix    = "nixos/package.nix"
+	reloadableNix = "nixos/reloadable.nix"
 )
 
-// Binaries built once per test binary, into a directory every user may read
-// (egressd also runs as an unprivileged user here). A build error fails only
-// the tests that need the binary.
-var bins = map[string]struct {
-	path string
-	err  error
-}{}
-
+// TestMain builds egressd and egressctl once, into a directory every user
+// may read (egressd also runs as an unprivileged user here); tests find them
+// with nstest.Binary.
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "egressd-deploy-")
-	if err == nil {
-		err = os.Chmod(dir, 0o755)
-	}
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "deploy:", err)
-		os.Exit(1)
-	}
-	for _, pkg := range []string{"./cmd/egressd", "./cmd/egressctl"} {
-		path, err := nstest.Build(dir, pkg)
-		bins[pkg] = struct {
-			path string
-			err  error
-		}{path, err}
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
-
-// binary returns the path of a binary built in TestMain, failing the test if
-// it did not build.
-func binary(t testing.TB, pkg string) string {
-	t.Helper()
-	b := bins[pkg]
-	if b.err != nil {
-		t.Fatalf("%s did not build: %v", pkg, b.err)
-	}
-	return b.path
+	os.Exit(nstest.Main(m, "./cmd/egressd", "./cmd/egressctl"))
 }
 
 // requireTool returns the path of a program the test needs. Outside CI a

@@ -56,6 +56,16 @@ func nixConfigFile(t testing.TB, args string) string {
 	return s
 }
 
+// reloadableKeys is the list in reloadable.nix: the config keys a reload
+// applies.
+func reloadableKeys(t testing.TB) []string {
+	t.Helper()
+	var keys []string
+	nixEval(t, "import ./"+reloadableNix, &keys)
+	require.NotEmpty(t, keys)
+	return keys
+}
+
 // TestNixParse: every .nix file of the repository parses (CI's check), and a
 // broken one does not, so that the check can fail.
 func TestNixParse(t *testing.T) {
@@ -72,7 +82,7 @@ func TestNixParse(t *testing.T) {
 		}
 		return nil
 	}))
-	for _, want := range []string{"module.nix", "package.nix", "settings.nix", "service.nix"} {
+	for _, want := range []string{"module.nix", "package.nix", "settings.nix", "service.nix", "reloadable.nix"} {
 		assert.Contains(t, files, filepath.Join("..", "deploy", "nixos", want))
 	}
 	for _, f := range files {

@@ -5,10 +5,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -63,7 +67,7 @@ func startAsService(t *testing.T, tp *nstest.Topo, dir string, caps bool, args .
 	p := tp.Host.Start(t, nil, setpriv, slices.Concat([]string{
 		"--reuid", uid, "--regid", uid, "--clear-groups",
 		"--inh-caps=" + set, "--ambient-caps=" + set, "--bounding-set=" + set,
-		"--no-new-privs", "--", binary(t, "./cmd/egressd"),
+		"--no-new-privs", "--", nstest.Binary(t, "./cmd/egressd"),
 	}, args, []string{"-admin", admin})...)
 	p.Admin = admin
 	return p
@@ -101,10 +105,12 @@ func procStatus(t *testing.T, path string) map[string]string {
 }
 
 // fetchFresh sends a request for each URL through the proxy at proxyAddr
-// from H and checks that each got 200 from a fresh address of the prefix.
-func fetchFresh(t *testing.T, tp *nstest.Topo, up *nstest.Upstream, proxyAddr string, urls ...string) {
+// from H, as user (nil: without credentials), and checks that each got 200
+// from a fresh address of the prefix.
+func fetchFresh(t *testing.T, tp *nstest.Topo, up *nstest.Upstream, proxyAddr string, user *url.Userinfo, urls ...string) {
 	t.Helper()
 	c := tp.Host.NewClient(t, proxyAddr, up.RootCAs, false)
+	c.Transport.Proxy = http.ProxyURL(&url.URL{Scheme: "http", User: user, Host: proxyAddr})
 	for _, u := range urls {
 		ctx, cancel := context.WithTimeout(context.Background(), nstest.Guard)
 		code, body, err := c.Fetch(ctx, u)
@@ -118,25 +124,37 @@ func fetchFresh(t *testing.T, tp *nstest.Topo, up *nstest.Upstream, proxyAddr st
 	}
 }
 
-// ctlStats runs `egressctl -admin SOCKET stats -json` in H and decodes it.
+// ctlStats is `egressctl -admin SOCKET stats -json` in H.
 func ctlStats(t *testing.T, tp *nstest.Topo, admin string) stats.Stats {
 	t.Helper()
-	out, err := tp.Host.Output(binary(t, "./cmd/egressctl"), "-admin", admin, "stats", "-json")
-	require.NoError(t, err, out)
-	var s stats.Stats
-	require.NoError(t, json.Unmarshal([]byte(out), &s), out)
-	return s
+	return tp.Host.CtlStats(t, nstest.Binary(t, "./cmd/egressctl"), admin)
 }
 
-func upstreamStats(t *testing.T, s stats.Stats, name string) stats.UpstreamStats {
+// writeAuthFile writes an htpasswd -B file with user's name and password at
+// path, as the example config and the NixOS module tell users to: group
+// egressd (here serviceUID's group), mode 0640, so that the service reads it
+// through its group.
+func writeAuthFile(t *testing.T, path string, user *url.Userinfo) {
 	t.Helper()
-	for _, u := range s.Upstreams {
-		if u.Upstream == name {
-			return u
-		}
+	pass, _ := user.Password()
+	nstest.HTPasswd(t, path, map[string]string{user.Username(): pass})
+	require.NoError(t, os.Chown(path, 0, serviceUID))
+	require.NoError(t, os.Chmod(path, 0o640))
+}
+
+// curlFromR runs curl in R through the proxy at proxyAddr (plain HTTP to
+// the upstream), as user (nil: without credentials), and returns the HTTP
+// status.
+func curlFromR(t *testing.T, tp *nstest.Topo, up *nstest.Upstream, proxyAddr string, user *url.Userinfo) string {
+	t.Helper()
+	requireTool(t, "curl", "curl")
+	args := []string{"-x", "http://" + proxyAddr, up.HTTPURL}
+	if user != nil {
+		args = append([]string{"--proxy-user", user.String()}, args...)
 	}
-	t.Fatalf("no upstream %q in %+v", name, s.Upstreams)
-	return stats.UpstreamStats{}
+	code, _, err := tp.Router.CurlStatus(args...)
+	require.NoError(t, err)
+	return code
 }
 
 // stopClean sends SIGTERM, which is how systemd stops the unit, and checks
@@ -162,77 +180,153 @@ func hostAddrs(t *testing.T, tp *nstest.Topo) []string {
 }
 
 // TestUnitRunsExampleConfig: the unit's ExecStart, with its -config pointing
-// at the example config unchanged, starts egressd as the unit's unprivileged
-// user in the namespace topology (the example leaves interface and prefix to
-// the default route, which H has). Both loopback listeners proxy, every
-// request leaves from a fresh address, the example's limit rule applies to
-// its host, and SIGTERM leaves no address behind.
+// at the example config, starts egressd as the unit's unprivileged user in
+// the namespace topology (the example leaves interface and prefix to the
+// default route, which H has): as shipped, and with its bridge lines taken
+// in (see bridgeLines). Every listener proxies, every request leaves from a
+// fresh address, the example's limit rule applies to its host, and SIGTERM
+// leaves no address behind. With the bridge lines a client on the bridge's
+// network (R) needs the auth file's credentials: 407 without, 200 with.
 func TestUnitRunsExampleConfig(t *testing.T) {
 	t.Parallel()
-	tp, up := topology(t)
-	// The example paces aur.archlinux.org; inside H that name is the upstream.
-	hosts, err := os.OpenFile(filepath.Join("/etc/netns", tp.Host.Name, "hosts"), os.O_APPEND|os.O_WRONLY, 0)
-	require.NoError(t, err)
-	_, err = fmt.Fprintf(hosts, "%s aur.archlinux.org\n", nstest.UpstreamAddr)
-	require.NoError(t, errors.Join(err, hosts.Close()))
-	before := hostAddrs(t, tp)
+	for _, tt := range []struct {
+		name      string
+		bridge    bool // take in the bridge lines
+		listening []string
+	}{
+		{"as shipped", false, []string{"127.0.0.1:3128", "[::1]:3128"}},
+		{"bridge lines taken in", true, []string{"127.0.0.1:3128", "[::1]:3128", bridgeListen}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			tp, up := topology(t)
+			// The example paces aur.archlinux.org; inside H that name is the upstream.
+			hosts, err := os.OpenFile(filepath.Join("/etc/netns", tp.Host.Name, "hosts"), os.O_APPEND|os.O_WRONLY, 0)
+			require.NoError(t, err)
+			_, err = fmt.Fprintf(hosts, "%s aur.archlinux.org\n", nstest.UpstreamAddr)
+			require.NoError(t, errors.Join(err, hosts.Close()))
+			before := hostAddrs(t, tp)
 
-	dir := runDir(t)
-	example, err := os.ReadFile(exampleFile)
-	require.NoError(t, err)
-	config := filepath.Join(dir, "egressd.yaml")
-	require.NoError(t, os.WriteFile(config, example, 0o644))
-	_, args := readUnit(t, unitFile).execStart(t)
-	i := slices.Index(args, "-config")
-	require.GreaterOrEqual(t, i, 0, "ExecStart has no -config")
-	args[i+1] = config
+			dir := runDir(t)
+			example, err := os.ReadFile(exampleFile)
+			require.NoError(t, err)
+			var user *url.Userinfo // nil: no auth file
+			if tt.bridge {
+				user = url.UserPassword("alice", "bridge-Pa55")
+				auth := filepath.Join(dir, "htpasswd")
+				writeAuthFile(t, auth, user)
+				example = []byte(bridgeLines(t, string(example), auth))
+				t.Logf("the example with its bridge lines:\n%s", example)
+			}
+			config := filepath.Join(dir, "egressd.yaml")
+			require.NoError(t, os.WriteFile(config, example, 0o644))
+			_, args := readUnit(t, unitFile).execStart(t)
+			i := slices.Index(args, "-config")
+			require.GreaterOrEqual(t, i, 0, "ExecStart has no -config")
+			args[i+1] = config
 
-	// Without the unit's one capability it refuses to start, in one line.
-	noCaps := startAsService(t, tp, dir, false, args...)
-	assert.Equal(t, 1, noCaps.Wait(t))
-	assert.Equal(t, 1, strings.Count(noCaps.Stderr(), "\n"), "%s", noCaps.Stderr())
-	assert.Contains(t, noCaps.Stderr(), "CAP_NET_ADMIN")
+			// Without the unit's one capability it refuses to start, in one line.
+			noCaps := startAsService(t, tp, dir, false, args...)
+			assert.Equal(t, 1, noCaps.Wait(t))
+			assert.Equal(t, 1, strings.Count(noCaps.Stderr(), "\n"), "%s", noCaps.Stderr())
+			assert.Contains(t, noCaps.Stderr(), "CAP_NET_ADMIN")
 
-	ed := startAsService(t, tp, dir, true, args...)
-	listening := ed.WaitListening(t, 2)
-	assertServicePrivileges(t, ed)
-	assert.ElementsMatch(t, []string{"127.0.0.1:3128", "[::1]:3128"}, listening)
-	for _, addr := range listening {
-		fetchFresh(t, tp, up, addr, "http://aur.archlinux.org/", up.HTTPSURL)
+			ed := startAsService(t, tp, dir, true, args...)
+			listening := ed.WaitListening(t, len(tt.listening))
+			assertServicePrivileges(t, ed)
+			assert.ElementsMatch(t, tt.listening, listening)
+			for _, addr := range listening {
+				fetchFresh(t, tp, up, addr, user, "http://aur.archlinux.org/", up.HTTPSURL)
+			}
+			peers := up.Peers()
+			n := 2 * len(listening)
+			assert.Len(t, peers, n)
+			assert.Len(t, slices.Compact(slices.SortedFunc(slices.Values(peers), netip.Addr.Compare)), n, "%d distinct egress addresses: %v", n, peers)
+
+			aur := nstest.UpstreamStats(t, ctlStats(t, tp, ed.Admin), "aur.archlinux.org")
+			assert.Equal(t, "aur.archlinux.org", aur.Rule, "the example's limit rule applies")
+			assert.Equal(t, uint64(len(listening)), aur.Requests)
+
+			if tt.bridge {
+				assert.Equal(t, "407", curlFromR(t, tp, up, bridgeListen, nil), "from the bridge's network without credentials")
+				assert.Equal(t, "200", curlFromR(t, tp, up, bridgeListen, user), "from the bridge's network with credentials")
+			}
+			stopClean(t, tp, ed, before)
+		})
 	}
-	peers := up.Peers()
-	assert.Len(t, peers, 4)
-	assert.Len(t, slices.Compact(slices.SortedFunc(slices.Values(peers), netip.Addr.Compare)), 4, "four distinct egress addresses: %v", peers)
+}
 
-	aur := upstreamStats(t, ctlStats(t, tp, ed.Admin), "aur.archlinux.org")
-	assert.Equal(t, "aur.archlinux.org", aur.Rule, "the example's limit rule applies")
-	assert.Equal(t, uint64(2), aur.Requests)
+// bridgeListen is where egressd listens on the "bridge" in the tests: H's
+// IPv4 address on its link to R, whose /24 stands for the containers'
+// network.
+var bridgeListen = net.JoinHostPort(nstest.HostAddr4.String(), "3128")
 
-	stopClean(t, tp, ed, before)
+// bridgeLines takes in the example config's commented-out bridge lines as a
+// user does: listen (replacing the listen line in force), allow and
+// auth-file, with the topology's addresses for the example's: H's IPv4 link
+// address for the bridge's 10.0.5.1, its /24 for 10.0.5.0/24, and authFile
+// for /etc/egressd/htpasswd.
+func bridgeLines(t *testing.T, example, authFile string) string {
+	t.Helper()
+	var b strings.Builder
+	taken := map[string]int{}
+	for line := range strings.Lines(example) {
+		if strings.HasPrefix(line, "listen: ") {
+			line = "# " + line // replaced by the bridge's
+		} else {
+			for _, key := range []string{"listen", "allow", "auth-file"} {
+				if rest, ok := strings.CutPrefix(line, "# "+key+": "); ok {
+					line = key + ": " + rest
+					taken[key]++
+				}
+			}
+		}
+		b.WriteString(line)
+	}
+	assert.Equal(t, map[string]int{"listen": 1, "allow": 1, "auth-file": 1}, taken, "the example's bridge lines")
+	s := b.String()
+	link := netip.PrefixFrom(nstest.HostAddr4, 24).Masked()
+	for _, r := range []struct{ example, here string }{
+		{"10.0.5.1:3128", bridgeListen},
+		{"10.0.5.0/24", link.String()},
+		{"/etc/egressd/htpasswd", authFile},
+	} {
+		require.Contains(t, s, r.example, "the example's bridge lines changed: adapt this test")
+		s = strings.ReplaceAll(s, r.example, r.here)
+	}
+	return s
 }
 
 // TestNixConfigRuns: the config file the NixOS module writes (settings.nix
 // evaluated by Nix and serialised with builtins.toJSON, byte for byte) is
 // what egressd runs with, started as the module's ExecStart does
 // (-config FILE) with the unit's privileges: its interface, prefix, mode,
-// listen, limit and free-form settings all take effect.
+// listen, allow, authFile, limits and free-form settings all take effect,
+// the auth file readable through the egressd group as the module says.
+//
+// Then a reload of a config with every key changed (but admin, which the
+// command line sets) applies exactly the keys of reloadable.nix, the ones
+// the module reloads for rather than restarts, and names every other key
+// as needing a restart; the new allow list, users, limit rule and grace
+// period take effect.
 func TestNixConfigRuns(t *testing.T) {
 	t.Parallel()
 	tp, up := topology(t)
 	before := hostAddrs(t, tp)
 
-	const listen = "127.0.0.1:3129" // not egressd's default, so the setting shows
+	const loopback = "127.0.0.1:3129" // not egressd's default, so the setting shows
 	dir := runDir(t)
+	alice := url.UserPassword("alice", "nix-Pa55")
+	writeAuthFile(t, filepath.Join(dir, "alice.htpasswd"), alice)
 	config := filepath.Join(dir, "egressd.json")
-	content := nixConfigFile(t, fmt.Sprintf(`interface = %q; prefix = %q; mode = "onlink"; listen = [ %q ];
-		allow = [ ]; limits = [ "%s=100r/s,burst=10" ]; authFile = null;
+	writeNixConfig(t, config, fmt.Sprintf(`interface = %q; prefix = %q; mode = "onlink"; listen = [ %q %q ];
+		allow = [ "127.0.0.0/8" %q ]; limits = [ "%s=100r/s,burst=10" ]; authFile = %q;
 		settings = { max-addrs = 16; ready = 2; rotate = "connection"; grace = "5s"; };`,
-		tp.HostLink, nstest.Prefix, listen, nstest.UpstreamName))
-	t.Logf("%s: %s", config, content)
-	require.NoError(t, os.WriteFile(config, []byte(content), 0o644))
+		tp.HostLink, nstest.Prefix, loopback, bridgeListen, netip.PrefixFrom(nstest.HostAddr4, 24).Masked(),
+		nstest.UpstreamName, filepath.Join(dir, "alice.htpasswd")))
 
 	ed := startAsService(t, tp, dir, true, "-config", config)
-	assert.Equal(t, []string{listen}, ed.WaitListening(t, 1))
+	assert.ElementsMatch(t, []string{loopback, bridgeListen}, ed.WaitListening(t, 2))
 	assertServicePrivileges(t, ed)
 	ready := ed.Log("egressd ready")
 	require.Len(t, ready, 1)
@@ -242,10 +336,64 @@ func TestNixConfigRuns(t *testing.T) {
 	assert.Equal(t, "16", ready[0]["max_addrs"])
 	assert.Equal(t, "connection", ready[0]["rotate"])
 
-	fetchFresh(t, tp, up, listen, up.HTTPURL, up.HTTPSURL, up.HTTPURL)
-	u := upstreamStats(t, ctlStats(t, tp, ed.Admin), nstest.UpstreamName)
+	fetchFresh(t, tp, up, loopback, alice, up.HTTPURL, up.HTTPSURL)
+	fetchFresh(t, tp, up, bridgeListen, alice, up.HTTPURL)
+	u := nstest.UpstreamStats(t, ctlStats(t, tp, ed.Admin), nstest.UpstreamName)
 	assert.Equal(t, nstest.UpstreamName, u.Rule, "the limit rule applies")
 	assert.Equal(t, uint64(3), u.Requests)
+	assert.Equal(t, "407", curlFromR(t, tp, up, bridgeListen, nil), "from R without credentials")
+	assert.Equal(t, "200", curlFromR(t, tp, up, bridgeListen, alice), "from R with credentials")
+
+	// The reload: every key changed. Listening and the addresses stay as
+	// they were; allow, the users, the limit and grace change.
+	bob := url.UserPassword("bob", "nix-Pa55-2")
+	writeAuthFile(t, filepath.Join(dir, "bob.htpasswd"), bob)
+	next := writeNixConfig(t, config, fmt.Sprintf(`interface = "egt-other"; prefix = "2001:db8:1:3::/64"; mode = "routed";
+		listen = [ "127.0.0.1:3130" ]; allow = [ "127.0.0.0/8" ]; limits = [ "%s=1r/h,burst=1,wait=1s" ]; authFile = %q;
+		settings = { max-addrs = 32; ready = 3; rotate = "session"; grace = "6s"; log-level = "debug";
+			dial-timeout = "9s"; ipv4 = "deny"; pin = [ "2001:db8:1:2::99" ]; session-idle = "9m";
+			socks5 = "127.0.0.1:1081"; tunnel-idle = "4m"; };`,
+		nstest.UpstreamName, filepath.Join(dir, "bob.htpasswd")))
+	var keys map[string]any
+	require.NoError(t, json.Unmarshal([]byte(next), &keys))
+	every := slices.DeleteFunc(egressdFlags(t), func(f string) bool { return f == "config" || f == "admin" })
+	require.ElementsMatch(t, every, slices.Collect(maps.Keys(keys)), "the reload config sets every key of egressd -h but config and admin")
+
+	out, err := tp.Host.Output(nstest.Binary(t, "./cmd/egressctl"), "-admin", ed.Admin, "reload")
+	require.NoError(t, err)
+	m := reloadedLine.FindStringSubmatch(out)
+	require.NotNil(t, m, "egressctl reload printed %q", out)
+	reloadable := reloadableKeys(t)
+	assert.ElementsMatch(t, reloadable, strings.Split(m[1], ", "), "what the reload applied, against %s", reloadableNix)
+	assert.ElementsMatch(t, slices.DeleteFunc(every, func(k string) bool { return slices.Contains(reloadable, k) }),
+		strings.Split(m[2], ", "), "what needs a restart")
+
+	assert.Equal(t, "403", curlFromR(t, tp, up, bridgeListen, alice), "R, no longer allowed")
+	code, _, err := tp.Host.CurlStatus("--proxy-user", alice.String(), "-x", "http://"+loopback, up.HTTPURL)
+	require.NoError(t, err)
+	assert.Equal(t, "407", code, "alice, no longer a user")
+	fetchFresh(t, tp, up, loopback, bob, up.HTTPURL) // the new rule's one token
+	code, _, err = tp.Host.CurlStatus("--proxy-user", bob.String(), "-x", "http://"+loopback, up.HTTPURL)
+	require.NoError(t, err)
+	assert.Equal(t, "429", code, "the new limit rule")
+	assert.Equal(t, uint64(1), nstest.UpstreamStats(t, ctlStats(t, tp, ed.Admin), nstest.UpstreamName).Rejected)
 
 	stopClean(t, tp, ed, before)
+	stopping := ed.Log("shutting down")
+	require.Len(t, stopping, 1)
+	assert.Equal(t, "6s", stopping[0]["grace"], "the reloaded grace period")
+}
+
+// reloadedLine is what egressctl reload prints when keys that a reload
+// applies and keys that need a restart both changed.
+var reloadedLine = regexp.MustCompile(`^reloaded: (.+) changed; restart to apply (.+) \(the running values stay\)\n$`)
+
+// writeNixConfig writes the config file the NixOS module makes of args (see
+// nixConfigFile) at path, and returns its content.
+func writeNixConfig(t *testing.T, path, args string) string {
+	t.Helper()
+	content := nixConfigFile(t, args)
+	t.Logf("%s: %s", path, content)
+	require.NoError(t, os.WriteFile(path, []byte(content), 0o644))
+	return content
 }

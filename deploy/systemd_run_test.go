@@ -2,8 +2,12 @@ package deploy
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,12 +22,6 @@ import (
 
 	"github.com/egressd/egressd/test/nstest"
 )
-
-// sdNotifyLanded says whether egressd sends sd_notify messages (issue 7,
-// another branch). Until it does, a Type=notify unit stays "activating"
-// while egressd serves; once it does, this is true and the test also
-// requires "active", and a reload through ExecReload.
-const sdNotifyLanded = false
 
 // manager is a systemd system manager running as PID 1 of its own PID,
 // mount, cgroup, UTS and IPC namespaces, inside a test's network namespace.
@@ -144,7 +142,7 @@ exec nsenter --net="/run/netns/$EGT_NS" -- unshare --pid --mount --cgroup --uts 
 		time.Sleep(20 * time.Millisecond)
 	}
 	m.root = fmt.Sprintf("/proc/%d/root", m.pid)
-	m.waitFor(t, "the manager to answer", func() bool {
+	nstest.WaitFor(t, "the manager to answer", func() bool {
 		_, err := m.systemctlErr("is-active", "egtest.target")
 		return err == nil
 	})
@@ -257,29 +255,16 @@ func (m *manager) file(t testing.TB, path string) string {
 	return string(data)
 }
 
-// waitFor polls cond every 20 ms until it holds, failing the test after
-// nstest.Guard. It is a failure guard, not a timing assertion.
-func (m *manager) waitFor(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(nstest.Guard)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("gave up after %v waiting for %s", nstest.Guard, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// logged reports how many lines of egressd's output (the unit's standard
-// error, sent to /run/egtest/out) have msg=msg.
-func (m *manager) logged(t testing.TB, msg string) int {
-	n := 0
+// logged returns the lines of egressd's output (the unit's standard error,
+// sent to /run/egtest/out) with msg=msg, each as its key=value pairs.
+func (m *manager) logged(t testing.TB, msg string) []map[string]string {
+	var recs []map[string]string
 	for line := range strings.Lines(m.file(t, "/run/egtest/out")) {
-		if nstest.ParseLogLine(line)["msg"] == msg {
-			n++
+		if rec := nstest.ParseLogLine(line); rec["msg"] == msg {
+			recs = append(recs, rec)
 		}
 	}
-	return n
+	return recs
 }
 
 // stubTargets are the units the egressd unit names, empty: the manager
@@ -292,10 +277,13 @@ var stubTargets = []string{"sysinit.target", "basic.target", "shutdown.target", 
 // filter, the dynamic user with CAP_NET_ADMIN alone, ProtectSystem=strict,
 // the address families, RuntimeDirectory for the admin socket. It serves
 // HTTP and CONNECT from fresh addresses, egressctl reads its stats over the
-// admin socket, and `systemctl stop` ends it cleanly with every address
-// removed.
+// admin socket, and the unit is active once egressd sent READY=1. `systemctl
+// reload` applies a new limit rule in the same process, which egressctl
+// stats shows at work, while a tunnel opened before goes on; the unit is
+// active again. `systemctl stop` ends it cleanly with every address removed.
 func TestUnitUnderSystemd(t *testing.T) {
 	t.Parallel()
+	requireTool(t, "curl", "curl")
 	tp, up := topology(t)
 	before := hostAddrs(t, tp)
 
@@ -314,21 +302,17 @@ func TestUnitUnderSystemd(t *testing.T) {
 		units[name] = "[Unit]\nDescription=" + name + " (empty)\n"
 	}
 	m := startManager(t, tp, units, map[string]string{
-		"egressd":      binary(t, "./cmd/egressd"),
+		"egressd":      nstest.Binary(t, "./cmd/egressd"),
 		"egressd.yaml": exampleFile,
 	})
 
 	m.systemctl(t, "start", "--no-block", "egressd.service")
-	m.waitFor(t, "egressd ready, or its failure", func() bool {
-		return m.logged(t, "egressd ready") == 1 || m.show(t, "egressd.service", "NRestarts") != "0"
+	nstest.WaitFor(t, "egressd ready, or its failure", func() bool {
+		return len(m.logged(t, "egressd ready")) == 1 || m.show(t, "egressd.service", "NRestarts") != "0"
 	})
-	require.Equal(t, 1, m.logged(t, "egressd ready"), "egressd under systemd did not start (its output follows)")
-	if sdNotifyLanded {
-		m.waitFor(t, "egressd.service active", func() bool { return m.show(t, "egressd.service", "ActiveState") == "active" })
-	} else {
-		// Type=notify without READY=1 yet: serving, still "activating".
-		assert.Contains(t, []string{"activating", "active"}, m.show(t, "egressd.service", "ActiveState"))
-	}
+	require.Len(t, m.logged(t, "egressd ready"), 1, "egressd under systemd did not start (its output follows)")
+	// Type=notify: active once egressd sent READY=1.
+	nstest.WaitFor(t, "egressd.service active", func() bool { return m.show(t, "egressd.service", "ActiveState") == "active" })
 
 	pid := m.show(t, "egressd.service", "MainPID") // in the manager's PID namespace
 	require.NotContains(t, []string{"", "0"}, pid, "egressd's main pid")
@@ -342,7 +326,7 @@ func TestUnitUnderSystemd(t *testing.T) {
 
 	// The example's loopback listeners, HTTP and CONNECT through each.
 	for _, addr := range []string{"127.0.0.1:3128", "[::1]:3128"} {
-		fetchFresh(t, tp, up, addr, up.HTTPURL, up.HTTPSURL)
+		fetchFresh(t, tp, up, addr, nil, up.HTTPURL, up.HTTPSURL)
 	}
 	assert.Len(t, up.Peers(), 4)
 
@@ -350,19 +334,60 @@ func TestUnitUnderSystemd(t *testing.T) {
 	info, err := os.Stat(admin)
 	require.NoError(t, err, "the admin socket in RuntimeDirectory")
 	assert.Equal(t, os.ModeSocket|0o600, info.Mode())
-	assert.Equal(t, uint64(4), upstreamStats(t, ctlStats(t, tp, admin), nstest.UpstreamName).Requests)
+	assert.Equal(t, uint64(4), nstest.UpstreamStats(t, ctlStats(t, tp, admin), nstest.UpstreamName).Requests)
 
-	if sdNotifyLanded {
-		// ExecReload: SIGHUP, RELOADING=1, READY=1; the same process.
-		m.systemctl(t, "reload", "egressd.service")
-		m.waitFor(t, "egressd.service active after the reload", func() bool { return m.show(t, "egressd.service", "ActiveState") == "active" })
-		assert.Equal(t, pid, m.show(t, "egressd.service", "MainPID"))
-		fetchFresh(t, tp, up, "127.0.0.1:3128", up.HTTPURL)
+	// A tunnel opened before the reload, to the upstream's plain HTTP: each
+	// get sends a request through it and returns the answer, the egress
+	// address.
+	ctx, cancel := context.WithTimeout(context.Background(), nstest.Guard)
+	defer cancel()
+	tunnel, resp, err := tp.Host.Connect(ctx, "127.0.0.1:3128", net.JoinHostPort(nstest.UpstreamName, "80"))
+	require.NoError(t, err)
+	defer tunnel.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	tr := bufio.NewReader(tunnel)
+	get := func() string {
+		t.Helper()
+		require.NoError(t, tunnel.SetDeadline(time.Now().Add(nstest.Guard)))
+		req, err := http.NewRequest(http.MethodGet, up.HTTPURL, nil)
+		require.NoError(t, err)
+		require.NoError(t, req.Write(tunnel))
+		resp, err := http.ReadResponse(tr, req)
+		require.NoError(t, err)
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		require.NoError(t, err)
+		require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
+		return string(body)
 	}
+	egress := get()
+
+	// ExecReload: SIGHUP, RELOADING=1, READY=1; the same process. The
+	// config gains a limit rule for the upstream, with one token.
+	example, err := os.ReadFile(exampleFile)
+	require.NoError(t, err)
+	const aurRule = "  - aur.archlinux.org="
+	require.Contains(t, string(example), aurRule, "the example's limit list")
+	rule := nstest.UpstreamName + "=1r/h,burst=1,wait=1s"
+	require.NoError(t, os.WriteFile(m.root+"/run/egtest/egressd.yaml",
+		[]byte(strings.Replace(string(example), aurRule, "  - "+rule+"\n"+aurRule, 1)), 0o644))
+	m.systemctl(t, "reload", "egressd.service")
+	nstest.WaitFor(t, "egressd's reload", func() bool { return len(m.logged(t, "config reloaded")) == 1 })
+	assert.Equal(t, "limit", m.logged(t, "config reloaded")[0]["changed"])
+	nstest.WaitFor(t, "egressd.service active after the reload", func() bool { return m.show(t, "egressd.service", "ActiveState") == "active" })
+	assert.Equal(t, pid, m.show(t, "egressd.service", "MainPID"))
+	fetchFresh(t, tp, up, "127.0.0.1:3128", nil, up.HTTPURL) // the new rule's one token
+	code, _, err := tp.Host.CurlStatus("-x", "http://127.0.0.1:3128", up.HTTPURL)
+	require.NoError(t, err)
+	assert.Equal(t, "429", code, "the new rule applies")
+	assert.Equal(t, uint64(1), nstest.UpstreamStats(t, ctlStats(t, tp, admin), nstest.UpstreamName).Rejected,
+		"egressctl stats counts the new rule's refusal")
+	assert.Equal(t, egress, get(), "the tunnel opened before the reload still moves bytes, from its address")
+	require.NoError(t, tunnel.Close())
 
 	m.systemctl(t, "stop", "egressd.service")
 	assert.Equal(t, "inactive", m.show(t, "egressd.service", "ActiveState"))
 	assert.Equal(t, "success", m.show(t, "egressd.service", "Result"))
-	assert.Equal(t, 1, m.logged(t, "stopped"), "egressd's own clean stop")
+	assert.Len(t, m.logged(t, "stopped"), 1, "egressd's own clean stop")
 	assert.Equal(t, before, hostAddrs(t, tp), "addresses on H's link after the stop")
 }

@@ -13,6 +13,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/egressd/egressd/test/nstest"
 )
 
 // TestUnitShape: the unit has what the issue asks of it, so that an edit
@@ -54,7 +56,7 @@ func TestUnitShape(t *testing.T) {
 // misspelled directive shows that the check sees mistakes.
 func TestUnitVerify(t *testing.T) {
 	analyze := requireTool(t, "systemd-analyze", "systemd")
-	bin := binary(t, "./cmd/egressd")
+	bin := nstest.Binary(t, "./cmd/egressd")
 	text, err := os.ReadFile(unitFile)
 	require.NoError(t, err)
 	prog, _ := readUnit(t, unitFile).execStart(t)
@@ -149,11 +151,6 @@ func readColonFile(t *testing.T, path string) map[string][]string {
 	return m
 }
 
-// pendingKeys are config keys the example mentions, commented out, that
-// egressd gains with issue 7's allow lists and auth files (another branch).
-// Once those are merged this list goes, and the test checks them too.
-var pendingKeys = []string{"allow", "auth-file"}
-
 // commentedKey matches a key commented out in the example config:
 // "# max-addrs: 1024".
 var commentedKey = regexp.MustCompile(`^# ?([a-z][a-z0-9-]*): \S`)
@@ -161,18 +158,16 @@ var commentedKey = regexp.MustCompile(`^# ?([a-z][a-z0-9-]*): \S`)
 // TestUnitFlagsKnown: every flag of the unit's ExecStart, and every key of
 // the example config, set or commented out, is one of egressd's flags.
 func TestUnitFlagsKnown(t *testing.T) {
-	out, err := exec.Command(binary(t, "./cmd/egressd"), "-h").CombinedOutput()
-	require.NoError(t, err, "%s", out)
 	known := map[string]bool{}
-	for _, m := range regexp.MustCompile(`(?m)^  -([a-z0-9-]+)`).FindAllStringSubmatch(string(out), -1) {
-		known[m[1]] = true
+	for _, f := range egressdFlags(t) {
+		known[f] = true
 	}
-	require.True(t, known["config"], "egressd -h lists no -config:\n%s", out)
 
 	// The admin socket's default place is the unit's RuntimeDirectory.
 	u := readUnit(t, unitFile)
-	admin := regexp.MustCompile(`(?m)^  -admin .*\n.*\(default "([^"]+)"\)`).FindStringSubmatch(string(out))
-	require.NotNil(t, admin, "egressd -h shows no default for -admin:\n%s", out)
+	help := egressdHelp(t)
+	admin := regexp.MustCompile(`(?m)^  -admin .*\n.*\(default "([^"]+)"\)`).FindStringSubmatch(help)
+	require.NotNil(t, admin, "egressd -h shows no default for -admin:\n%s", help)
 	assert.Equal(t, "/run/"+u.one(t, "Service", "RuntimeDirectory"), filepath.Dir(admin[1]), "-admin's default %s", admin[1])
 
 	_, args := u.execStart(t)
@@ -195,10 +190,52 @@ func TestUnitFlagsKnown(t *testing.T) {
 	assert.NotEmpty(t, set)
 	assert.NotEmpty(t, commented)
 	for _, key := range append(set, commented...) {
-		if slices.Contains(pendingKeys, key) && !known[key] {
-			t.Logf("%s: mentioned in the example, not yet a flag of egressd (pending)", key)
-			continue
-		}
 		assert.True(t, known[key], "%s mentions key %q, which egressd -h does not list", exampleFile, key)
+	}
+}
+
+// egressdHelp is what `egressd -h` prints.
+func egressdHelp(t *testing.T) string {
+	t.Helper()
+	out, err := exec.Command(nstest.Binary(t, "./cmd/egressd"), "-h").CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	return string(out)
+}
+
+// egressdFlags lists the flags `egressd -h` shows, by name: the keys of its
+// config file, and config.
+func egressdFlags(t *testing.T) []string {
+	t.Helper()
+	help := egressdHelp(t)
+	var flags []string
+	for _, m := range regexp.MustCompile(`(?m)^  -([a-z0-9-]+)`).FindAllStringSubmatch(help, -1) {
+		flags = append(flags, m[1])
+	}
+	require.Contains(t, flags, "config", "egressd -h lists no -config:\n%s", help)
+	return flags
+}
+
+// reloadSentence matches the sentence of a comment that lists the keys a
+// reload applies: "... applies [new] limit, allow, ... and grace ...".
+var reloadSentence = regexp.MustCompile(`applies (?:new )?((?:[a-z0-9-]+, )*[a-z0-9-]+ and [a-z0-9-]+)\b`)
+
+// TestReloadDocumented: the unit's comment on ExecReload and the example
+// config's header name the keys of reloadable.nix as those a reload applies,
+// the list TestNixConfigRuns checks against a running egressd.
+func TestReloadDocumented(t *testing.T) {
+	want := reloadableKeys(t)
+	for _, file := range []string{unitFile, exampleFile} {
+		text, err := os.ReadFile(file)
+		require.NoError(t, err)
+		var comments []string
+		for line := range strings.Lines(string(text)) {
+			if c, ok := strings.CutPrefix(strings.TrimSpace(line), "#"); ok {
+				comments = append(comments, strings.TrimSpace(c))
+			}
+		}
+		m := reloadSentence.FindAllStringSubmatch(strings.Join(comments, " "), -1)
+		require.Len(t, m, 1, "%s: one comment saying \"applies KEY, ... and KEY\" on reload", file)
+		keys := strings.Split(strings.Replace(m[0][1], " and ", ", ", 1), ", ")
+		assert.ElementsMatch(t, want, keys, "%s: the keys a reload applies, against %s", file, reloadableNix)
 	}
 }

@@ -17,17 +17,6 @@ import (
 	"github.com/egressd/egressd/test/nstest"
 )
 
-// curlStatus runs curl in ns with args and returns what -w printed: the
-// HTTP status (%{http_code}) and, for a tunnel, the proxy's answer to
-// CONNECT (%{http_connect}), and curl's error. curl fails when a proxy
-// refuses a tunnel; the status says why.
-func curlStatus(ns *nstest.NS, args ...string) (code, connect string, err error) {
-	out, err := ns.Output("curl", append([]string{"-q", "-sS", "-o", "/dev/null", "--max-time", "30",
-		"-w", "%{http_code} %{http_connect}"}, args...)...)
-	code, connect, _ = strings.Cut(strings.TrimSpace(out), " ")
-	return code, connect, err
-}
-
 // TestAllow: egressd on H's link address, as on a container bridge, with
 // -allow naming R's address only. A client in R gets through over HTTP,
 // CONNECT and SOCKS5; a client in H, whose connection comes from H's own
@@ -44,27 +33,27 @@ func TestAllow(t *testing.T) {
 	proxyURL := "http://" + link
 
 	// From R: admitted.
-	code, _, err := curlStatus(e.tp.Router, "-x", proxyURL, e.up.HTTPURL)
+	code, _, err := e.tp.Router.CurlStatus("-x", proxyURL, e.up.HTTPURL)
 	require.NoError(t, err)
 	assert.Equal(t, "200", code, "plain HTTP from an allowed address")
-	code, connect, err := curlStatus(e.tp.Router, "-x", proxyURL, "--cacert", e.up.CAFile, e.up.HTTPSURL)
+	code, connect, err := e.tp.Router.CurlStatus("-x", proxyURL, "--cacert", e.up.CAFile, e.up.HTTPSURL)
 	require.NoError(t, err)
 	assert.Equal(t, "200", code, "HTTPS from an allowed address")
 	assert.Equal(t, "200", connect)
-	code, _, err = curlStatus(e.tp.Router, "--socks5-hostname", socks, e.up.HTTPURL)
+	code, _, err = e.tp.Router.CurlStatus("--socks5-hostname", socks, e.up.HTTPURL)
 	require.NoError(t, err)
 	assert.Equal(t, "200", code, "SOCKS5 from an allowed address")
 	require.Len(t, e.up.Peers(), 3)
 
 	// From H's own address: refused.
 	e.up.Reset()
-	code, _, err = curlStatus(e.tp.Host, "-x", proxyURL, e.up.HTTPURL)
+	code, _, err = e.tp.Host.CurlStatus("-x", proxyURL, e.up.HTTPURL)
 	require.NoError(t, err)
 	assert.Equal(t, "403", code, "plain HTTP from an address not allowed")
-	_, connect, err = curlStatus(e.tp.Host, "-x", proxyURL, "--cacert", e.up.CAFile, e.up.HTTPSURL)
+	_, connect, err = e.tp.Host.CurlStatus("-x", proxyURL, "--cacert", e.up.CAFile, e.up.HTTPSURL)
 	assert.Error(t, err, "curl fails when the tunnel is refused")
 	assert.Equal(t, "403", connect, "CONNECT from an address not allowed")
-	_, _, err = curlStatus(e.tp.Host, "--socks5-hostname", socks, e.up.HTTPURL)
+	_, _, err = e.tp.Host.CurlStatus("--socks5-hostname", socks, e.up.HTTPURL)
 	require.Error(t, err, "SOCKS5 from an address not allowed")
 	assert.Contains(t, err.Error(), "(97)", "curl's exit status for a SOCKS5 refusal")
 	assert.Empty(t, e.up.Peers(), "nothing reached the upstream")
@@ -81,23 +70,6 @@ func TestAllow(t *testing.T) {
 	assert.Equal(t, "2", methods["SOCKS5"]["socks_reply"], "SOCKS5: connection not allowed by ruleset")
 }
 
-// htpasswdFile writes an auth file with Apache's htpasswd -B, as users do.
-func htpasswdFile(t *testing.T, users ...[2]string) string {
-	t.Helper()
-	bin, err := exec.LookPath("htpasswd")
-	require.NoError(t, err, "htpasswd is needed (Debian: apache2-utils)")
-	path := filepath.Join(t.TempDir(), "users")
-	for i, u := range users {
-		args := []string{"-B", "-b", path, u[0], u[1]}
-		if i == 0 {
-			args = append([]string{"-c"}, args...)
-		}
-		out, err := exec.Command(bin, args...).CombinedOutput()
-		require.NoError(t, err, "%s", out)
-	}
-	return path
-}
-
 // TestAuth: with -auth-file, curl without credentials or with wrong ones
 // gets 407 for plain HTTP and CONNECT and is refused by SOCKS5; with the
 // right ones it gets through all three, also from another address (R) when
@@ -107,7 +79,8 @@ func htpasswdFile(t *testing.T, users ...[2]string) string {
 func TestAuth(t *testing.T) {
 	t.Parallel()
 	const pass = "s3cret-Pa55"
-	users := htpasswdFile(t, [2]string{"alice", pass}, [2]string{"bob", "other"})
+	users := filepath.Join(t.TempDir(), "users")
+	nstest.HTPasswd(t, users, map[string]string{"alice": pass, "bob": "other"})
 	link := net.JoinHostPort(nstest.HostAddr.String(), "3128")
 	e := setup(t)
 	e.ed = e.tp.StartEgressd(t, e.bin, egressdArgs(e.tp, "-listen", link,
@@ -142,10 +115,10 @@ func TestAuth(t *testing.T) {
 				creds = []string{"--proxy-user", tt.user[0]}
 				socksCreds = []string{"-U", tt.user[0]}
 			}
-			code, _, err := curlStatus(e.tp.Host, append(creds, "-x", proxyURL, httpURL)...)
+			code, _, err := e.tp.Host.CurlStatus(append(creds, "-x", proxyURL, httpURL)...)
 			require.NoError(t, err)
-			_, connect, connectErr := curlStatus(e.tp.Host, append(creds, "-x", proxyURL, "--cacert", e.up.CAFile, httpsURL)...)
-			socksCode, _, socksErr := curlStatus(e.tp.Host, append(socksCreds, "--socks5-hostname", socksAddr, httpURL)...)
+			_, connect, connectErr := e.tp.Host.CurlStatus(append(creds, "-x", proxyURL, "--cacert", e.up.CAFile, httpsURL)...)
+			socksCode, _, socksErr := e.tp.Host.CurlStatus(append(socksCreds, "--socks5-hostname", socksAddr, httpURL)...)
 			if tt.ok {
 				assert.Equal(t, "200", code, "HTTP")
 				assert.NoError(t, connectErr, "CONNECT")
@@ -162,10 +135,10 @@ func TestAuth(t *testing.T) {
 	}
 	// Off loopback with -auth-file and no -allow: any address that
 	// authenticates, as from R.
-	code, _, err := curlStatus(e.tp.Router, "-x", "http://"+link, httpURL)
+	code, _, err := e.tp.Router.CurlStatus("-x", "http://"+link, httpURL)
 	require.NoError(t, err)
 	assert.Equal(t, "407", code, "from R without credentials")
-	code, _, err = curlStatus(e.tp.Router, "--proxy-user", "alice:"+pass, "-x", "http://"+link, httpURL)
+	code, _, err = e.tp.Router.CurlStatus("--proxy-user", "alice:"+pass, "-x", "http://"+link, httpURL)
 	require.NoError(t, err)
 	assert.Equal(t, "200", code, "from R with credentials")
 
@@ -278,13 +251,13 @@ func TestHostServicesUnreachable(t *testing.T) {
 	}
 
 	for _, target := range targets {
-		code, _, err := curlStatus(e.tp.Host, "-x", "http://"+proxyAddr, "http://"+target+"/")
+		code, _, err := e.tp.Host.CurlStatus("-x", "http://"+proxyAddr, "http://"+target+"/")
 		require.NoError(t, err)
 		assert.Equal(t, "403", code, "plain HTTP to %s", target)
-		_, connect, err := curlStatus(e.tp.Host, "-x", "http://"+proxyAddr, "-p", "http://"+target+"/")
+		_, connect, err := e.tp.Host.CurlStatus("-x", "http://"+proxyAddr, "-p", "http://"+target+"/")
 		assert.Error(t, err, "curl fails when the tunnel is refused")
 		assert.Equal(t, "403", connect, "CONNECT to %s", target)
-		_, _, err = curlStatus(e.tp.Host, "--socks5-hostname", socks, "http://"+target+"/")
+		_, _, err = e.tp.Host.CurlStatus("--socks5-hostname", socks, "http://"+target+"/")
 		require.Error(t, err, "SOCKS5 to %s", target)
 		assert.Contains(t, err.Error(), "(97)", "curl's exit status for a SOCKS5 refusal")
 	}

@@ -55,7 +55,7 @@ func TestProxyEnvironmentRecipe(t *testing.T) {
 	clients := envClients(t, e, e.tp.Host, g, commit)
 	names := []string{"HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"}
 
-	eachVariant(t, e, nil, func(t *testing.T) [][2]string {
+	eachVariant(t, e, nil, func(t *testing.T) map[string]string {
 		return usersIn(proxyURLsIn(t, docBlock(t, "env-auth"))...)
 	}, func(t *testing.T, v variant) {
 		recipe := parseKeyValues(t, v.block(t, "env"))
@@ -289,7 +289,7 @@ func TestGitCloneRecipe(t *testing.T) {
 	// Nothing listens there: a client that used it would fail.
 	const deadProxy = "http://127.0.0.1:9"
 
-	eachVariant(t, e, nil, func(t *testing.T) [][2]string {
+	eachVariant(t, e, nil, func(t *testing.T) map[string]string {
 		return usersIn(append(proxyURLsIn(t, docBlock(t, "env-auth")), proxyURLsIn(t, docBlock(t, "gitconfig-auth"))...)...)
 	}, func(t *testing.T, v variant) {
 		recipe := envList(parseKeyValues(t, v.block(t, "env")))
@@ -405,7 +405,7 @@ func TestGitClonePaced(t *testing.T) {
 	opened := slices.SortedFunc(maps.Values(firsts), time.Time.Compare)
 	assertPaced(t, opened, interval, burst)
 
-	u := upstreamStats(t, ctlStats(t, e), nstest.UpstreamName)
+	u := nstest.UpstreamStats(t, ctlStats(t, e), nstest.UpstreamName)
 	assert.EqualValues(t, clones, u.Requests, "the shaper counts one per tunnel")
 	assert.Greater(t, len(hits), clones, "git sends several requests inside each tunnel")
 	t.Logf("%d clones: %d requests, %d tunnels, first requests %v apart in all",
@@ -436,7 +436,7 @@ func TestMakepkgRecipe(t *testing.T) {
 	fileSource := fmt.Sprintf("hello-1.0.txt::%ssrc/hello-1.0.txt", e.up.HTTPSURL)
 	gitSource := fmt.Sprintf("hello::git+%sgit/hello.git", e.up.HTTPSURL)
 
-	eachVariant(t, e, nil, func(t *testing.T) [][2]string {
+	eachVariant(t, e, nil, func(t *testing.T) map[string]string {
 		return usersIn(append(proxyURLsIn(t, docBlock(t, "env-auth")), proxyURLsIn(t, docBlock(t, "makepkg-conf-auth"))...)...)
 	}, func(t *testing.T, v variant) {
 		type makepkgCase struct {
@@ -562,7 +562,7 @@ func TestServiceRecipes(t *testing.T) {
 		return addrs[0]
 	}
 
-	eachVariant(t, e, extra, func(t *testing.T) [][2]string {
+	eachVariant(t, e, extra, func(t *testing.T) map[string]string {
 		urls := append(searxngProxies(t, docBlock(t, "searxng-auth")), searxngProxies(t, docBlock(t, "searxng-socks5-auth"))...)
 		urls = append(urls, pipedProxies(t, "-auth")...)
 		return usersIn(append(urls, invidiousProxy(t, docBlock(t, "invidious-auth")), whoogleProxy(t, docBlock(t, "whoogle-auth")))...)
@@ -648,11 +648,13 @@ func (v variant) block(t testing.TB, name string) string { return docBlock(t, na
 // eachVariant runs run in a subtest per variant, one egressd each: e's own,
 // started with extra, for the recipes as written, then one started with extra
 // and -auth-file holding users (htpasswd -B) in its place.
-func eachVariant(t *testing.T, e *env, extra []string, users func(*testing.T) [][2]string, run func(*testing.T, variant)) {
+func eachVariant(t *testing.T, e *env, extra []string, users func(*testing.T) map[string]string, run func(*testing.T, variant)) {
 	for _, v := range variants {
 		t.Run(v.name, func(t *testing.T) {
 			if v.auth() {
-				e.replace(t, append(slices.Clone(extra), "-auth-file", htpasswdFile(t, users(t)...))...)
+				file := filepath.Join(t.TempDir(), "users")
+				nstest.HTPasswd(t, file, users(t))
+				e.replace(t, append(slices.Clone(extra), "-auth-file", file)...)
 			}
 			run(t, v)
 		})
@@ -676,17 +678,14 @@ var proxyURLPattern = regexp.MustCompile(`\b(?:https?|socks5h?)://[^\s"']+`)
 
 // usersIn returns the user names and passwords that proxy URLs carry, for
 // an auth file: a user name USER-session-KEY is user USER.
-func usersIn(urls ...*url.URL) [][2]string {
-	var users [][2]string
+func usersIn(urls ...*url.URL) map[string]string {
+	users := make(map[string]string)
 	for _, u := range urls {
 		if u.User == nil {
 			continue
 		}
 		name, _, _ := strings.Cut(u.User.Username(), "-session-")
-		pass, _ := u.User.Password()
-		if !slices.Contains(users, [2]string{name, pass}) {
-			users = append(users, [2]string{name, pass})
-		}
+		users[name], _ = u.User.Password()
 	}
 	return users
 }

@@ -295,7 +295,7 @@ func TestSignalShutdown(t *testing.T) {
 		<-arrived
 
 		require.NoError(t, e.ed.Signal(syscall.SIGTERM))
-		waitFor(t, "egressd to stop accepting", func() bool {
+		nstest.WaitFor(t, "egressd to stop accepting", func() bool {
 			conn, err := e.tp.Host.DialContext(ctx, "tcp", proxyAddr)
 			if err == nil {
 				conn.Close()
@@ -490,7 +490,7 @@ func TestNoAddressIs503(t *testing.T) {
 		// Once the tunnel closes its address goes, and requests work again.
 		tunnel.Close()
 		c := e.tp.Host.NewClient(t, proxyAddr, e.up.RootCAs, false)
-		waitFor(t, "a request to succeed after the tunnel closed", func() bool {
+		nstest.WaitFor(t, "a request to succeed after the tunnel closed", func() bool {
 			status, _, err := c.Fetch(guardCtx(t), e.up.HTTPURL)
 			return err == nil && status == http.StatusOK
 		})

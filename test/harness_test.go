@@ -113,7 +113,7 @@ func TestEchoUpstreamBinary(t *testing.T) {
 	assert.Equal(t, nstest.HostAddr.String()+"\n", out)
 	out = tp.Host.Run(t, "curl", "-q", "-sS", "--max-time", "30", "--cacert", ca, "https://"+nstest.UpstreamName+"/")
 	assert.Equal(t, nstest.HostAddr.String()+"\n", out)
-	waitFor(t, "two request log lines", func() bool { return len(up.Log("request")) == 2 })
+	nstest.WaitFor(t, "two request log lines", func() bool { return len(up.Log("request")) == 2 })
 	for _, rec := range up.Log("request") {
 		assert.Equal(t, nstest.HostAddr.String(), rec["peer"])
 	}

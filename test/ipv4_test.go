@@ -72,7 +72,7 @@ func TestIPv4Only(t *testing.T) {
 		recs := waitRequestLogs(t, e.ed, 1, nil)
 		assert.Equal(t, nstest.HostAddr4.String(), recs[0]["egress"], "the access log names the source")
 		s := ctlStats(t, e)
-		u := upstreamStats(t, s, nstest.V4OnlyName)
+		u := nstest.UpstreamStats(t, s, nstest.V4OnlyName)
 		assert.Equal(t, uint64(1), u.Requests)
 		assert.Equal(t, uint64(1), u.IPv4, "counted as over IPv4")
 		assert.Zero(t, u.Errors)
@@ -95,8 +95,8 @@ func TestIPv4Only(t *testing.T) {
 
 		waitRequestLogs(t, e.ed, 3, nil)
 		s = ctlStats(t, e)
-		assert.Equal(t, uint64(2), upstreamStats(t, s, nstest.V4OnlyName).IPv4)
-		assert.Zero(t, upstreamStats(t, s, nstest.UpstreamName).IPv4)
+		assert.Equal(t, uint64(2), nstest.UpstreamStats(t, s, nstest.V4OnlyName).IPv4)
+		assert.Zero(t, nstest.UpstreamStats(t, s, nstest.UpstreamName).IPv4)
 		assert.Equal(t, uint64(2), s.Totals.IPv4)
 		assert.Equal(t, uint64(1), s.Addresses.Added, "only the IPv6 request took an address")
 	})
@@ -125,7 +125,7 @@ func TestIPv4Only(t *testing.T) {
 
 		waitRequestLogs(t, e.ed, 3, nil)
 		s := ctlStats(t, e)
-		u := upstreamStats(t, s, nstest.V4OnlyName)
+		u := nstest.UpstreamStats(t, s, nstest.V4OnlyName)
 		assert.Equal(t, uint64(2), u.Requests)
 		assert.Equal(t, uint64(2), u.Errors)
 		assert.Zero(t, u.IPv4)
@@ -164,13 +164,13 @@ func TestIPv4Only(t *testing.T) {
 
 		waitRequestLogs(t, e.ed, 3, nil)
 		assert.Zero(t, accepted.Load(), "egressd fell back to IPv4 for a name with an AAAA record")
-		assert.Zero(t, upstreamStats(t, ctlStats(t, e), nstest.DualName).IPv4)
+		assert.Zero(t, nstest.UpstreamStats(t, ctlStats(t, e), nstest.DualName).IPv4)
 
 		// The IPv4 listener does answer H: the check above is not vacuous.
 		conn, err := e.tp.Host.DialContext(guardCtx(t), "tcp", net.JoinHostPort(nstest.RouterAddr4.String(), "81"))
 		require.NoError(t, err)
 		conn.Close()
-		waitFor(t, "the IPv4 listener to accept H's own connection", func() bool { return accepted.Load() == 1 })
+		nstest.WaitFor(t, "the IPv4 listener to accept H's own connection", func() bool { return accepted.Load() == 1 })
 	})
 
 	t.Run("name does not resolve", func(t *testing.T) {

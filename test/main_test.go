@@ -9,7 +9,6 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -19,34 +18,12 @@ import (
 	"github.com/egressd/egressd/test/nstest"
 )
 
-// Binaries built once per test binary. A build error fails only the tests
-// that need that binary, so the harness's own tests run while egressd is
-// being written.
-var bins = map[string]struct {
-	path string
-	err  error
-}{}
-
 func TestMain(m *testing.M) {
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "test: not root, so every namespace test will skip (CI runs them as root)")
 		os.Exit(m.Run())
 	}
-	dir, err := os.MkdirTemp("", "egressd-test-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "test:", err)
-		os.Exit(1)
-	}
-	for _, pkg := range []string{"./cmd/egressd", "./cmd/egressctl", "./test/fetch", "./test/upstream"} {
-		path, err := nstest.Build(dir, pkg)
-		bins[pkg] = struct {
-			path string
-			err  error
-		}{path, err}
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
+	os.Exit(nstest.Main(m, "./cmd/egressd", "./cmd/egressctl", "./test/fetch", "./test/upstream"))
 }
 
 // binary returns the path of a binary built in TestMain, failing the test if
@@ -54,11 +31,7 @@ func TestMain(m *testing.M) {
 func binary(t testing.TB, pkg string) string {
 	t.Helper()
 	nstest.RequireRoot(t)
-	b := bins[pkg]
-	if b.err != nil {
-		t.Fatalf("%s did not build: %v", pkg, b.err)
-	}
-	return b.path
+	return nstest.Binary(t, pkg)
 }
 
 const proxyAddr = "127.0.0.1:3128"
@@ -186,19 +159,6 @@ func addrStrings(addrs []netlink.Addr) []string {
 	return s
 }
 
-// waitFor polls cond every 20 ms until it holds, failing the test after
-// nstest.Guard. It is a failure guard, not a timing assertion.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(nstest.Guard)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("gave up after %v waiting for %s", nstest.Guard, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // waitRequestLogs waits until egressd has logged at least n access lines that
 // keep accepts (every line when keep is nil) and returns those lines.
 // egressd writes an access line when a request ends, after the client has
@@ -214,7 +174,7 @@ func waitRequestLogs(t *testing.T, ed *nstest.Process, n int, keep func(rec map[
 		}
 		return recs
 	}
-	waitFor(t, fmt.Sprintf("%d access log lines", n), func() bool { return len(lines()) >= n })
+	nstest.WaitFor(t, fmt.Sprintf("%d access log lines", n), func() bool { return len(lines()) >= n })
 	return lines()
 }
 

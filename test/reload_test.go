@@ -127,7 +127,7 @@ func TestReload(t *testing.T) {
 	reloaded := func(msg string) map[string]string {
 		t.Helper()
 		var rec map[string]string
-		waitFor(t, "log line "+msg, func() bool {
+		nstest.WaitFor(t, "log line "+msg, func() bool {
 			for line := range strings.Lines(e.ed.Stderr()) {
 				if r := nstest.ParseLogLine(line); strings.HasPrefix(r["msg"], msg) {
 					rec = r

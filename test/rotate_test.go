@@ -124,7 +124,7 @@ func TestRotateSessionIdle(t *testing.T) {
 
 	// On-link mode removes a released address shortly after: that is how
 	// the test knows the session ended, without timing it.
-	waitFor(t, "session k1's address to be removed", func() bool {
+	nstest.WaitFor(t, "session k1's address to be removed", func() bool {
 		return !slices.ContainsFunc(hostAddrs(t, e.tp), func(x netlink.Addr) bool { return nstest.AddrOf(x) == a })
 	})
 	next := fetchConn(t, c, url, "k1").Addr()

@@ -114,25 +114,10 @@ func adminGet(t *testing.T, socket, path string) []byte {
 	return body
 }
 
-// ctlStats runs `egressctl -admin SOCKET stats -json` and decodes it.
+// ctlStats is `egressctl stats -json` of e's egressd.
 func ctlStats(t *testing.T, e *env) stats.Stats {
 	t.Helper()
-	out, err := e.tp.Host.Output(binary(t, "./cmd/egressctl"), "-admin", e.ed.Admin, "stats", "-json")
-	require.NoError(t, err, out)
-	var s stats.Stats
-	require.NoError(t, json.Unmarshal([]byte(out), &s), out)
-	return s
-}
-
-func upstreamStats(t *testing.T, s stats.Stats, name string) stats.UpstreamStats {
-	t.Helper()
-	for _, u := range s.Upstreams {
-		if u.Upstream == name {
-			return u
-		}
-	}
-	t.Fatalf("no upstream %q in %+v", name, s.Upstreams)
-	return stats.UpstreamStats{}
+	return e.tp.Host.CtlStats(t, binary(t, "./cmd/egressctl"), e.ed.Admin)
 }
 
 // TestRateLimit: with upstream.test=5r/s,burst=1, 40 requests fired at once
@@ -158,7 +143,7 @@ func TestRateLimit(t *testing.T) {
 	assertPaced(t, times, interval, burst)
 
 	s := ctlStats(t, e)
-	u := upstreamStats(t, s, nstest.UpstreamName)
+	u := nstest.UpstreamStats(t, s, nstest.UpstreamName)
 	assert.Equal(t, uint64(len(times)), u.Requests, "egressctl counts what the upstream saw")
 	assert.Equal(t, nstest.UpstreamName, u.Rule)
 	assert.Zero(t, u.Rejected)
@@ -201,7 +186,7 @@ func TestRateLimitRejects(t *testing.T) {
 	assert.Equal(t, http.StatusTooManyRequests, resp.StatusCode)
 	assert.NotEmpty(t, resp.Header.Get("Retry-After"))
 
-	u := upstreamStats(t, ctlStats(t, e), nstest.UpstreamName)
+	u := nstest.UpstreamStats(t, ctlStats(t, e), nstest.UpstreamName)
 	assert.Equal(t, uint64(n-2+1), u.Rejected)
 	assert.Equal(t, uint64(n+1), u.Requests)
 }
@@ -253,7 +238,7 @@ func TestUpstreamPushback(t *testing.T) {
 	assert.Greater(t, secs, 20, "the hold the upstream asked for")
 	assert.Equal(t, int64(1), hits.Load(), "the held request never reached the upstream")
 
-	u := upstreamStats(t, ctlStats(t, e), nstest.UpstreamName)
+	u := nstest.UpstreamStats(t, ctlStats(t, e), nstest.UpstreamName)
 	assert.Equal(t, uint64(1), u.Throttled)
 	assert.Equal(t, uint64(1), u.Rejected)
 	assert.Zero(t, u.InFlight, "an upstream 429 ends its request like any other")

@@ -79,7 +79,7 @@ func TestSOCKS5(t *testing.T) {
 	}
 
 	s := ctlStats(t, e)
-	u := upstreamStats(t, s, nstest.UpstreamName)
+	u := nstest.UpstreamStats(t, s, nstest.UpstreamName)
 	assert.EqualValues(t, total, u.Requests, "egressctl counts every SOCKS5 connection")
 	assert.Zero(t, u.Errors)
 	assert.Zero(t, u.InFlight)

@@ -16,8 +16,9 @@ const reloadUsage = `Usage: egressctl [-admin ADDR] reload
 
 Makes egressd read its configuration again, as SIGHUP does: the config file
 and the command line it was started with. The -limit rules, allow list,
-users (the auth file) and log level change at once, without dropping open
-connections; settings that need a restart keep their running values.
+users (the auth file), log level and grace period change at once, without
+dropping open connections; settings that need a restart keep their running
+values.
 
 Prints one line: what changed, or why egressd refused the new configuration
 (it then keeps the old one, and egressctl exits 1).

@@ -175,12 +175,19 @@ func applyFile(cfg *Config, path string) error {
 		return fmt.Errorf("config %s: line %d: expected a mapping of keys to values", path, root.Line)
 	}
 	fs := flagSet(cfg)
+	seen := map[string]int{} // key: its line
 	for i := 0; i+1 < len(root.Content); i += 2 {
 		key, val := root.Content[i], root.Content[i+1]
 		f := fs.Lookup(key.Value)
 		if f == nil || key.Value == "config" {
 			return fmt.Errorf("config %s: line %d: unknown key %q", path, key.Line, key.Value)
 		}
+		// YAML allows a key once; a second one (say, a commented-out
+		// listen line taken in beside the first) must not add to the first.
+		if first, ok := seen[key.Value]; ok {
+			return fmt.Errorf("config %s: line %d: key %q given again (first on line %d)", path, key.Line, key.Value, first)
+		}
+		seen[key.Value] = key.Line
 		_, repeatable := f.Value.(interface{ repeatable() })
 		var items []*yaml.Node
 		switch {

@@ -183,6 +183,8 @@ func TestLoadConfigErrors(t *testing.T) {
 		{name: "mapping value", file: "pin: {a: b}\n", want: `key "pin": expected a value`},
 		{name: "not a mapping", file: "- a\n- b\n", want: "expected a mapping"},
 		{name: "config in file", file: "config: other.yaml\n", want: `unknown key "config"`},
+		{name: "key twice", file: "listen: [127.0.0.1:3128]\nallow: [10.0.5.0/24]\nlisten: [10.0.5.1:3128]\n", want: `line 3: key "listen" given again (first on line 1)`},
+		{name: "key twice in json", file: `{"grace": "5s", "grace": "6s"}`, want: `key "grace" given again`},
 		{name: "syntax", file: "listen: [\n", want: "config "},
 		{name: "json bad value", file: `{"tunnel-idle": 5}`, want: `key "tunnel-idle": "5" is not a duration`},
 		{name: "bad allow", args: []string{"-allow", "10.0.5.0/33"}, want: `invalid value "10.0.5.0/33" for flag -allow: "10.0.5.0/33" is not a CIDR prefix like 10.0.5.0/24 or an address`},

@@ -2,9 +2,10 @@
 # services.egressd.enable = true.
 #
 # The config file is builtins.toJSON of settings.nix, installed as
-# /etc/egressd/egressd.json. A change of allow, limits or authFile reloads
-# egressd (SIGHUP: open connections stay); a change of anything else, or of
-# the package, restarts it.
+# /etc/egressd/egressd.json. A change of the keys in reloadable.nix (limits,
+# allow, authFile, and log-level and grace in settings) reloads egressd
+# (SIGHUP: open connections stay); a change of anything else, or of the
+# package, restarts it.
 {
   config,
   lib,
@@ -29,11 +30,7 @@ let
   };
   configFile = pkgs.writeText "egressd.json" (builtins.toJSON egressdConfig);
   # What SIGHUP applies; every other key needs a restart.
-  reloadable = [
-    "allow"
-    "auth-file"
-    "limit"
-  ];
+  reloadable = import ./reloadable.nix;
 
   # The port of each host:port egressd listens on, for the firewall.
   port = addr: lib.toInt (lib.last (lib.splitString ":" addr));
@@ -133,7 +130,9 @@ in
       };
       description = ''
         Further keys of egressd's config file (its flag names; `egressd -h`
-        lists them), merged over the options above; null removes a key.
+        lists them), merged over the options above; null removes a key. A
+        change of log-level or grace is reloaded without a restart; of any
+        other key here, egressd restarts.
       '';
     };
 

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -112,3 +113,14 @@ type bufferedConn struct {
 }
 
 func (c *bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// CurlStatus runs curl in ns with args and returns what its -w printed: the
+// HTTP status (%{http_code}) and, for a tunnel, the proxy's answer to
+// CONNECT (%{http_connect}), with curl's error. curl fails when a proxy
+// refuses a tunnel; the status says why.
+func (ns *NS) CurlStatus(args ...string) (code, connect string, err error) {
+	out, err := ns.Output("curl", append([]string{"-q", "-sS", "-o", "/dev/null", "--max-time", "30",
+		"-w", "%{http_code} %{http_connect}"}, args...)...)
+	code, connect, _ = strings.Cut(strings.TrimSpace(out), " ")
+	return code, connect, err
+}

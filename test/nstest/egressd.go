@@ -3,7 +3,9 @@ package nstest
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/egressd/egressd/proxy/stats"
 )
 
 // Build compiles the package pkg of the module that contains the working
@@ -31,6 +35,101 @@ func Build(dir, pkg string) (string, error) {
 		return "", fmt.Errorf("go build %s: %w\n%s", pkg, err, out)
 	}
 	return bin, nil
+}
+
+// binaries are the programs Main built, by package, for Binary.
+var binaries map[string]built
+
+// built is the outcome of building one package.
+type built struct {
+	path string
+	err  error
+}
+
+// Main is a TestMain that builds each of pkgs (as Build takes them) once,
+// runs the tests and removes the binaries; it returns the exit code for
+// os.Exit. The binaries go to a new temporary directory that every user may
+// enter, so that they can also run as an unprivileged user. A package that
+// does not build fails only the tests that ask Binary for it.
+func Main(m *testing.M, pkgs ...string) int {
+	dir, err := os.MkdirTemp("", "egressd-bin-")
+	if err == nil {
+		defer os.RemoveAll(dir)
+		err = os.Chmod(dir, 0o755)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "nstest:", err)
+		return 1
+	}
+	binaries = make(map[string]built, len(pkgs))
+	for _, pkg := range pkgs {
+		path, err := Build(dir, pkg)
+		binaries[pkg] = built{path, err}
+	}
+	return m.Run()
+}
+
+// Binary returns the path of pkg's binary built by Main, failing the test if
+// it did not build or Main was not asked for it.
+func Binary(t testing.TB, pkg string) string {
+	t.Helper()
+	bin, ok := binaries[pkg]
+	switch {
+	case !ok:
+		t.Fatalf("%s is not among the binaries TestMain builds (nstest.Main)", pkg)
+	case bin.err != nil:
+		t.Fatalf("%s did not build: %v", pkg, bin.err)
+	}
+	return bin.path
+}
+
+// HTPasswd writes an auth file for egressd's -auth-file at path with
+// Apache's htpasswd -B (bcrypt), as users make one: users maps each name to
+// its password. It fails the test if htpasswd is missing (Debian package
+// apache2-utils) or fails.
+func HTPasswd(t testing.TB, path string, users map[string]string) {
+	t.Helper()
+	bin, err := exec.LookPath("htpasswd")
+	if err != nil {
+		t.Fatalf("htpasswd is needed (Debian package apache2-utils): %v", err)
+	}
+	for i, name := range slices.Sorted(maps.Keys(users)) {
+		args := []string{"-B", "-b", path, name, users[name]}
+		if i == 0 {
+			args = append([]string{"-c"}, args...) // a new file
+		}
+		if out, err := exec.Command(bin, args...).CombinedOutput(); err != nil {
+			t.Fatalf("htpasswd %s: %v: %s", strings.Join(args[:len(args)-1], " "), err, bytes.TrimSpace(out))
+		}
+	}
+}
+
+// CtlStats runs `egressctl -admin ADMIN stats -json` in ns, with the
+// egressctl binary at egressctl, and decodes what it prints.
+func (ns *NS) CtlStats(t testing.TB, egressctl, admin string) stats.Stats {
+	t.Helper()
+	out, err := ns.Output(egressctl, "-admin", admin, "stats", "-json")
+	if err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	var s stats.Stats
+	if err := json.Unmarshal([]byte(out), &s); err != nil {
+		t.Fatalf("decoding egressctl stats -json: %v: %s", err, out)
+	}
+	return s
+}
+
+// UpstreamStats returns the entry of the upstream host name in s, failing
+// the test if there is none.
+func UpstreamStats(t testing.TB, s stats.Stats, name string) stats.UpstreamStats {
+	t.Helper()
+	for _, u := range s.Upstreams {
+		if u.Upstream == name {
+			return u
+		}
+	}
+	t.Fatalf("no upstream %q in %+v", name, s.Upstreams)
+	return stats.UpstreamStats{}
 }
 
 // Process is a program running in the background inside a namespace, egressd

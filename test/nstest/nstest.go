@@ -71,6 +71,20 @@ const DualName = "dual.test"
 // machines are shared; it is never an assertion about speed.
 const Guard = 60 * time.Second
 
+// WaitFor polls cond every 20 ms until it holds, failing the test after
+// Guard. It is a failure guard, not a timing assertion. Call it from the
+// test's goroutine.
+func WaitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(Guard)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up after %v waiting for %s", Guard, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // RequireRoot skips the test unless it runs as root, which building network
 // namespaces needs. CI runs as root, so there the tests run; under CI (the
 // CI variable set) a test that cannot run fails rather than skips, so that a
