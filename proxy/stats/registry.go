@@ -9,11 +9,12 @@ import (
 	"unicode/utf8"
 )
 
-// Upstream holds the live counters of one upstream host. All fields but Name
-// and Rule, which are set once, are safe for concurrent use.
+// Upstream holds the live counters of one upstream host. All fields but
+// Name, which is set once, are safe for concurrent use.
 type Upstream struct {
 	Name string // host, lower-case, no port
-	Rule string // Host of the -limit rule that applies, "" if none
+
+	rule atomic.Pointer[string] // Host of the -limit rule that applied last; nil: none
 
 	Requests  atomic.Uint64 // requests and tunnels that reached our shaper
 	IPv4      atomic.Uint64 // of those, the ones that left from the host's own IPv4 address (-ipv4 direct)
@@ -28,12 +29,34 @@ type Upstream struct {
 	Latency   Histogram     // admission to response head, or to the tunnel being open
 }
 
+// Rule returns the Host of the -limit rule that applied to u's last
+// request, "" if none.
+func (u *Upstream) Rule() string {
+	if p := u.rule.Load(); p != nil {
+		return *p
+	}
+	return ""
+}
+
+// setRule records the rule that applies now: after a reload it may differ
+// from the one the entry was created with. It allocates only when the rule
+// changed.
+func (u *Upstream) setRule(rule string) {
+	if u.Rule() == rule {
+		return
+	}
+	// A variable of its own, so that only this branch allocates; the clone
+	// because rule may point into a request's buffers.
+	r := strings.Clone(rule)
+	u.rule.Store(&r)
+}
+
 // Stats returns a snapshot of u's counters.
 func (u *Upstream) Stats() UpstreamStats {
 	h := u.Latency.Snapshot()
 	return UpstreamStats{
 		Upstream:         u.Name,
-		Rule:             u.Rule,
+		Rule:             u.Rule(),
 		Requests:         u.Requests.Load(),
 		IPv4:             u.IPv4.Load(),
 		InFlight:         u.InFlight.Load(),
@@ -80,12 +103,13 @@ func NewRegistry(max int) *Registry {
 	return r
 }
 
-// Upstream returns the entry of host, creating it with rule if host is new
-// and the Registry has room. host must not carry a port; it is lower-cased.
-// The rule of an entry is the one given when it was created.
+// Upstream returns the entry of host, creating it if host is new and the
+// Registry has room, and records rule as the rule that applies to it (the
+// rules change on reload). host must not carry a port; it is lower-cased.
+// The shared OtherName entry has no rule.
 //
 // For a host already known (and for any host once the Registry is full) it
-// takes only a read lock and does not allocate.
+// takes only a read lock and does not allocate unless the rule changed.
 func (r *Registry) Upstream(host, rule string) *Upstream {
 	if !utf8.ValidString(host) {
 		return r.useOther()
@@ -100,6 +124,7 @@ func (r *Registry) Upstream(host, rule string) *Upstream {
 	full := len(r.hosts) >= r.max
 	r.mu.RUnlock()
 	if ok {
+		u.setRule(rule)
 		return u
 	}
 	if full {
@@ -109,6 +134,7 @@ func (r *Registry) Upstream(host, rule string) *Upstream {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if u, ok := r.hosts[host]; ok {
+		u.setRule(rule)
 		return u
 	}
 	if len(r.hosts) >= r.max {
@@ -116,7 +142,8 @@ func (r *Registry) Upstream(host, rule string) *Upstream {
 	}
 	// Clone: host may point into a request's buffers, which the entry
 	// would otherwise keep alive.
-	u = &Upstream{Name: strings.Clone(host), Rule: strings.Clone(rule)}
+	u = &Upstream{Name: strings.Clone(host)}
+	u.setRule(rule)
 	r.hosts[u.Name] = u
 	return u
 }

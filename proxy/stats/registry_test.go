@@ -15,15 +15,20 @@ func TestRegistryUpstream(t *testing.T) {
 	a := r.Upstream("api.example.com", "*.example.com")
 	require.NotNil(t, a)
 	assert.Equal(t, "api.example.com", a.Name)
-	assert.Equal(t, "*.example.com", a.Rule)
+	assert.Equal(t, "*.example.com", a.Rule())
 
 	assert.Same(t, a, r.Upstream("api.example.com", "*.example.com"))
-	assert.Same(t, a, r.Upstream("API.Example.COM", ""), "hosts are case-insensitive")
-	assert.Equal(t, "*.example.com", a.Rule, "the rule is the one given at creation")
+	assert.Same(t, a, r.Upstream("API.Example.COM", "*.example.com"), "hosts are case-insensitive")
+
+	// After a reload another rule may apply: the entry says the current one.
+	assert.Same(t, a, r.Upstream("api.example.com", "api.example.com"))
+	assert.Equal(t, "api.example.com", a.Rule())
+	assert.Same(t, a, r.Upstream("api.example.com", ""))
+	assert.Empty(t, a.Rule(), "no rule applies any more")
 
 	b := r.Upstream("b.example.org", "")
 	assert.NotSame(t, a, b)
-	assert.Empty(t, b.Rule)
+	assert.Empty(t, b.Rule())
 }
 
 func TestRegistryOddHostsGoToOther(t *testing.T) {
@@ -47,7 +52,7 @@ func TestRegistryCap(t *testing.T) {
 	o2 := r.Upstream("e.test", "")
 	assert.Same(t, o1, o2)
 	assert.Equal(t, OtherName, o1.Name)
-	assert.Empty(t, o1.Rule, "(other) mixes hosts, so it has no rule")
+	assert.Empty(t, o1.Rule(), "(other) mixes hosts, so it has no rule")
 	o1.Requests.Add(1)
 	o2.Requests.Add(1)
 
