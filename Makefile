@@ -25,9 +25,11 @@ unit: ## the tests that need no root (namespace tests skip with a message)
 demo: build ## run egressd in throw-away namespaces and show each request leaving from a fresh address (root)
 	bash test/demo.sh $(BIN)/egressd $(BIN)/echo-upstream $(BIN)/egressctl
 
-bench: ## run the Go benchmarks (root for the netlink and namespace ones)
+bench: ## the Go benchmarks, then egressd against no proxy, tinyproxy and Squid into bench/results/compare.* (root, ~40 min)
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./netutil/ ./proxy/...
 	$(GO) test -run '^$$' -bench . -benchtime 500x -count 3 ./test/
+	sh bench/install-deps.sh
+	$(GO) test -count=1 -timeout 90m -run TestCompare ./bench/compare -args -full -out $(CURDIR)/bench/results
 
 bench-addrcost: ## the kernel's cost of one egress address add and delete, by addresses on the interface (root)
 	$(GO) run ./bench/addrcost
