@@ -16,7 +16,7 @@ buildGoModule {
   # The NAR hash of `go mod vendor` of the module (deploy/nix_test.go
   # recomputes it from go.mod and go.sum and says the new value when they
   # change).
-  vendorHash = "sha256-iCzhxc8woS+mn9d7ame3RZFT0X8qCbq+AHjeNxX2kGY=";
+  vendorHash = "sha256-uhsdArzPIafDmWBbJzXEsJOlRlIozBFhKOw4bLD3eqs=";
 
   subPackages = [
     "cmd/egressd"
