@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/textproto"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -337,6 +338,7 @@ type responseWriter struct {
 var (
 	_ http.Flusher  = (*responseWriter)(nil)
 	_ http.Hijacker = (*responseWriter)(nil)
+	_ io.ReaderFrom = (*responseWriter)(nil)
 )
 
 func (w *responseWriter) WriteHeader(code int) {
@@ -357,6 +359,33 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 	}
 	return n, err
 }
+
+// ReadFrom is what goproxy's io.Copy of the response body finds. Without
+// it io.Copy allocates a 32 KiB buffer for every response, more than half
+// of all the bytes a plain HTTP request allocates; net/http's own ReadFrom
+// copies with a pooled buffer. A streamed response (st.flush) goes through
+// Write, which flushes, with a pooled buffer of ours.
+func (w *responseWriter) ReadFrom(src io.Reader) (int64, error) {
+	rf, ok := w.ResponseWriter.(io.ReaderFrom)
+	if !ok || (w.st != nil && w.st.flush) {
+		buf := copyBufs.Get().(*[32 << 10]byte)
+		defer copyBufs.Put(buf)
+		return io.CopyBuffer(writeOnly{w}, src, buf[:])
+	}
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	n, err := rf.ReadFrom(src)
+	w.bytes += n
+	return n, err
+}
+
+// copyBufs holds the buffers of streamed responses' copies.
+var copyBufs = sync.Pool{New: func() any { return new([32 << 10]byte) }}
+
+// writeOnly hides everything of a writer but Write, so that io.CopyBuffer
+// uses the buffer it is given instead of calling ReadFrom again.
+type writeOnly struct{ io.Writer }
 
 func (w *responseWriter) Flush() {
 	_ = http.NewResponseController(w.ResponseWriter).Flush()

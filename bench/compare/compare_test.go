@@ -21,6 +21,7 @@ var (
 	runsFlag  = flag.Int("runs", 0, "`N` runs of every system and scenario (default: 5 with -full, 1 otherwise)")
 	durFlag   = flag.Duration("d", 0, "`DURATION` of each timed run in (a) and (b) (default: 10s with -full, 1s otherwise)")
 	rotateDur = flag.Duration("rotate-d", 0, "`DURATION` of (e) (default: 10m with -full, 5s otherwise)")
+	rotateHz  = flag.Float64("rotate-rate", 0, "`N` new connections per second in (e) (default 100)")
 )
 
 // params are the sizes of one harness run.
@@ -56,6 +57,9 @@ func newParams(nofile int) (params, string) {
 	}
 	if *runsFlag > 0 {
 		p.runs = *runsFlag
+	}
+	if *rotateHz > 0 {
+		p.rotateRate = *rotateHz
 	}
 	if *durFlag > 0 {
 		p.duration = *durFlag
