@@ -17,8 +17,9 @@ import (
 // mode the router namespace learns a neighbour entry per address, and the
 // kernel's neighbour table (1,024 entries, shared by every namespace of the
 // machine, its limits settable only in the machine's own namespace) cannot
-// drop an entry younger than 5 s, so more than about 200 new addresses a
-// second for longer than a few seconds overflow it and connections stall.
+// drop an entry until it went stale (about a second on R's link, see
+// nstest.New), so several hundred new addresses a second for longer than a
+// few seconds overflow it and connections stall.
 // A provider's router has a limit of its own too: one more reason for
 // routed mode where the network allows it.
 func BenchmarkNewConnections(b *testing.B) {
