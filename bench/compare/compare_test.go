@@ -16,12 +16,13 @@ import (
 )
 
 var (
-	full      = flag.Bool("full", false, "the real measurement (make bench) instead of the short one that go test runs")
-	outDir    = flag.String("out", "", "`DIR` to write compare.md, compare.json and compare.png to (short mode: a temporary directory)")
-	runsFlag  = flag.Int("runs", 0, "`N` runs of every system and scenario (default: 5 with -full, 1 otherwise)")
-	durFlag   = flag.Duration("d", 0, "`DURATION` of each timed run in (a) and (b) (default: 10s with -full, 1s otherwise)")
-	rotateDur = flag.Duration("rotate-d", 0, "`DURATION` of (e) (default: 10m with -full, 5s otherwise)")
-	rotateHz  = flag.Float64("rotate-rate", 0, "`N` new connections per second in (e) (default 100)")
+	full       = flag.Bool("full", false, "the real measurement (make bench) instead of the short one that go test runs")
+	outDir     = flag.String("out", "", "`DIR` to write compare.md, compare.json and compare.png to (short mode: a temporary directory)")
+	runsFlag   = flag.Int("runs", 0, "`N` runs of every system and scenario (default: 5 with -full, 1 otherwise)")
+	durFlag    = flag.Duration("d", 0, "`DURATION` of each timed run in (a) and (b) (default: 10s with -full, 1s otherwise)")
+	rotateDur  = flag.Duration("rotate-d", 0, "`DURATION` of (e) (default: 10m with -full, 5s otherwise)")
+	rotateHz   = flag.Float64("rotate-rate", 0, "`N` new connections per second in (e) (default 100)")
+	renderFrom = flag.String("render", "", "`FILE`: write compare.md and compare.png again from this compare.json, measuring nothing (TestRender)")
 )
 
 // params are the sizes of one harness run.
@@ -185,19 +186,26 @@ func (b *bench) checkShort(res *Results, systems []*system) {
 // write saves compare.md, compare.json and compare.png in -out (short
 // mode: a temporary directory, so that the writers run too).
 func (b *bench) write(res *Results) {
-	t := b.t
 	dir := *outDir
 	if dir == "" {
-		dir = t.TempDir()
+		dir = b.t.TempDir()
 	}
+	writeResults(b.t, dir, res, true)
+}
+
+// writeResults writes res's report to dir: compare.md and compare.png, and
+// with withJSON the raw runs, compare.json.
+func writeResults(t *testing.T, dir string, res *Results, withJSON bool) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	js, err := json.MarshalIndent(res, "", "  ")
-	if err != nil {
-		t.Fatal(err)
+	if withJSON {
+		js, err := json.MarshalIndent(res, "", "  ")
+		if err != nil {
+			t.Fatal(err)
+		}
+		write(t, filepath.Join(dir, "compare.json"), string(js)+"\n")
 	}
-	write(t, filepath.Join(dir, "compare.json"), string(js)+"\n")
 	var md strings.Builder
 	if err := res.WriteMarkdown(&md); err != nil {
 		t.Fatal(err)
@@ -211,7 +219,26 @@ func (b *bench) write(res *Results) {
 	if err := res.WriteChart(f); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("wrote %s/compare.{md,json,png}:\n%s", dir, md.String())
+	t.Logf("wrote %s/compare.{md,png}:\n%s", dir, md.String())
+}
+
+// TestRender writes compare.md and compare.png again from the compare.json
+// that -render names, beside it, without measuring anything: for when the
+// report's code changed after a long run. Without -render there is nothing
+// to do.
+func TestRender(t *testing.T) {
+	if *renderFrom == "" {
+		t.Skip("no -render FILE given: this only re-renders a report")
+	}
+	js, err := os.ReadFile(*renderFrom)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var res Results
+	if err := json.Unmarshal(js, &res); err != nil {
+		t.Fatalf("%s: %v", *renderFrom, err)
+	}
+	writeResults(t, filepath.Dir(*renderFrom), &res, false)
 }
 
 // command is the go test command line that reproduces this run.

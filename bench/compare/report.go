@@ -61,7 +61,7 @@ func (r *Results) WriteMarkdown(w io.Writer) error {
 		fmt.Fprintf(&b, ", %s", m.Tinyproxy)
 	}
 	fmt.Fprintf(&b, ".\n\nCommand: `%s`\n\n", r.Command)
-	fmt.Fprintf(&b, "Every figure is the median of %d runs; each run measures every system in turn (%s). "+
+	fmt.Fprintf(&b, "Every figure is the median of %d runs (but (d)'s, which is the first run's: a process keeps the memory its first idle tunnels took, and later runs reuse it); each run measures every system in turn (%s). "+
 		"Ratios are to direct (no proxy), the limit. CPU is the proxy's own user+system time per 1,000 requests "+
 		"(utime+stime from /proc/PID/stat over the run), the load generator's beside it for context; "+
 		"it holds better than wall-clock figures on a shared machine.\n\n", r.Runs, strings.Join(r.Systems, ", "))
