@@ -25,7 +25,7 @@ unit: ## the tests that need no root (namespace tests skip with a message)
 demo: build ## run egressd in throw-away namespaces and show each request leaving from a fresh address (root)
 	bash test/demo.sh $(BIN)/egressd $(BIN)/echo-upstream $(BIN)/egressctl
 
-bench: ## the Go benchmarks, then egressd against no proxy, tinyproxy and Squid into bench/results/compare.* (root, ~40 min)
+bench: ## the Go benchmarks, then egressd against no proxy, tinyproxy and Squid into bench/results/compare.* (root, about 30 min)
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./netutil/ ./proxy/...
 	$(GO) test -run '^$$' -bench . -benchtime 500x -count 3 ./test/
 	sh bench/install-deps.sh
