@@ -173,6 +173,21 @@ func (d *Dialer) DialFrom(ctx context.Context, network, address string, lease *L
 	return &Conn{TCPConn: c, lease: lease, shared: true}, nil
 }
 
+// Hold leases one fresh address from d.Pool for many connections, as a
+// proxy session or a client connection holds one: dial connects from it
+// (DialFrom), and release gives it back once the connections still open
+// from it have closed. It has the shape of proxy.HoldFunc.
+func (d *Dialer) Hold(ctx context.Context) (dial func(ctx context.Context, network, address string) (net.Conn, error), release func(), err error) {
+	lease, err := d.Pool.Acquire(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	dial = func(ctx context.Context, network, address string) (net.Conn, error) {
+		return d.DialFrom(ctx, network, address, lease)
+	}
+	return dial, lease.Release, nil
+}
+
 // resolve checks network and looks address up: the IPv6 addresses to dial,
 // or with v4 set the IPv4 addresses of a host that has no IPv6 one, when
 // d.IPv4 allows dialing it.

@@ -169,6 +169,31 @@ func TestDialFromSharesLease(t *testing.T) {
 	assert.Zero(t, p.Stats().Live, "the last connection gave the address back")
 }
 
+// TestDialerHold: Hold's dial connects from one leased address, and its
+// release gives the address back once the connections from it closed.
+func TestDialerHold(t *testing.T) {
+	d, p := loopbackDialer(t)
+	ln := listenLoopback(t)
+	ctx := context.Background()
+
+	dial, release, err := d.Hold(ctx)
+	require.NoError(t, err)
+	a, err := dial(ctx, "tcp", ln.Addr().String())
+	require.NoError(t, err)
+	b, err := dial(ctx, "tcp", ln.Addr().String())
+	require.NoError(t, err)
+	assert.Equal(t, a.(*Conn).Egress(), b.(*Conn).Egress(), "one address for both")
+	assert.Equal(t, 1, p.Stats().InUse)
+
+	_, _, err = d.Hold(ctx)
+	require.ErrorIs(t, err, ErrNoAddress, "the pool's only address is held")
+
+	release()
+	require.NoError(t, a.Close())
+	require.NoError(t, b.Close())
+	assert.Zero(t, p.Stats().Live, "released, and the last connection gave it back")
+}
+
 // TestDialerDeny: destinations in Deny are never connected to, whether named
 // by a literal or by a name that resolves to them; a name with other
 // addresses too is dialed at those only.

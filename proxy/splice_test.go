@@ -74,14 +74,7 @@ func TestTunnelSplices(t *testing.T) {
 			pool, _ := loopbackPool(t)
 			d := &netutil.Dialer{Pool: pool, Timeout: 5 * time.Second}
 			hold := func(ctx context.Context) (DialFunc, func(), error) { // as cmd/egressd holds
-				lease, err := pool.Acquire(ctx)
-				if err != nil {
-					return nil, nil, err
-				}
-				dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
-					return d.DialFrom(ctx, network, addr, lease)
-				}
-				return dial, lease.Release, nil
+				return d.Hold(ctx)
 			}
 			p := startProxy(t, nil, withDial(d.DialContext), func(c *Config) {
 				c.Rotate = tt.rotate

@@ -180,14 +180,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 		Access:            lv.access,
 		Rotate:            cfg.Rotate,
 		Hold: func(ctx context.Context) (proxy.DialFunc, func(), error) {
-			lease, err := pool.Acquire(ctx)
-			if err != nil {
-				return nil, nil, err
-			}
-			dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
-				return dialer.DialFrom(ctx, network, addr, lease)
-			}
-			return dial, lease.Release, nil
+			return dialer.Hold(ctx)
 		},
 		SessionIdle: cfg.SessionIdle,
 		MaxSessions: cfg.MaxAddrs,
