@@ -234,19 +234,12 @@ func TestHostServicesUnreachable(t *testing.T) {
 	for _, addr := range []string{"127.0.0.1:0", "[::1]:0", "[" + nstest.HostAddr.String() + "]:0"} {
 		ln, err := e.tp.Host.Listen("tcp", addr)
 		require.NoError(t, err)
-		t.Cleanup(func() { ln.Close() })
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				mu.Lock()
-				accepted++
-				mu.Unlock()
-				c.Close()
-			}
-		}()
+		serveTCP(t, ln, func(c net.Conn) {
+			mu.Lock()
+			accepted++
+			mu.Unlock()
+			c.Close()
+		})
 		targets = append(targets, ln.Addr().String())
 	}
 
