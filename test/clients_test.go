@@ -421,7 +421,7 @@ func TestGitClonePaced(t *testing.T) {
 func TestMakepkgRecipe(t *testing.T) {
 	t.Parallel()
 	if _, err := exec.LookPath("makepkg"); err != nil {
-		t.Fatalf("makepkg not installed (Debian package pacman-package-manager): %v", err)
+		t.Fatalf("makepkg not installed (Debian package makepkg): %v", err)
 	}
 	uid, gid := nobodyIDs(t)
 
