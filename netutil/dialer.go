@@ -35,27 +35,13 @@ type Dialer struct {
 	// anything else (the zero value included) refuses it with an error
 	// wrapping ErrNoIPv6.
 	IPv4 IPv4Policy
-	// Deny lists destinations never to connect to, whatever name leads to
-	// them: a name that resolves only to such addresses fails with an error
-	// wrapping ErrDenied, and the denied ones among several are skipped.
-	// DefaultDeny plus the egress prefix is what egressd uses. Nil: none.
-	Deny []netip.Prefix
-}
-
-// DefaultDeny is what a proxy must never connect to for a client: the host
-// itself (loopback, and the unspecified address, which connects to it as
-// well), link-local networks (other hosts' and the cloud's metadata
-// services) and multicast. Squid's default configuration refuses the first
-// two in the same spirit (to_localhost).
-var DefaultDeny = []netip.Prefix{
-	netip.MustParsePrefix("127.0.0.0/8"),
-	netip.MustParsePrefix("0.0.0.0/8"),
-	netip.MustParsePrefix("169.254.0.0/16"),
-	netip.MustParsePrefix("224.0.0.0/4"),
-	netip.MustParsePrefix("::1/128"),
-	netip.MustParsePrefix("::/128"),
-	netip.MustParsePrefix("fe80::/10"),
-	netip.MustParsePrefix("ff00::/8"),
+	// Guard refuses the destinations a client must not reach (the proxy
+	// host itself, its link, private ranges; see Guard), whatever name leads
+	// to them: a name that resolves only to such addresses fails with a
+	// *DeniedError (wrapping ErrDenied), and the refused ones among several
+	// are skipped. Nil admits every destination but zoned addresses, which
+	// are always refused.
+	Guard *Guard
 }
 
 // IPv4Policy says what a Dialer does with a host that has IPv4 addresses
@@ -205,10 +191,10 @@ func (d *Dialer) resolve(ctx context.Context, network, address string) (ips []ne
 	}
 	ips, v4, err = d.lookup(ctx, host)
 	if err != nil {
-		return nil, 0, false, err
+		return nil, 0, false, fmt.Errorf("dialing %s: %w", address, err)
 	}
-	if ips = d.allowed(ips); len(ips) == 0 {
-		return nil, 0, false, fmt.Errorf("dialing %s: %w", address, ErrDenied)
+	if ips, err = d.admit(ips); err != nil {
+		return nil, 0, false, fmt.Errorf("dialing %s: %w", address, err)
 	}
 	if v4 && (d.IPv4 != IPv4Direct || network != "tcp") {
 		return nil, 0, false, fmt.Errorf("dialing %s: %w", address, ErrNoIPv6)
@@ -216,15 +202,24 @@ func (d *Dialer) resolve(ctx context.Context, network, address string) (ips []ne
 	return ips, uint16(p), v4, nil
 }
 
-// allowed returns ips without the addresses d.Deny covers, in place.
-func (d *Dialer) allowed(ips []netip.Addr) []netip.Addr {
-	if len(d.Deny) == 0 {
-		return ips
+// admit returns ips without the addresses d.Guard refuses, in place, or the
+// refusal of the first if it refuses them all.
+func (d *Dialer) admit(ips []netip.Addr) ([]netip.Addr, error) {
+	if d.Guard == nil {
+		return ips, nil
 	}
-	return slices.DeleteFunc(ips, func(ip netip.Addr) bool {
-		ip = ip.Unmap()
-		return slices.ContainsFunc(d.Deny, func(p netip.Prefix) bool { return p.Contains(ip) })
+	var first error
+	ips = slices.DeleteFunc(ips, func(ip netip.Addr) bool {
+		err := d.Guard.Check(ip)
+		if err != nil && first == nil {
+			first = err
+		}
+		return err != nil
 	})
+	if len(ips) == 0 {
+		return nil, first
+	}
+	return ips, nil
 }
 
 // dialBound connects to the first of ips that answers, over IPv6 from src.
@@ -292,6 +287,9 @@ func (d *Dialer) dialIPv4(ctx context.Context, ips []netip.Addr, port uint16) (n
 // *net.DNSError, IsNotFound set when the name does not exist.
 func (d *Dialer) lookup(ctx context.Context, host string) (ips []netip.Addr, v4 bool, err error) {
 	if ip, err := netip.ParseAddr(host); err == nil {
+		if ip.Zone() != "" {
+			return nil, false, zoned(ip)
+		}
 		if ip.Is6() && !ip.Is4In6() {
 			return []netip.Addr{ip}, false, nil
 		}

@@ -194,32 +194,39 @@ func TestDialerHold(t *testing.T) {
 	assert.Zero(t, p.Stats().Live, "released, and the last connection gave it back")
 }
 
-// TestDialerDeny: destinations in Deny are never connected to, whether named
-// by a literal or by a name that resolves to them; a name with other
-// addresses too is dialed at those only.
-func TestDialerDeny(t *testing.T) {
+// TestDialerGuard: destinations the Guard refuses are never connected to,
+// whether named by a literal in any spelling or by a name that resolves to
+// them, and take no address; a name with other addresses too is dialed at
+// those only. A zoned literal is refused even without a Guard.
+func TestDialerGuard(t *testing.T) {
 	d, p := loopbackDialer(t)
 	ln := listenLoopback(t)
 	_, port, err := net.SplitHostPort(ln.Addr().String())
 	require.NoError(t, err)
-	d.Deny = DefaultDeny
+	d.Guard = NewGuard(nil, nil)
 	d.IPv4 = IPv4Direct
 	ctx := context.Background()
-	for _, host := range []string{"::1", "127.0.0.1", "::ffff:127.0.0.1", "0.0.0.0", "::", "169.254.169.254", "fe80::1", "localhost"} {
+	for _, host := range []string{"::1", "127.0.0.1", "::ffff:127.0.0.1", "0.0.0.0", "::", "169.254.169.254",
+		"fe80::1", "fe80::1%lo", "::1%lo", "::%lo", "::0%0", "localhost", "64:ff9b::7f00:1", "10.1.2.3"} {
 		_, err := d.DialContext(ctx, "tcp", net.JoinHostPort(host, port))
 		require.ErrorIs(t, err, ErrDenied, host)
-		assert.Contains(t, err.Error(), "destination not allowed", host)
+		var de *DeniedError
+		require.ErrorAs(t, err, &de, host)
+		assert.Contains(t, err.Error(), "not allowed", host)
 	}
 	assert.Zero(t, p.Stats().Live, "a denied dial takes no address")
 
-	// Only the allowed one of several addresses is tried.
-	ips := []netip.Addr{netip.MustParseAddr("::1"), netip.MustParseAddr("2001:db8::1")}
-	assert.Equal(t, []netip.Addr{netip.MustParseAddr("2001:db8::1")}, d.allowed(ips))
+	// Only the admitted one of several addresses is tried.
+	ips, err := d.admit([]netip.Addr{netip.MustParseAddr("::1"), netip.MustParseAddr("2001:db8::1")})
+	require.NoError(t, err)
+	assert.Equal(t, []netip.Addr{netip.MustParseAddr("2001:db8::1")}, ips)
 
-	// Without Deny, the loopback is an upstream like any other (the tests
-	// of this package rely on that).
-	d.Deny = nil
+	// Without a Guard, the loopback is an upstream like any other (the
+	// tests of this package rely on that), but a zone is still refused.
+	d.Guard = nil
 	c, err := d.DialContext(ctx, "tcp", ln.Addr().String())
 	require.NoError(t, err)
 	c.Close()
+	_, err = d.DialContext(ctx, "tcp", net.JoinHostPort("::1%lo", port))
+	require.ErrorIs(t, err, ErrDenied)
 }

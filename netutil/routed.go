@@ -134,10 +134,11 @@ func CheckRoutedPrefix(h *netlink.Handle, prefix netip.Prefix, ifindex int) erro
 	return nil
 }
 
-// HostAddrs lists the IPv6 addresses on every interface of the host, which
-// routed mode must never hand out: any of them may lie in the prefix.
+// HostAddrs lists the addresses on every interface of the host, IPv4 and
+// IPv6: routed mode must never hand out one of them (any may lie in the
+// prefix), and no client may reach one through the proxy (Guard).
 func HostAddrs(h *netlink.Handle) ([]netip.Addr, error) {
-	list, err := h.AddrList(nil, netlink.FAMILY_V6)
+	list, err := h.AddrList(nil, netlink.FAMILY_ALL)
 	if err != nil {
 		return nil, fmt.Errorf("listing addresses: %w", err)
 	}
