@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy/auth"
 	"github.com/egressd/egressd/proxy/shape"
 )
@@ -24,7 +25,19 @@ type Access struct {
 	// otherwise), the user name/password method for SOCKS5. A session key
 	// then rides in the user name as USER-session-KEY.
 	Users *auth.Users
+
+	// ConnectPorts are the upstream ports CONNECT and SOCKS5 tunnels may
+	// reach; nil means DefaultConnectPorts. HTTPPorts are those of plain
+	// HTTP requests; nil means DefaultHTTPPorts. Others get 403, or the
+	// SOCKS5 reply "not allowed by ruleset".
+	ConnectPorts, HTTPPorts *Ports
 }
+
+// The default port lists, parsed once.
+var (
+	defaultConnectPorts = MustParsePorts(DefaultConnectPorts)
+	defaultHTTPPorts    = MustParsePorts(DefaultHTTPPorts)
+)
 
 // DefaultAllow is the loopback networks: the clients admitted when
 // Access.Allow is empty.
@@ -33,10 +46,10 @@ var DefaultAllow = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.Mu
 // Realm is the realm of the Proxy-Authenticate challenge.
 const Realm = "egressd"
 
-// The one-line reasons clients are refused with.
-const (
-	reasonNotAllowed   = "client address not allowed by egressd"
-	reasonAuthRequired = "proxy authentication required"
+// The refusals of clients that may not use the proxy.
+var (
+	errNotAllowed   = refusal(http.StatusForbidden, typeRequestDenied, "client address not allowed by egressd")
+	errAuthRequired = refusal(http.StatusProxyAuthRequired, typeRequestDenied, "proxy authentication required")
 )
 
 // withDefaults returns a copy of a that owns its list, with the default list
@@ -44,6 +57,12 @@ const (
 func (a Access) withDefaults() *Access {
 	if len(a.Allow) == 0 {
 		a.Allow = DefaultAllow
+	}
+	if a.ConnectPorts == nil {
+		a.ConnectPorts = defaultConnectPorts
+	}
+	if a.HTTPPorts == nil {
+		a.HTTPPorts = defaultHTTPPorts
 	}
 	a.Allow = slices.Clone(a.Allow)
 	for i, p := range a.Allow {
@@ -85,11 +104,10 @@ func (a *Access) admitsConn(remote net.Addr) bool {
 // returns the authenticated user (only when users authenticate), the session
 // key the proxy user name carries, if any, and ok. When not ok it has
 // answered the client: 403, or 407 with a Basic challenge.
-func (s *Server) authorize(w http.ResponseWriter, r *http.Request, rec *record) (user, key string, ok bool) {
-	a := s.access.Load()
+func (s *Server) authorize(w http.ResponseWriter, r *http.Request, rec *record, a *Access) (user, key string, ok bool) {
 	ap, err := netip.ParseAddrPort(r.RemoteAddr)
 	if err != nil || !a.admits(ap.Addr()) {
-		refuse(w, rec, http.StatusForbidden, reasonNotAllowed, true)
+		refuse(w, rec, errNotAllowed, true)
 		return "", "", false
 	}
 	name, pass, hasCreds := proxyCredentials(r.Header)
@@ -109,8 +127,26 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, rec *record) 
 		rec.user = user
 	}
 	w.Header().Set("Proxy-Authenticate", `Basic realm="`+Realm+`"`)
-	refuse(w, rec, http.StatusProxyAuthRequired, reasonAuthRequired, r.Method == http.MethodConnect)
+	refuse(w, rec, errAuthRequired, r.Method == http.MethodConnect)
 	return "", "", false
+}
+
+// checkDest refuses a destination host and port before anything is spent on
+// it: a port outside ports (the list named flag, for the reason), or an
+// address literal with a zone, which names an interface of the proxy host.
+// The dialer checks every address a name resolves to (netutil.Guard); this
+// only keeps what can never be dialed out of the shaper and the statistics.
+// what and flag name the kind of request and the setting, for the reason.
+func checkDest(host string, port uint16, ports *Ports, what, flag string) *Error {
+	if strings.Contains(host, "%") {
+		if ip, err := netip.ParseAddr(host); err == nil {
+			return upstreamError(host, &netutil.DeniedError{Addr: ip, Reason: "a zoned address (a zone names an interface of the proxy host)"})
+		}
+	}
+	if !ports.Contains(port) {
+		return refusal(http.StatusForbidden, typeRequestDenied, "port %d not allowed for %s (-%s %s)", port, what, flag, ports)
+	}
+	return nil
 }
 
 // splitSessionUser splits a proxy user name USER-session-KEY, as clients send

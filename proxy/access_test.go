@@ -87,7 +87,7 @@ func TestAccessHTTP(t *testing.T) {
 			assert.True(t, resp.Close, "the connection is closed")
 			body, _ := io.ReadAll(resp.Body)
 			assertCleanErrorBody(t, string(body))
-			assert.Equal(t, reasonNotAllowed+"\n", string(body))
+			assert.Equal(t, errNotAllowed.body(), string(body))
 		}
 		assert.Zero(t, p.dialer.calls(), "nothing dialed for a refused client")
 		assert.Equal(t, 2, strings.Count(logs.String(), "status=403"))
@@ -264,17 +264,17 @@ func TestReloadUnderLoad(t *testing.T) {
 			sh, err := shape.New(shape.Config{Rules: []shape.Rule{strict}})
 			require.NoError(t, err)
 			p.SetShaper(sh)
-			p.SetAccess(elsewhere)
+			p.SetAccess(anyPort(elsewhere))
 		} else {
 			p.SetShaper(nil)
-			p.SetAccess(Access{})
+			p.SetAccess(anyPort(Access{}))
 		}
 	}
 	close(stop)
 	wg.Wait()
 
 	// The last swap admits loopback and shapes nothing; swap to refusing.
-	p.SetAccess(elsewhere)
+	p.SetAccess(anyPort(elsewhere))
 	resp, err = client.Get(up.URL)
 	require.NoError(t, err)
 	resp.Body.Close()
@@ -290,7 +290,7 @@ func TestReloadUnderLoad(t *testing.T) {
 	require.NoError(t, tc.Close())
 
 	// A strict shaper: the first request passes, the second gets 429.
-	p.SetAccess(Access{})
+	p.SetAccess(anyPort(Access{}))
 	sh, err := shape.New(shape.Config{Rules: []shape.Rule{strict}})
 	require.NoError(t, err)
 	p.SetShaper(sh)

@@ -44,14 +44,18 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request, x *exchang
 	host, addr, err := connectTarget(r)
 	if err != nil {
 		s.log.Debug("bad CONNECT target", "client", r.RemoteAddr, "target", r.RequestURI, "err", err)
-		refuse(w, rec, http.StatusBadRequest, "bad CONNECT target: want host:port", true)
+		refuse(w, rec, refusal(http.StatusBadRequest, typeRequestError, "bad CONNECT target: want host:port"), true)
 		return
 	}
 	rec.host = addr
+	if e := checkDest(host, portOf(addr), x.access.ConnectPorts, "tunnels", "connect-ports"); e != nil {
+		refuse(w, rec, e, true)
+		return
+	}
 	if r.ProtoMajor != 1 {
 		// Tunnels hijack the connection; the server speaks HTTP/1 only, but
 		// ServeHTTP may be mounted elsewhere.
-		refuse(w, rec, http.StatusHTTPVersionNotSupported, "CONNECT needs HTTP/1.1", true)
+		refuse(w, rec, refusal(http.StatusHTTPVersionNotSupported, typeProtocolError, "CONNECT needs HTTP/1.1"), true)
 		return
 	}
 
@@ -67,7 +71,7 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request, x *exchang
 		e := upstreamError(host, err)
 		s.logUpstreamError(r, addr, e)
 		st.failed = true
-		refuse(w, rec, e.Status, e.Reason, true)
+		refuse(w, rec, e, true)
 		return
 	}
 
@@ -75,7 +79,7 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request, x *exchang
 	if err != nil {
 		_ = upstream.Close()
 		s.log.Warn("cannot hijack CONNECT connection", "client", r.RemoteAddr, "err", err)
-		refuse(w, rec, http.StatusInternalServerError, "cannot open a tunnel on this connection", true)
+		refuse(w, rec, refusal(http.StatusInternalServerError, typeInternalError, "cannot open a tunnel on this connection"), true)
 		return
 	}
 	t := newTunnel(client, upstream, s.cfg.TunnelIdleTimeout)
@@ -145,14 +149,11 @@ func connectTarget(r *http.Request) (host, addr string, err error) {
 		return "", "", fmt.Errorf("CONNECT target %q: bad port %q", u.Host, port)
 	}
 	// Only an IPv6 address has a colon; an IPv4 one passes as a host name
-	// (and costs no failed parse, which allocates, for a name).
+	// (and costs no failed parse, which allocates, for a name). A zoned
+	// address is refused by checkDest, as a destination.
 	if strings.Contains(host, ":") {
-		ip, err := netip.ParseAddr(host)
-		if err != nil {
+		if _, err := netip.ParseAddr(host); err != nil {
 			return "", "", fmt.Errorf("CONNECT target %q: bad IPv6 address", u.Host)
-		}
-		if ip.Zone() != "" {
-			return "", "", fmt.Errorf("CONNECT target %q: zoned address", u.Host)
 		}
 	} else if !validHostname(host) {
 		return "", "", fmt.Errorf("CONNECT target %q: bad host name", u.Host)

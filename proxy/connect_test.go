@@ -200,7 +200,8 @@ func TestConnectTarget(t *testing.T) {
 		{target: "example.test:https", status: http.StatusBadRequest},
 		{target: "exa%25mple.test:443", status: http.StatusBadRequest},
 		{target: "user@example.test:443", status: http.StatusBadRequest},
-		{target: "[fe80::1%25eth0]:443", status: http.StatusBadRequest},
+		{target: "[fe80::1%25eth0]:443", status: http.StatusForbidden},
+		{target: "[::1%25lo]:443", status: http.StatusForbidden},
 		{target: "example.test:443/path", status: http.StatusBadRequest},
 		{target: "/path", status: http.StatusBadRequest},
 	}

@@ -8,19 +8,50 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"syscall"
 
 	"github.com/egressd/egressd/netutil"
+	"github.com/egressd/egressd/proxy/socks5"
 )
 
-// Error is an upstream failure as a client should see it: an HTTP status and
-// a one-line reason that names only the host from the request. Err keeps the
-// full cause, addresses included, for the operator's log; it is never sent to
-// the client.
+// Error is a refusal or an upstream failure as a client should see it: an
+// HTTP status, a one-line reason that names only what the client asked for
+// (never an egress address), and the error type of RFC 9209 that the
+// Proxy-Status header carries. Err keeps the full cause, addresses included,
+// for the operator's log; it is never sent to the client.
 type Error struct {
 	Status int    // HTTP status for the client, e.g. http.StatusBadGateway
 	Reason string // one line, no trailing newline, safe to send to the client
-	Err    error  // the underlying cause; may name the egress address
+	// Type is the Proxy-Status error type (RFC 9209 section 2.3), e.g.
+	// "destination_ip_prohibited"; empty means "proxy_internal_error".
+	Type string
+	Err  error // the underlying cause; may name the egress address
+
+	socks byte // the SOCKS5 reply that says the same; 0 means general failure
+}
+
+// Proxy-Status error types (RFC 9209 section 2.3) that egressd sends.
+const (
+	typeRequestDenied     = "http_request_denied"
+	typeRequestError      = "http_request_error"
+	typeDestProhibited    = "destination_ip_prohibited"
+	typeDestNotFound      = "destination_not_found"
+	typeDestUnavailable   = "destination_unavailable"
+	typeDestUnroutable    = "destination_ip_unroutable"
+	typeDNSError          = "dns_error"
+	typeConnRefused       = "connection_refused"
+	typeConnTimeout       = "connection_timeout"
+	typeConnLimit         = "connection_limit_reached"
+	typeProtocolError     = "http_protocol_error"
+	typeInternalError     = "proxy_internal_error"
+	typeResponseTimeout   = "http_response_timeout"
+	typeResponseIncomplet = "http_response_incomplete"
+)
+
+// refusal returns egressd's own answer to a request it will not serve.
+func refusal(status int, typ, format string, args ...any) *Error {
+	return &Error{Status: status, Type: typ, Reason: fmt.Sprintf(format, args...)}
 }
 
 func (e *Error) Error() string {
@@ -35,46 +66,111 @@ func (e *Error) Unwrap() error { return e.Err }
 // body is the response body sent to the client.
 func (e *Error) body() string { return e.Reason + "\n" }
 
-// upstreamError maps a failure to reach or read from host to the status and
-// text a client sees. host is the host name (or literal) from the request;
-// nothing from err goes into the Reason, because a *net.OpError from a bound
-// dial prints the egress source address.
+// proxyStatus is the value of the Proxy-Status response header (RFC 9209):
+// egressd's name, the error type and the reason as details, which curl -v
+// and git's GIT_CURL_VERBOSE show even where the body is not (a refused
+// CONNECT).
+func (e *Error) proxyStatus() string {
+	typ := e.Type
+	if typ == "" {
+		typ = typeInternalError
+	}
+	return "egressd; error=" + typ + "; details=" + sfString(e.Reason)
+}
+
+// sfString quotes s as a structured-field string (RFC 8941 section 3.3.3):
+// printable ASCII only, with '"' and '\' escaped; anything else becomes '?'.
+func sfString(s string) string {
+	var b strings.Builder
+	b.Grow(len(s) + 2)
+	b.WriteByte('"')
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '"' || c == '\\':
+			b.WriteByte('\\')
+			b.WriteByte(c)
+		case c < 0x20 || c > 0x7e:
+			b.WriteByte('?')
+		default:
+			b.WriteByte(c)
+		}
+	}
+	b.WriteByte('"')
+	return b.String()
+}
+
+// socksReply is the SOCKS5 reply code that says what e says.
+func (e *Error) socksReply() byte {
+	if e.socks != 0 {
+		return e.socks
+	}
+	if e.Status == http.StatusForbidden {
+		return socks5.ReplyNotAllowed
+	}
+	return socks5.ReplyGeneralFailure
+}
+
+// upstreamError maps a failure to reach or read from host to what a client
+// sees, over HTTP (status, reason, Proxy-Status) and over SOCKS5 (the reply
+// code). host is the host name (or literal) from the request; nothing from
+// err goes into the Reason but the destination address of a refusal,
+// because a *net.OpError from a bound dial prints the egress source address.
 func upstreamError(host string, err error) *Error {
 	if e, ok := errors.AsType[*Error](err); ok {
 		return e
 	}
-	mk := func(status int, format string, args ...any) *Error {
-		return &Error{Status: status, Reason: fmt.Sprintf(format, args...), Err: err}
+	mk := func(status int, typ string, socks byte, format string, args ...any) *Error {
+		return &Error{Status: status, Type: typ, Reason: fmt.Sprintf(format, args...), Err: err, socks: socks}
+	}
+	if de, ok := errors.AsType[*netutil.DeniedError](err); ok {
+		return mk(http.StatusForbidden, typeDestProhibited, socks5.ReplyNotAllowed, "%s", deniedReason(host, de))
 	}
 	switch {
 	case errors.Is(err, netutil.ErrNoAddress):
-		return mk(http.StatusServiceUnavailable, "no fresh egress address available")
+		return mk(http.StatusServiceUnavailable, typeInternalError, socks5.ReplyGeneralFailure, "no fresh egress address available")
 	case errors.Is(err, netutil.ErrDenied):
-		return mk(http.StatusForbidden, "destination %s not allowed (the proxy host itself, its own prefix, link-local or multicast)", host)
+		return mk(http.StatusForbidden, typeDestProhibited, socks5.ReplyNotAllowed, "destination %s not allowed", host)
 	case errors.Is(err, netutil.ErrNoIPv6):
 		// A host with A records only, and -ipv4 deny.
-		return mk(http.StatusBadGateway, "%s has no IPv6 address", host)
+		return mk(http.StatusBadGateway, typeDestProhibited, socks5.ReplyHostUnreachable, "%s has no IPv6 address", host)
 	case isTimeout(err):
-		return mk(http.StatusGatewayTimeout, "upstream %s timed out", host)
+		return mk(http.StatusGatewayTimeout, typeConnTimeout, socks5.ReplyTTLExpired, "upstream %s timed out", host)
 	}
 	if dnsErr, ok := errors.AsType[*net.DNSError](err); ok {
 		if dnsErr.IsNotFound {
-			return mk(http.StatusBadGateway, "cannot resolve %s: no such host", host)
+			return mk(http.StatusBadGateway, typeDNSError, socks5.ReplyHostUnreachable, "cannot resolve %s: no such host", host)
 		}
-		return mk(http.StatusBadGateway, "cannot resolve %s", host)
+		return mk(http.StatusBadGateway, typeDNSError, socks5.ReplyHostUnreachable, "cannot resolve %s", host)
 	}
 	// A dialer that asks for tcp6 only says this of an IPv4 address.
 	if addrErr, ok := errors.AsType[*net.AddrError](err); ok && addrErr.Err == "no suitable address found" {
-		return mk(http.StatusBadGateway, "%s has no IPv6 address", host)
+		return mk(http.StatusBadGateway, typeDestProhibited, socks5.ReplyHostUnreachable, "%s has no IPv6 address", host)
 	}
 	switch {
 	case errors.Is(err, syscall.ECONNREFUSED):
-		return mk(http.StatusBadGateway, "upstream %s refused the connection", host)
-	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
-		return mk(http.StatusBadGateway, "upstream %s is unreachable", host)
+		return mk(http.StatusBadGateway, typeConnRefused, socks5.ReplyConnectionRefused, "upstream %s refused the connection", host)
+	case errors.Is(err, syscall.ENETUNREACH):
+		return mk(http.StatusBadGateway, typeDestUnroutable, socks5.ReplyNetworkUnreachable, "upstream %s is unreachable", host)
+	case errors.Is(err, syscall.EHOSTUNREACH):
+		return mk(http.StatusBadGateway, typeDestUnroutable, socks5.ReplyHostUnreachable, "upstream %s is unreachable", host)
 	default:
-		return mk(http.StatusBadGateway, "upstream %s failed", host)
+		return mk(http.StatusBadGateway, typeDestUnavailable, socks5.ReplyGeneralFailure, "upstream %s failed", host)
 	}
+}
+
+// deniedReason says why the guard refused host: which address it is (when
+// host is a name) and what that address is. The address is the
+// destination's, never the egress one.
+func deniedReason(host string, de *netutil.DeniedError) string {
+	dest := host
+	if a := de.Addr.String(); strings.Trim(host, "[]") != a {
+		dest = host + " (" + a + ")"
+	}
+	s := "destination " + dest + " not allowed: " + de.Reason
+	if de.Special {
+		s += "; -allow-dest re-admits it"
+	}
+	return s
 }
 
 // isTimeout reports whether err is a timeout of any kind: a dial or read

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/textproto"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -19,8 +20,8 @@ import (
 	"golang.org/x/net/http/httpguts"
 )
 
-// notProxyText answers requests that are not in absolute form (GET /x).
-const notProxyText = "egressd is a forward proxy: send absolute-form requests or CONNECT"
+// errNotProxy answers requests that are not in absolute form (GET /x).
+var errNotProxy = refusal(http.StatusBadRequest, typeRequestError, "egressd is a forward proxy: send absolute-form requests or CONNECT")
 
 var (
 	errConnectViaGoproxy = errors.New("CONNECT must be served by egressd, not goproxy")
@@ -65,7 +66,7 @@ func (s *Server) newGoproxy() *goproxy.ProxyHttpServer {
 	}
 	gp.ConnectDial = func(string, string) (net.Conn, error) { return nil, errConnectViaGoproxy }
 	gp.NonproxyHandler = http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		_ = writeError(w, http.StatusBadRequest, notProxyText, false)
+		_ = writeError(w, errNotProxy, false)
 	})
 
 	roundTripper := goproxy.RoundTripperFunc(s.roundTrip)
@@ -91,11 +92,13 @@ func (s *Server) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Re
 		s.logUpstreamError(r, withPort(r.URL.Host, defaultPorts[r.URL.Scheme]), e)
 		if st := stateFrom(r.Context()); st != nil {
 			st.failed = true
+			st.reason = e.Reason
 		}
 		// Our own response, so that goproxy's 500 with the error text (and
 		// the egress address in it) is never used.
 		out := goproxy.NewResponse(r, "text/plain; charset=utf-8", e.Status, e.body())
 		out.Header.Set("X-Content-Type-Options", "nosniff")
+		out.Header.Set("Proxy-Status", e.proxyStatus())
 		return out
 	}
 
@@ -165,15 +168,25 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request, x *exchange) 
 	rec := &x.rec
 	rec.host = r.Host
 	if !r.URL.IsAbs() || r.URL.Host == "" {
-		refuse(w, rec, http.StatusBadRequest, notProxyText, false)
+		refuse(w, rec, errNotProxy, false)
 		return
 	}
 	port := defaultPorts[r.URL.Scheme]
 	if port == "" {
-		refuse(w, rec, http.StatusBadRequest, "egressd forwards http and https URLs only", false)
+		refuse(w, rec, refusal(http.StatusBadRequest, typeRequestError, "egressd forwards http and https URLs only"), false)
 		return
 	}
 	rec.host = withPort(r.URL.Host, port)
+	if p := r.URL.Port(); p != "" {
+		if n, err := strconv.ParseUint(p, 10, 16); err != nil || n == 0 {
+			refuse(w, rec, refusal(http.StatusBadRequest, typeRequestError, "bad port %s in the URL", p), false)
+			return
+		}
+	}
+	if e := checkDest(r.URL.Hostname(), portOf(rec.host), x.access.HTTPPorts, "plain HTTP", "http-ports"); e != nil {
+		refuse(w, rec, e, false)
+		return
+	}
 	if !s.admit(w, r, r.URL.Hostname(), rec, false) {
 		return
 	}
@@ -237,25 +250,28 @@ func (s *Server) logUpstreamError(r *http.Request, host string, e *Error) {
 		"status", e.Status, "err", e.Err)
 }
 
-// writeError answers with status and a one-line text/plain body. closeConn
-// ends the client connection after the response.
-func writeError(w http.ResponseWriter, status int, reason string, closeConn bool) int {
+// writeError answers with e's status, its Proxy-Status header and its
+// reason as a one-line text/plain body. closeConn ends the client
+// connection after the response.
+func writeError(w http.ResponseWriter, e *Error, closeConn bool) int {
 	h := w.Header()
 	h.Set("Content-Type", "text/plain; charset=utf-8")
 	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Proxy-Status", e.proxyStatus())
 	if closeConn {
 		h.Set("Connection", "close")
 	}
-	w.WriteHeader(status)
-	n, _ := io.WriteString(w, reason+"\n")
+	w.WriteHeader(e.Status)
+	n, _ := io.WriteString(w, e.body())
 	return n
 }
 
 // refuse answers the client with egressd's own error, and records it for the
 // access log and the statistics.
-func refuse(w http.ResponseWriter, rec *record, status int, reason string, closeConn bool) {
-	n := int64(writeError(w, status, reason, closeConn))
-	rec.status = status
+func refuse(w http.ResponseWriter, rec *record, e *Error, closeConn bool) {
+	n := int64(writeError(w, e, closeConn))
+	rec.status = e.Status
+	rec.reason = e.Reason
 	rec.down += n
 	rec.own += n
 }

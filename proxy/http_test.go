@@ -349,7 +349,7 @@ func TestNotAbsoluteForm(t *testing.T) {
 	body, err := io.ReadAll(resp.Body)
 	require.NoError(t, err)
 	assert.Equal(t, http.StatusBadRequest, resp.StatusCode)
-	assert.Equal(t, notProxyText+"\n", string(body))
+	assert.Equal(t, errNotProxy.body(), string(body))
 	assert.Equal(t, 0, p.dialer.calls())
 }
 

@@ -29,8 +29,10 @@ type reqState struct {
 	// there).
 	bodyErr error
 	// failed is set when egressd answered an upstream failure itself
-	// (502, 503, 504). Handler goroutine only.
+	// (502, 503, 504), and reason to what it told the client. Handler
+	// goroutine only.
 	failed bool
+	reason string
 	// answered is when the upstream's response head arrived, or the
 	// tunnel was established: the end of the latency that statistics
 	// record. Handler goroutine only.
@@ -107,6 +109,7 @@ type record struct {
 	up     int64  // bytes sent upstream: request body, or client->upstream in a tunnel
 	own    int64  // of down, the bytes of egressd's own error answer
 	user   string // the proxy user, when users authenticate; never a password
+	reason string // why egressd refused or failed the request, as the client was told
 
 	upstream *stats.Upstream // set by admit
 	admitted time.Time       // when the shaper let the request through
@@ -133,6 +136,12 @@ func (s *Server) logRecord(client, method string, rec *record, st *reqState, d t
 	}, extra...)
 	if rec.user != "" {
 		attrs = append(attrs, slog.String("user", rec.user))
+	}
+	if reason := rec.reason; reason != "" || st.reason != "" {
+		if reason == "" {
+			reason = st.reason
+		}
+		attrs = append(attrs, slog.String("reason", reason))
 	}
 	s.log.LogAttrs(context.Background(), slog.LevelInfo, "request", attrs...)
 }

@@ -100,6 +100,20 @@ type testProxy struct {
 
 type proxyOpt func(*Config)
 
+// allPorts admits the ephemeral ports the tests' upstreams listen on.
+var allPorts = MustParsePorts("1-65535")
+
+// anyPort returns a with every port admitted where a leaves the ports unset.
+func anyPort(a Access) Access {
+	if a.ConnectPorts == nil {
+		a.ConnectPorts = allPorts
+	}
+	if a.HTTPPorts == nil {
+		a.HTTPPorts = allPorts
+	}
+	return a
+}
+
 func withIdle(d time.Duration) proxyOpt { return func(c *Config) { c.TunnelIdleTimeout = d } }
 
 func withLogger(l *slog.Logger) proxyOpt { return func(c *Config) { c.Logger = l } }
@@ -116,6 +130,7 @@ func startProxy(t testing.TB, wrap func(net.Listener) net.Listener, opts ...prox
 	for _, o := range opts {
 		o(&cfg)
 	}
+	cfg.Access = anyPort(cfg.Access)
 	s, err := New(cfg)
 	require.NoError(t, err)
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")

@@ -43,7 +43,7 @@ type HoldFunc func(ctx context.Context) (dial DialFunc, release func(), err erro
 const maxSessionKey = 256
 
 var (
-	errTooManySessions = &Error{Status: http.StatusServiceUnavailable, Reason: "too many sessions open (-max-addrs)"}
+	errTooManySessions = refusal(http.StatusServiceUnavailable, typeConnLimit, "too many sessions open (-max-addrs)")
 	errHeldEnded       = fmt.Errorf("%w: the held address was given back", netutil.ErrNoAddress)
 )
 
@@ -199,7 +199,7 @@ func newSessionTable(idle time.Duration, max int, newTr func(*session) *http.Tra
 // out, and counts one more user of it.
 func (t *sessionTable) begin(key string) (*session, error) {
 	if len(key) > maxSessionKey {
-		return nil, &Error{Status: http.StatusBadRequest, Reason: fmt.Sprintf("session key longer than %d bytes", maxSessionKey)}
+		return nil, refusal(http.StatusBadRequest, typeRequestError, "session key longer than %d bytes", maxSessionKey)
 	}
 	var ended []*session
 	defer func() { finish(ended) }()

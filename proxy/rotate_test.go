@@ -335,7 +335,7 @@ func TestUserSession(t *testing.T) {
 			}
 			w := httptest.NewRecorder()
 			var rec record
-			user, key, ok := s.authorize(w, r, &rec)
+			user, key, ok := s.authorize(w, r, &rec, s.access.Load())
 			assert.Empty(t, r.Header.Get("Proxy-Authorization"), "credentials removed")
 			if tt.status != 0 {
 				assert.False(t, ok)

@@ -264,7 +264,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// RotateConnection: a hijacked client connection (a tunnel) gives its
 	// address back once the tunnel is done with it.
 	x.held, _ = r.Context().Value(connHeldKey{}).(*heldAddr)
-	user, userKey, ok := s.authorize(w, r, rec)
+	x.access = s.access.Load() // the same rules for the whole request, across a reload
+	user, userKey, ok := s.authorize(w, r, rec, x.access)
 	if !ok {
 		rec.host = r.Host
 		return
@@ -284,9 +285,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		rec.host = r.Host
 		e, ok := errors.AsType[*Error](err)
 		if !ok {
-			e = &Error{Status: http.StatusServiceUnavailable, Reason: errShutdown.Error()}
+			e = refusal(http.StatusServiceUnavailable, typeInternalError, "%s", errShutdown)
 		}
-		refuse(w, rec, e.Status, e.Reason, r.Method == http.MethodConnect)
+		refuse(w, rec, e, r.Method == http.MethodConnect)
 		return
 	}
 	x.done = done
@@ -305,13 +306,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // its own (so that an open tunnel keeps none of the HTTP server's buffers),
 // when the tunnel ends.
 type exchange struct {
-	r     *http.Request
-	start time.Time
-	st    reqState
-	rec   record
-	rw    responseWriter // plain HTTP
-	held  *heldAddr      // RotateConnection: the client connection's address
-	done  func()         // ends the request's use of its session
+	r      *http.Request
+	access *Access
+	start  time.Time
+	st     reqState
+	rec    record
+	rw     responseWriter // plain HTTP
+	held   *heldAddr      // RotateConnection: the client connection's address
+	done   func()         // ends the request's use of its session
 
 	handedOff bool // a tunnel settles the exchange, not ServeHTTP
 }

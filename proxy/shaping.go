@@ -31,7 +31,7 @@ func (s *Server) admit(w http.ResponseWriter, r *http.Request, host string, rec 
 	}
 	if rej, ok := errors.AsType[*shape.RejectError](err); ok {
 		w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds(rej.RetryAfter)))
-		refuse(w, rec, http.StatusTooManyRequests, rej.Reason, closeConn)
+		refuse(w, rec, refusal(http.StatusTooManyRequests, typeConnLimit, "%s", rej.Reason), closeConn)
 		return false
 	}
 	// The client hung up while waiting; there is nobody to answer.

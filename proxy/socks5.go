@@ -12,10 +12,8 @@ import (
 	"os"
 	"slices"
 	"sync"
-	"syscall"
 	"time"
 
-	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy/shape"
 	"github.com/egressd/egressd/proxy/socks5"
 )
@@ -188,7 +186,8 @@ func (s *Server) serveSOCKS(c net.Conn) {
 	}
 
 	_ = c.SetDeadline(time.Now().Add(socksHandshakeTimeout))
-	q, user, session, status, ok := s.socksHandshake(c)
+	a := s.access.Load() // the same rules for the whole connection, across a reload
+	q, user, session, status, ok := s.socksHandshake(c, a)
 	rec.user = user
 	if !ok {
 		rec.status = status
@@ -202,7 +201,13 @@ func (s *Server) serveSOCKS(c net.Conn) {
 	rec.host = q.Addr()
 	if _, err := netip.ParseAddr(q.Host); err != nil && !validHostname(q.Host) {
 		s.log.Debug("socks5: bad host name", "client", c.RemoteAddr().String(), "host", q.Host)
+		rec.reason = "bad host name"
 		answer(socks5.ReplyGeneralFailure, http.StatusBadRequest)
+		return
+	}
+	if e := checkDest(q.Host, q.Port, a.ConnectPorts, "tunnels", "connect-ports"); e != nil {
+		rec.reason = e.Reason
+		answer(e.socksReply(), e.Status)
 		return
 	}
 	// The session stays in use while the tunnel is open, as a CONNECT
@@ -236,7 +241,8 @@ func (s *Server) serveSOCKS(c net.Conn) {
 		s.log.Log(ctx, level, "upstream failed", "client", c.RemoteAddr().String(), "method", "SOCKS5",
 			"host", rec.host, "status", e.Status, "err", e.Err)
 		st.failed = true
-		answer(socksReply(err), e.Status)
+		rec.reason = e.Reason
+		answer(e.socksReply(), e.Status)
 		return
 	}
 	t := newTunnel(c, upstream, s.cfg.TunnelIdleTimeout)
@@ -263,7 +269,7 @@ func (s *Server) serveSOCKS(c net.Conn) {
 // in the user name, if any, and ok; or, when the handshake failed or the
 // client was refused and it was answered as the protocol says, the HTTP-like
 // status for the log (0 if the client sent nothing at all).
-func (s *Server) socksHandshake(c net.Conn) (q socks5.Request, user, session string, status int, ok bool) {
+func (s *Server) socksHandshake(c net.Conn, a *Access) (q socks5.Request, user, session string, status int, ok bool) {
 	fail := func(err error, status int) (socks5.Request, string, string, int, bool) {
 		s.log.Debug("socks5: handshake failed", "client", c.RemoteAddr().String(), "err", err)
 		if errors.Is(err, os.ErrDeadlineExceeded) {
@@ -272,7 +278,6 @@ func (s *Server) socksHandshake(c net.Conn) (q socks5.Request, user, session str
 		return socks5.Request{}, user, "", status, false
 	}
 
-	a := s.access.Load()
 	methods, err := socks5.ReadGreeting(c)
 	if errors.Is(err, io.EOF) {
 		return socks5.Request{}, "", "", 0, false
@@ -369,7 +374,7 @@ func (s *Server) socksRefuse(c net.Conn, methods []byte) error {
 	if _, err := c.Write(reply.Bytes()); err != nil {
 		return err
 	}
-	return errors.New(reasonNotAllowed)
+	return errors.New(errNotAllowed.Reason)
 }
 
 // lingerClose ends a connection whose handshake failed so that the error
@@ -390,37 +395,3 @@ const (
 	lingerTimeout = 500 * time.Millisecond
 	lingerMax     = 64 << 10
 )
-
-// socksReply maps a dial failure to the SOCKS5 reply code that says it best
-// (upstreamError says the same for HTTP).
-func socksReply(err error) byte {
-	if e, ok := errors.AsType[*Error](err); ok && e.Status == http.StatusForbidden {
-		return socks5.ReplyNotAllowed
-	}
-	switch {
-	case errors.Is(err, netutil.ErrDenied):
-		return socks5.ReplyNotAllowed
-	case errors.Is(err, netutil.ErrNoAddress):
-		return socks5.ReplyGeneralFailure
-	case errors.Is(err, netutil.ErrNoIPv6):
-		return socks5.ReplyHostUnreachable
-	case isTimeout(err):
-		return socks5.ReplyTTLExpired
-	}
-	if _, ok := errors.AsType[*net.DNSError](err); ok {
-		return socks5.ReplyHostUnreachable
-	}
-	if addrErr, ok := errors.AsType[*net.AddrError](err); ok && addrErr.Err == "no suitable address found" {
-		return socks5.ReplyHostUnreachable
-	}
-	switch {
-	case errors.Is(err, syscall.ECONNREFUSED):
-		return socks5.ReplyConnectionRefused
-	case errors.Is(err, syscall.ENETUNREACH):
-		return socks5.ReplyNetworkUnreachable
-	case errors.Is(err, syscall.EHOSTUNREACH):
-		return socks5.ReplyHostUnreachable
-	default:
-		return socks5.ReplyGeneralFailure
-	}
-}

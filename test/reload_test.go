@@ -63,10 +63,15 @@ func serveTCP(t *testing.T, ln net.Listener, handle func(net.Conn)) {
 	})
 }
 
-// startTCPEcho runs an echo server on the upstream's address, port 7, in R.
+// echoPort is where startTCPEcho listens; tunnels to it need
+// -connect-ports to name it.
+const echoPort = "8007"
+
+// startTCPEcho runs an echo server on the upstream's address, port
+// echoPort, in R.
 func startTCPEcho(t *testing.T, tp *nstest.Topo) string {
 	t.Helper()
-	addr := net.JoinHostPort(nstest.UpstreamAddr.String(), "7")
+	addr := net.JoinHostPort(nstest.UpstreamAddr.String(), echoPort)
 	ln, err := tp.Router.Listen("tcp", addr)
 	require.NoError(t, err)
 	serveTCP(t, ln, func(c net.Conn) {
@@ -94,7 +99,7 @@ func TestReload(t *testing.T) {
 	notify := listenNotify(t)
 	admin := filepath.Join(t.TempDir(), "admin.sock")
 	e.ed = e.tp.Host.Start(t, []string{"NOTIFY_SOCKET=" + notify.path}, e.bin,
-		egressdArgs(e.tp, "-config", conf, "-admin", admin)...)
+		egressdArgs(e.tp, "-config", conf, "-admin", admin, "-connect-ports", "443,80,"+echoPort)...)
 	assert.Equal(t, "READY=1\nSTATUS=serving", notify.next(t))
 	// READY=1 comes after every listener is up: nothing to wait for.
 	client := e.tp.Host.NewClient(t, proxyAddr, e.up.RootCAs, false)

@@ -68,6 +68,14 @@ type Config struct {
 	// AuthFile is an htpasswd file of bcrypt hashes; when set, clients must
 	// authenticate as one of its users.
 	AuthFile string
+	// AllowDest re-admits destinations in private and special-purpose
+	// ranges (an internal mirror on 10.0.5.7, say), which are refused by
+	// default; the host itself, loopback, link-local and the egress prefix
+	// stay refused (see netutil.Guard).
+	AllowDest []netip.Prefix
+	// ConnectPorts are the upstream ports CONNECT and SOCKS5 tunnels may
+	// reach; HTTPPorts those of plain HTTP requests (see proxy.Ports).
+	ConnectPorts, HTTPPorts *proxy.Ports
 	// Admin is where the admin API listens: a unix socket path or
 	// host:port; empty turns it off.
 	Admin string
@@ -85,18 +93,20 @@ type Config struct {
 // place defaults live.
 func defaultConfig() Config {
 	return Config{
-		Listen:      []string{"127.0.0.1:3128"},
-		Mode:        modeOnLink,
-		MaxAddrs:    netutil.DefaultMaxAddrs,
-		Ready:       netutil.DefaultReady,
-		Grace:       30 * time.Second,
-		TunnelIdle:  5 * time.Minute,
-		DialTimeout: 10 * time.Second,
-		Rotate:      proxy.RotateRequest,
-		SessionIdle: proxy.DefaultSessionIdle,
-		IPv4:        netutil.IPv4Direct,
-		Admin:       defaultAdmin,
-		LogLevel:    slog.LevelInfo,
+		Listen:       []string{"127.0.0.1:3128"},
+		Mode:         modeOnLink,
+		MaxAddrs:     netutil.DefaultMaxAddrs,
+		Ready:        netutil.DefaultReady,
+		Grace:        30 * time.Second,
+		TunnelIdle:   5 * time.Minute,
+		DialTimeout:  10 * time.Second,
+		Rotate:       proxy.RotateRequest,
+		SessionIdle:  proxy.DefaultSessionIdle,
+		IPv4:         netutil.IPv4Direct,
+		ConnectPorts: proxy.MustParsePorts(proxy.DefaultConnectPorts),
+		HTTPPorts:    proxy.MustParsePorts(proxy.DefaultHTTPPorts),
+		Admin:        defaultAdmin,
+		LogLevel:     slog.LevelInfo,
 	}
 }
 
@@ -123,6 +133,9 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs.Var(&listValue[shape.Rule]{p: &cfg.Limits, parse: shape.ParseRule}, "limit", "`HOST=RATE[,burst=N][,concurrency=N][,wait=DURATION]` paces requests to upstream HOST (exact, *.suffix or *); RATE is Nr/s, Nr/m or Nr/h; repeatable")
 	fs.Var(&listValue[netip.Prefix]{p: &cfg.Allow, parse: parseAllow}, "allow", "`CIDR` of clients that may use the proxy (HTTP and SOCKS5); repeatable (default: loopback only, 127.0.0.0/8 and ::1/128; with -auth-file, any address)")
 	fs.StringVar(&cfg.AuthFile, "auth-file", cfg.AuthFile, "htpasswd `FILE` of bcrypt hashes (htpasswd -B): clients must authenticate as one of its users")
+	fs.Var(&listValue[netip.Prefix]{p: &cfg.AllowDest, parse: parseAllow}, "allow-dest", "`CIDR` of destinations to admit although they are private or special-purpose (10.0.0.0/8, fc00::/7, ...); the host itself, loopback and link-local stay refused; repeatable")
+	fs.Var(&portsValue{p: &cfg.ConnectPorts}, "connect-ports", "`PORTS` CONNECT and SOCKS5 tunnels may reach: ports and ranges, comma-separated; repeatable")
+	fs.Var(&portsValue{p: &cfg.HTTPPorts}, "http-ports", "`PORTS` plain HTTP requests may reach; a range never covers a port of other protocols (25, 22, 6379, ...), naming it alone does; repeatable")
 	fs.StringVar(&cfg.Admin, "admin", cfg.Admin, "`ADDR` of the admin API: a unix socket path or host:port; empty turns it off")
 	fs.Var(levelValue{&cfg.LogLevel}, "log-level", "`LEVEL`: debug, info, warn or error")
 	fs.StringVar(&cfg.File, "config", cfg.File, "YAML or JSON `FILE` with the same keys as these flags; flags win")
@@ -237,6 +250,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("session-idle %s: must be positive", c.SessionIdle)
 	case c.IPv4 != netutil.IPv4Direct && c.IPv4 != netutil.IPv4Deny:
 		return fmt.Errorf("ipv4 %q: must be direct or deny", c.IPv4)
+	case c.Admin != "" && !isUnixAdmin(c.Admin) && !isLoopback(c.Admin):
+		return fmt.Errorf("admin %s is not a loopback address: the admin API has no authentication, so it listens on a unix socket (a path) or a loopback host:port only", c.Admin)
 	}
 	if _, err := shape.New(shape.Config{Rules: c.Limits}); err != nil {
 		return fmt.Errorf("limit: %w", err)
@@ -396,6 +411,39 @@ func (v choiceValue) Set(s string) error {
 		return fmt.Errorf("%q is not one of %s", s, strings.Join(v.choices, ", "))
 	}
 	*v.p = s
+	return nil
+}
+
+// portsValue is a port list flag (proxy.ParsePorts); a repeated flag, or a
+// list in the config file, adds to the list its first use started.
+type portsValue struct {
+	p    **proxy.Ports
+	used bool
+}
+
+func (v *portsValue) repeatable() {}
+func (v *portsValue) reset()      { *v.p = &proxy.Ports{}; v.used = true }
+
+func (v *portsValue) String() string {
+	if v == nil || v.p == nil {
+		return ""
+	}
+	return (*v.p).String()
+}
+
+func (v *portsValue) Set(s string) error {
+	if _, err := proxy.ParsePorts(s); err != nil {
+		return err
+	}
+	spec := s
+	if v.used && (*v.p).String() != "" {
+		spec = (*v.p).String() + "," + s
+	}
+	p, err := proxy.ParsePorts(spec)
+	if err != nil {
+		return err
+	}
+	*v.p, v.used = p, true
 	return nil
 }
 

@@ -194,6 +194,14 @@ func TestLoadConfigErrors(t *testing.T) {
 		{name: "open proxy, second listener", args: []string{"-listen", "127.0.0.1:3128", "-listen", "[::]:3128"}, want: "listen [::]:3128 is not a loopback address"},
 		{name: "open proxy, socks5", args: []string{"-socks5", "0.0.0.0:1080"}, want: "socks5 0.0.0.0:1080 is not a loopback address"},
 		{name: "open proxy in file", file: "listen: [\"10.0.5.1:3128\"]\n", want: "listen 10.0.5.1:3128 is not a loopback address"},
+		{name: "bad allow-dest", args: []string{"-allow-dest", "mirror"}, want: `invalid value "mirror" for flag -allow-dest: "mirror" is not a CIDR prefix`},
+		{name: "bad connect-ports", args: []string{"-connect-ports", "443,https"}, want: `invalid value "443,https" for flag -connect-ports: "443,https": port "https" is not a number from 1 to 65535`},
+		{name: "connect port 0", args: []string{"-connect-ports", "0"}, want: `port "0" is not a number from 1 to 65535`},
+		{name: "backward range", args: []string{"-http-ports", "9000-8000"}, want: "range 9000-8000 ends before it starts"},
+		{name: "bad ports in file", file: "connect-ports: [443, 70000]\n", want: `line 1: key "connect-ports": "70000": port "70000" is not a number from 1 to 65535`},
+		{name: "admin on the network", args: []string{"-admin", "0.0.0.0:9090"}, want: "admin 0.0.0.0:9090 is not a loopback address: the admin API has no authentication, so it listens on a unix socket (a path) or a loopback host:port only"},
+		{name: "admin on all addresses", args: []string{"-admin", ":9090"}, want: "admin :9090 is not a loopback address"},
+		{name: "admin on a link", file: "admin: \"[2001:db8::2]:9090\"\n", want: "admin [2001:db8::2]:9090 is not a loopback address"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -268,7 +276,48 @@ func TestEmptyConfigFile(t *testing.T) {
 func TestUsageListsEveryFlag(t *testing.T) {
 	var names []string
 	flagSet(&Config{}).VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
-	assert.Equal(t, strings.Fields("admin allow auth-file config dial-timeout grace interface ipv4 limit listen log-level max-addrs mode pin prefix ready rotate session-idle socks5 tunnel-idle"), names)
+	assert.Equal(t, strings.Fields("admin allow allow-dest auth-file config connect-ports dial-timeout grace http-ports interface ipv4 limit listen log-level max-addrs mode pin prefix ready rotate session-idle socks5 tunnel-idle"), names)
+}
+
+// TestLoadConfigDest: the destination settings from flags and the file,
+// with their defaults; a flag replaces the file's list.
+func TestLoadConfigDest(t *testing.T) {
+	cfg, err := loadConfig(nil)
+	require.NoError(t, err)
+	assert.Equal(t, "443,80", cfg.ConnectPorts.String())
+	assert.Equal(t, "80,443,1024-65535", cfg.HTTPPorts.String())
+	assert.Empty(t, cfg.AllowDest)
+
+	for _, tt := range []struct {
+		name, file    string
+		args          []string
+		connect, http string
+		allowDest     []string
+		admin         string
+	}{
+		{name: "flags", args: []string{"-connect-ports", "443,8443", "-connect-ports", "22", "-http-ports", "80", "-allow-dest", "10.0.5.7", "-allow-dest", "fd00::/8", "-admin", "127.0.0.1:9090"},
+			connect: "443,8443,22", http: "80", allowDest: []string{"10.0.5.7/32", "fd00::/8"}, admin: "127.0.0.1:9090"},
+		{name: "file lists", file: "connect-ports: [443, 8443]\nhttp-ports: \"80,8000-8999\"\nallow-dest: [10.0.0.0/8]\nadmin: \"[::1]:9090\"\n",
+			connect: "443,8443", http: "80,8000-8999", allowDest: []string{"10.0.0.0/8"}, admin: "[::1]:9090"},
+		{name: "json", file: `{"connect-ports":[443,5222],"allow-dest":["100.64.0.0/10"]}`,
+			connect: "443,5222", http: "80,443,1024-65535", allowDest: []string{"100.64.0.0/10"}, admin: defaultAdmin},
+		{name: "flag over file", file: "connect-ports: [443, 8443]\n", args: []string{"-connect-ports", "443"},
+			connect: "443", http: "80,443,1024-65535", admin: defaultAdmin},
+		{name: "admin path", args: []string{"-admin", "/tmp/egressd.sock"}, connect: "443,80", http: "80,443,1024-65535", admin: "/tmp/egressd.sock"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := loadConfig(withFile(t, tt.args, tt.file))
+			require.NoError(t, err)
+			assert.Equal(t, tt.connect, cfg.ConnectPorts.String())
+			assert.Equal(t, tt.http, cfg.HTTPPorts.String())
+			var dest []string
+			for _, p := range cfg.AllowDest {
+				dest = append(dest, p.String())
+			}
+			assert.Equal(t, tt.allowDest, dest)
+			assert.Equal(t, tt.admin, cfg.Admin)
+		})
+	}
 }
 
 func TestLoadConfigAccess(t *testing.T) {

@@ -167,10 +167,12 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 	}
 
 	// Clients must not reach the host's own services through the proxy:
-	// not its loopback, and not its egress prefix, every address of which
-	// is the host's own in routed mode.
-	deny := append(slices.Clone(netutil.DefaultDeny), prefix)
-	dialer := &netutil.Dialer{Pool: pool, Timeout: cfg.DialTimeout, FreeBind: routed, IPv4: cfg.IPv4, Deny: deny}
+	// not its addresses, its loopback, its link, nor its egress prefix,
+	// every address of which is the host's own in routed mode; nor, unless
+	// -allow-dest says so, its private networks.
+	guard := netutil.NewGuard([]netip.Prefix{prefix}, cfg.AllowDest)
+	guard.SetHostAddrs(hostAddrs)
+	dialer := &netutil.Dialer{Pool: pool, Timeout: cfg.DialTimeout, FreeBind: routed, IPv4: cfg.IPv4, Guard: guard}
 	srv, err := proxy.New(proxy.Config{
 		Dial:              dialer.DialContext,
 		Logger:            log,
@@ -211,7 +213,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 		}
 		listeners = append(listeners, ln)
 	}
-	rl := &reloader{srv: srv, level: level, log: log, notify: notify, cfg: cfg, live: lv}
+	rl := &reloader{srv: srv, guard: guard, level: level, log: log, notify: notify, cfg: cfg, live: lv}
 	var admin *http.Server
 	if cfg.Admin != "" {
 		ln, err := listenAdmin(cfg.Admin)

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy"
 	"github.com/egressd/egressd/proxy/auth"
 	"github.com/egressd/egressd/proxy/shape"
@@ -19,7 +20,7 @@ import (
 
 // reloadable are the settings a reload applies to the running egressd; every
 // other one (listen, mode, prefix, interface, ...) needs a restart.
-var reloadable = []string{"limit", "allow", "auth-file", "log-level", "grace"}
+var reloadable = []string{"limit", "allow", "auth-file", "allow-dest", "connect-ports", "http-ports", "log-level", "grace"}
 
 // live is what a Config makes of the settings that can change while egressd
 // runs, ready to be swapped in.
@@ -33,6 +34,7 @@ type live struct {
 func newLive(cfg Config) (live, error) {
 	var l live
 	l.access.Allow = cfg.allowed()
+	l.access.ConnectPorts, l.access.HTTPPorts = cfg.ConnectPorts, cfg.HTTPPorts
 	if cfg.AuthFile != "" {
 		data, err := os.ReadFile(cfg.AuthFile)
 		if err != nil {
@@ -56,6 +58,7 @@ func newLive(cfg Config) (live, error) {
 // on POST /reload of the admin API. Reloads run one at a time.
 type reloader struct {
 	srv    *proxy.Server
+	guard  *netutil.Guard
 	level  *slog.LevelVar
 	log    *slog.Logger
 	notify *notifier
@@ -127,12 +130,14 @@ func (r *reloader) apply(next Config, l live) string {
 		l.shaper = r.live.shaper // token buckets keep their state
 	}
 	r.srv.SetAccess(l.access)
+	r.guard.SetAllow(next.AllowDest)
 	r.level.Set(next.LogLevel)
 	r.live = l
 
 	kept := r.cfg
 	kept.Limits, kept.Allow, kept.AuthFile, kept.LogLevel, kept.Grace =
 		next.Limits, next.Allow, next.AuthFile, next.LogLevel, next.Grace
+	kept.AllowDest, kept.ConnectPorts, kept.HTTPPorts = next.AllowDest, next.ConnectPorts, next.HTTPPorts
 	r.cfg = kept
 
 	msg := "reloaded: nothing changed"

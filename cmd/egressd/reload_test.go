@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -118,7 +120,8 @@ func TestReload(t *testing.T) {
 	notify, err := newNotifier()
 	require.NoError(t, err)
 	t.Cleanup(func() { notify.Close() })
-	rl := &reloader{srv: srv, level: level, log: slog.New(slog.NewTextHandler(&logs, nil)), notify: notify, cfg: cfg, live: l}
+	guard := netutil.NewGuard(nil, cfg.AllowDest)
+	rl := &reloader{srv: srv, guard: guard, level: level, log: slog.New(slog.NewTextHandler(&logs, nil)), notify: notify, cfg: cfg, live: l}
 
 	reload := func() (string, error) {
 		t.Helper()
@@ -136,11 +139,16 @@ func TestReload(t *testing.T) {
 
 	// New rules, an allow list, a log level; a listener the file cannot
 	// change (the command line wins) and a mode that needs a restart.
+	internal := netip.MustParseAddr("10.0.9.7")
+	require.ErrorIs(t, guard.Check(internal), netutil.ErrDenied)
 	write(file, "limit: [\"a.test=2r/s\", \"b.test=1r/m\"]\nallow: [10.0.5.0/24]\nauth-file: "+users+
-		"\nlog-level: debug\nlisten: [\"127.0.0.1:9999\"]\nmode: routed\nmax-addrs: 9\n")
+		"\nlog-level: debug\nlisten: [\"127.0.0.1:9999\"]\nmode: routed\nmax-addrs: 9\n"+
+		"allow-dest: [10.0.9.0/24]\nconnect-ports: [443, 8443]\n")
 	msg, err = reload()
 	require.NoError(t, err)
-	assert.Equal(t, "reloaded: allow, limit, log-level changed; restart to apply max-addrs, mode (the running values stay)", msg)
+	assert.Equal(t, "reloaded: allow, allow-dest, connect-ports, limit, log-level changed; restart to apply max-addrs, mode (the running values stay)", msg)
+	assert.NoError(t, guard.Check(internal), "allow-dest applies at once")
+	assert.Equal(t, "443,8443", rl.live.access.ConnectPorts.String())
 	cur := rl.current()
 	assert.Len(t, cur.Limits, 2)
 	assert.Equal(t, "10.0.5.0/24", allowList(cur.allowed()))
@@ -150,7 +158,7 @@ func TestReload(t *testing.T) {
 	assert.Equal(t, []string{"127.0.0.1:3128"}, cur.Listen, "the command line still wins")
 	assert.Equal(t, 7*time.Second, cur.Grace)
 	assert.NotSame(t, l.shaper, rl.live.shaper)
-	assert.Contains(t, logs.String(), `level=WARN msg="config reloaded, but some settings need a restart: running with the old values for those" restart=max-addrs,mode changed=allow,limit,log-level`)
+	assert.Contains(t, logs.String(), `level=WARN msg="config reloaded, but some settings need a restart: running with the old values for those" restart=max-addrs,mode changed=allow,allow-dest,connect-ports,limit,log-level`)
 
 	// Only the auth file's content changed: new users.
 	before := rl.live.access.Users

@@ -465,3 +465,19 @@ func CleanEnv() []string {
 		return strings.HasSuffix(strings.ToLower(k), "_proxy")
 	})
 }
+
+// AddHosts adds lines to H's /etc/hosts (/etc/netns/H/hosts), for names a
+// test needs beyond those New gives. Programs started afterwards see them.
+func (tp *Topo) AddHosts(t testing.TB, lines string) {
+	t.Helper()
+	etcMu.Lock()
+	defer etcMu.Unlock()
+	f, err := os.OpenFile(filepath.Join("/etc/netns", tp.Host.Name, "hosts"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteString(lines); err != nil {
+		t.Fatal(err)
+	}
+}
