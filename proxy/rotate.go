@@ -90,8 +90,8 @@ func (h *heldAddr) end() {
 
 type connHeldKey struct{}
 
-// connContext gives each client connection its held address (RotateConnection).
-func (s *Server) connContext(ctx context.Context, c net.Conn) context.Context {
+// holdForConn gives a client connection its held address (RotateConnection).
+func (s *Server) holdForConn(ctx context.Context, c net.Conn) context.Context {
 	h := &heldAddr{}
 	s.heldMu.Lock()
 	s.held[c] = h

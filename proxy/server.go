@@ -225,10 +225,10 @@ func New(cfg Config) (*Server, error) {
 		Protocols:         &protocols,
 		ErrorLog:          slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelWarn),
 	}
+	s.srv.ConnContext = s.connContext
 	switch cfg.Rotate {
 	case RotateConnection:
 		s.held = make(map[net.Conn]*heldAddr)
-		s.srv.ConnContext = s.connContext
 		s.srv.ConnState = s.connState
 	case RotateSession:
 		s.sessions = newSessionTable(cfg.SessionIdle, cfg.MaxSessions, s.newSessionTransport)
@@ -253,7 +253,11 @@ func (s *Server) Serve(ln net.Listener) error {
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.begin()
 	x := &exchange{start: time.Now(), r: r}
-	ctx := context.WithValue(r.Context(), stateKey{}, &x.st)
+	// A client that half-closed after its request is still served: see
+	// halfclose.go.
+	ctx, release := upstreamContext(r)
+	ctx = context.WithValue(ctx, stateKey{}, &x.st)
+	defer release()
 	defer func() {
 		if !x.handedOff {
 			s.settle(x)
