@@ -28,6 +28,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/egressd/egressd/internal/version"
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy"
 	"github.com/egressd/egressd/proxy/stats"
@@ -37,8 +38,12 @@ import (
 
 func main() {
 	cfg, err := loadConfig(os.Args[1:])
-	if errors.Is(err, flag.ErrHelp) {
+	switch {
+	case errors.Is(err, flag.ErrHelp):
 		usage()
+		os.Exit(0)
+	case errors.Is(err, errVersion):
+		fmt.Println(version.Line("egressd"))
 		os.Exit(0)
 	}
 	if err != nil {
@@ -55,9 +60,10 @@ func main() {
 }
 
 func usage() {
+	fmt.Fprintf(os.Stdout, "egressd is a forward proxy (HTTP, CONNECT, SOCKS5) that sends every upstream connection from a fresh IPv6 address of the host's prefix.\n\n")
 	fmt.Fprintf(os.Stdout, "usage: egressd [flags]\n\n")
 	cfg := defaultConfig() // so that every flag shows its real default
-	fs := flagSet(&cfg)
+	fs, _ := commandLine(&cfg)
 	fs.SetOutput(os.Stdout)
 	fs.PrintDefaults()
 }
