@@ -207,8 +207,8 @@ func TestSecondInstanceOnLink(t *testing.T) {
 			t.Parallel()
 			e := start(t)
 			first := e.ed
-			loop := startLoop(t, e, proxyAddr)
-			loop.waitFor(t, 10)
+			clients := startLoop(t, e, proxyAddr)
+			clients.waitFor(t, 10)
 			dl := startDownload(t, e, proxyAddr)
 
 			// The first's addresses now: ready ones (the pool keeps 8), the
@@ -237,10 +237,10 @@ func TestSecondInstanceOnLink(t *testing.T) {
 
 			// More requests than the pool had ready: each would get 503 if
 			// its ready address had been taken away.
-			loop.waitFor(t, 20)
+			clients.waitFor(t, 20)
 			dl.finish()
 			require.NoError(t, <-dl.result, "the download in flight")
-			n, failures := loop.end()
+			n, failures := clients.end()
 			assert.Empty(t, failures, "the first's clients (%d requests)", n)
 			assert.False(t, first.Exited())
 			assert.Empty(t, first.Log("removed leftover egress addresses of an earlier run"))
@@ -266,8 +266,8 @@ func TestSecondInstanceRouted(t *testing.T) {
 	e.ed = first
 	route := e.tp.Host.Run(t, "ip", "-6", "route", "show", "table", "local", firstPrefix.String())
 	require.Contains(t, route, "proto 71", "the first's local route")
-	loop := startLoop(t, e, proxyAddr)
-	loop.waitFor(t, 5)
+	clients := startLoop(t, e, proxyAddr)
+	clients.waitFor(t, 5)
 
 	for _, tt := range []struct {
 		name   string
@@ -287,7 +287,7 @@ func TestSecondInstanceRouted(t *testing.T) {
 		if tt.overlp {
 			assert.Empty(t, strings.TrimSpace(e.tp.Host.Run(t, "ip", "-6", "route", "show", "table", "local", tt.prefix.String())), "%s: a route of the second", tt.name)
 		}
-		loop.waitFor(t, 3)
+		clients.waitFor(t, 3)
 	}
 
 	// A prefix apart from the first's: the two run side by side, each with
@@ -306,8 +306,8 @@ func TestSecondInstanceRouted(t *testing.T) {
 	assert.Equal(t, route, e.tp.Host.Run(t, "ip", "-6", "route", "show", "table", "local", firstPrefix.String()), "the first's route")
 	assert.Len(t, lockFiles(t, e.tp), 1, "the second removed its lock file")
 
-	loop.waitFor(t, 10)
-	n, failures := loop.end()
+	clients.waitFor(t, 10)
+	n, failures := clients.end()
 	assert.Empty(t, failures, "the first's clients (%d requests)", n)
 	for _, p := range e.up.Peers() {
 		assert.True(t, firstPrefix.Contains(p) || otherPrefix.Contains(p), "%s", p)
