@@ -142,19 +142,40 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	return fs
 }
 
+// errVersion is loadConfig's answer to -version: main prints the version
+// and exits 0.
+var errVersion = errors.New("-version given")
+
+// commandLine is flagSet with the flags of the command line only, which are
+// no config keys: -version.
+func commandLine(cfg *Config) (fs *flag.FlagSet, version *bool) {
+	fs = flagSet(cfg)
+	return fs, fs.Bool("version", false, "print the version and exit")
+}
+
 // loadConfig reads the command line and the config file it names. Flags given
-// on the command line override the file, the file overrides the defaults.
+// on the command line override the file, the file overrides the defaults. An
+// argument that is not a flag is an error: the flag package stops at the
+// first, and would silently drop every flag after it.
 func loadConfig(args []string) (Config, error) {
 	cfg := defaultConfig()
-	if err := flagSet(&cfg).Parse(args); err != nil {
+	fs, version := commandLine(&cfg)
+	if err := fs.Parse(args); err != nil {
 		return Config{}, err
+	}
+	if *version {
+		return Config{}, errVersion
+	}
+	if fs.NArg() > 0 {
+		return Config{}, fmt.Errorf("unexpected argument %q: every value needs its flag (-allow A -allow B), and egressd takes no other arguments", fs.Arg(0))
 	}
 	if cfg.File != "" {
 		fileCfg := defaultConfig()
 		if err := applyFile(&fileCfg, cfg.File); err != nil {
 			return Config{}, err
 		}
-		if err := flagSet(&fileCfg).Parse(args); err != nil {
+		fs, _ := commandLine(&fileCfg)
+		if err := fs.Parse(args); err != nil {
 			return Config{}, err
 		}
 		cfg = fileCfg
