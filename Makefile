@@ -4,8 +4,9 @@ BIN     := bin
 PKGS    := ./...
 # Integration tests build network namespaces and need root; CI runs as root.
 TESTFLAGS ?= -race -count=1 -timeout 15m
+SOAKTIME  ?= 10m
 
-.PHONY: help build test unit demo bench bench-addrcost bench-smoke vet lint fmt clean
+.PHONY: help build test unit demo bench bench-addrcost bench-smoke soak vet lint fmt clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -33,6 +34,9 @@ bench: ## the Go benchmarks, then egressd against no proxy, tinyproxy and Squid 
 
 bench-addrcost: ## the kernel's cost of one egress address add and delete, by addresses on the interface (root)
 	$(GO) run ./bench/addrcost
+
+soak: ## 64 clients of mixed HTTP, CONNECT and SOCKS5 for SOAKTIME (10m), printing RSS, goroutines, fds and live addresses every 10 s (root; CI runs a minute of it)
+	$(GO) test -count=1 -v -timeout 60m -run '^TestSoak$$' ./test/ -args -soak $(SOAKTIME)
 
 bench-smoke: ## every benchmark once, so none of them rots
 	$(GO) test -short -run '^$$' -bench . -benchtime 1x ./netutil/ ./proxy/... ./test/

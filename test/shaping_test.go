@@ -1,11 +1,9 @@
 package test
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os/exec"
 	"slices"
@@ -99,19 +97,7 @@ func count(codes []int, code int) int {
 // adminGet fetches path from egressd's admin socket.
 func adminGet(t *testing.T, socket, path string) []byte {
 	t.Helper()
-	c := &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		},
-	}, Timeout: nstest.Guard}
-	resp, err := c.Get("http://egressd" + path)
-	require.NoError(t, err)
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	require.NoError(t, err)
-	require.Equal(t, http.StatusOK, resp.StatusCode, "%s: %s", path, body)
-	return body
+	return adminFetch(t, adminClient(socket), path)
 }
 
 // ctlStats is `egressctl stats -json` of e's egressd.
