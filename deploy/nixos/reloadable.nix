@@ -7,6 +7,9 @@
   "limit"
   "allow"
   "auth-file"
+  "allow-dest"
+  "connect-ports"
+  "http-ports"
   "log-level"
   "grace"
 ]
