@@ -3,7 +3,8 @@
 #
 # The config file is builtins.toJSON of settings.nix, installed as
 # /etc/egressd/egressd.json. A change of the keys in reloadable.nix (limits,
-# allow, authFile, and log-level and grace in settings) reloads egressd
+# allow, authFile, and allow-dest, connect-ports, http-ports, log-level and
+# grace in settings) reloads egressd
 # (SIGHUP: open connections stay); a change of anything else, or of the
 # package, restarts it.
 {
