@@ -167,7 +167,17 @@ func loadConfig(args []string) (Config, error) {
 		return Config{}, errVersion
 	}
 	if fs.NArg() > 0 {
-		return Config{}, fmt.Errorf("unexpected argument %q: every value needs its flag (-allow A -allow B), and egressd takes no other arguments", fs.Arg(0))
+		// A repeatable flag right before the stray word is most likely the
+		// one whose second value it was meant to be.
+		prev := "-allow"
+		if i := len(args) - fs.NArg() - 2; i >= 0 && strings.HasPrefix(args[i], "-") {
+			if f := fs.Lookup(strings.TrimLeft(args[i], "-")); f != nil {
+				if _, ok := f.Value.(interface{ repeatable() }); ok {
+					prev = "-" + f.Name
+				}
+			}
+		}
+		return Config{}, fmt.Errorf("unexpected argument %q: every value needs its flag (%s A %s B), and egressd takes no other arguments", fs.Arg(0), prev, prev)
 	}
 	if cfg.File != "" {
 		fileCfg := defaultConfig()

@@ -157,6 +157,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{name: "stray argument", args: []string{"-allow", "127.0.0.0/8", "::1/128", "-rotate", "session"},
 			want: `unexpected argument "::1/128": every value needs its flag (-allow A -allow B)`},
 		{name: "stray argument first", args: []string{"eth0"}, want: `unexpected argument "eth0"`},
+		{name: "stray second value", args: []string{"-allow-dest", "10.0.0.0/8", "10.1.0.0/16"}, want: `unexpected argument "10.1.0.0/16": every value needs its flag (-allow-dest A -allow-dest B)`},
 		{name: "stray argument after --", args: []string{"-rotate", "session", "--", "-ready"}, want: `unexpected argument "-ready"`},
 		{name: "stray argument with a file", args: []string{"-ready", "2", "x"}, file: "grace: 5s\n", want: `unexpected argument "x"`},
 		{name: "version in file", file: "version: true\n", want: `line 1: unknown key "version"`},
