@@ -4,16 +4,19 @@ BIN     := bin
 PKGS    := ./...
 # Integration tests build network namespaces and need root; CI runs as root.
 TESTFLAGS ?= -race -count=1 -timeout 15m
+# Static binaries (no cgo: no libc to link, no glibc version to require), so
+# that what `make build` makes runs on any Linux server of its architecture.
+BUILD   := CGO_ENABLED=0 $(GO) build
 
 .PHONY: help build test unit demo bench bench-addrcost bench-smoke vet lint fmt clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-build: ## build egressd, egressctl and the demo upstream into bin/
-	$(GO) build -o $(BIN)/egressd ./cmd/egressd
-	$(GO) build -o $(BIN)/egressctl ./cmd/egressctl
-	$(GO) build -o $(BIN)/echo-upstream ./test/upstream
+build: ## build egressd, egressctl and the demo upstream into bin/, static (CGO_ENABLED=0)
+	$(BUILD) -o $(BIN)/egressd ./cmd/egressd
+	$(BUILD) -o $(BIN)/egressctl ./cmd/egressctl
+	$(BUILD) -o $(BIN)/echo-upstream ./test/upstream
 
 test: vet ## vet, then every test (unit and namespace integration; root for the latter), then the benchmarks once each
 	$(GO) test $(TESTFLAGS) $(PKGS)
