@@ -39,8 +39,8 @@ type WatchConfig struct {
 	// on-link mode.
 	Routes bool
 	// ReceiveBufferSize is the receive buffer of each netlink socket, set
-	// with SO_RCVBUFFORCE (which needs CAP_NET_ADMIN); zero means
-	// DefaultWatchBuffer.
+	// with SO_RCVBUFFORCE; zero means DefaultWatchBuffer. Without
+	// CAP_NET_ADMIN the kernel caps it at net.core.rmem_max.
 	ReceiveBufferSize int
 	// Logger gets warnings; slog.Default() when nil.
 	Logger *slog.Logger
@@ -159,6 +159,10 @@ type Watcher struct {
 	links  map[int]LinkUpdate
 	synced bool // the state has been listed
 	syncs  atomic.Int64
+	// noForce: SO_RCVBUFFORCE was refused (no CAP_NET_ADMIN). The library
+	// leaks the socket when setting the buffer fails, so it is not tried
+	// twice.
+	noForce atomic.Bool
 }
 
 type subscription struct{ s Subscriber }
@@ -171,10 +175,7 @@ type addrKey struct {
 }
 
 // NewWatcher returns a watcher; Run starts it.
-func NewWatcher(cfg WatchConfig) (*Watcher, error) {
-	if cfg.Handle == nil {
-		return nil, errors.New("watcher: no netlink handle")
-	}
+func NewWatcher(cfg WatchConfig) *Watcher {
 	if cfg.ReceiveBufferSize == 0 {
 		cfg.ReceiveBufferSize = DefaultWatchBuffer
 	}
@@ -186,7 +187,7 @@ func NewWatcher(cfg WatchConfig) (*Watcher, error) {
 		log:   cfg.Logger,
 		addrs: make(map[addrKey]AddrUpdate),
 		links: make(map[int]LinkUpdate),
-	}, nil
+	}
 }
 
 // Subscribe adds s, which hears at once of every link and address known so
@@ -286,18 +287,21 @@ func (w *Watcher) session(ctx context.Context) error {
 		}
 		return fmt.Errorf("%s events: %w", what, lastErr)
 	}
-	ns, size := w.cfg.Namespace, w.cfg.ReceiveBufferSize
+	ns, size, force := w.cfg.Namespace, w.cfg.ReceiveBufferSize, !w.noForce.Load()
 
 	addrCh := make(chan netlink.AddrUpdate, 64)
 	if err := netlink.AddrSubscribeWithOptions(addrCh, done, netlink.AddrSubscribeOptions{
-		Namespace: ns, ErrorCallback: onErr, ReceiveBufferSize: size, ReceiveBufferForceSize: true,
+		Namespace: ns, ErrorCallback: onErr, ReceiveBufferSize: size, ReceiveBufferForceSize: force,
 	}); err != nil {
+		if force && errors.Is(err, unix.EPERM) {
+			w.noForce.Store(true)
+		}
 		return fmt.Errorf("subscribing to address events: %w", err)
 	}
 	drains = append(drains, func() { drain(addrCh) })
 	linkCh := make(chan netlink.LinkUpdate, 16)
 	if err := netlink.LinkSubscribeWithOptions(linkCh, done, netlink.LinkSubscribeOptions{
-		Namespace: ns, ErrorCallback: onErr, ReceiveBufferSize: size, ReceiveBufferForceSize: true,
+		Namespace: ns, ErrorCallback: onErr, ReceiveBufferSize: size, ReceiveBufferForceSize: force,
 	}); err != nil {
 		return fmt.Errorf("subscribing to link events: %w", err)
 	}
@@ -306,7 +310,7 @@ func (w *Watcher) session(ctx context.Context) error {
 	if w.cfg.Routes {
 		routeCh = make(chan netlink.RouteUpdate, 64)
 		if err := netlink.RouteSubscribeWithOptions(routeCh, done, netlink.RouteSubscribeOptions{
-			Namespace: ns, ErrorCallback: onErr, ReceiveBufferSize: size, ReceiveBufferForceSize: true,
+			Namespace: ns, ErrorCallback: onErr, ReceiveBufferSize: size, ReceiveBufferForceSize: force,
 		}); err != nil {
 			return fmt.Errorf("subscribing to route events: %w", err)
 		}

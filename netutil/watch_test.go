@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"slices"
@@ -27,8 +26,7 @@ func runWatcher(t *testing.T, ns netns.NsHandle, h *netlink.Handle, mod func(*Wa
 	if mod != nil {
 		mod(&cfg)
 	}
-	w, err := NewWatcher(cfg)
-	require.NoError(t, err)
+	w := NewWatcher(cfg)
 	for _, s := range subs {
 		w.Subscribe(s)
 	}
@@ -440,16 +438,7 @@ func TestDialerRetriesVanishedAddress(t *testing.T) {
 	var ln net.Listener
 	inNetns(t, ns, func() { ln, err = net.Listen("tcp6", net.JoinHostPort(hostAddr.Addr().String(), "0")) })
 	require.NoError(t, err)
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
-		}
-	}()
+	serveEcho(t, ln)
 
 	d := &Dialer{Pool: p, Timeout: nstestGuard}
 	var c net.Conn
@@ -465,14 +454,22 @@ func TestDialerRetriesVanishedAddress(t *testing.T) {
 	assert.NotContains(t, addrStates(p), gone)
 }
 
-// TestLocalRouteKept: routed mode's local route, deleted by somebody else, is
-// restored at once with one warning naming it; after cancel it is left
-// alone.
-func TestLocalRouteKept(t *testing.T) {
+// routedSetup is routed mode in a test namespace: the local route
+// installed, and a pool that adds no address.
+func routedSetup(t *testing.T) (netns.NsHandle, *netlink.Handle, *LocalRoute, *Pool) {
+	t.Helper()
 	ns, h, _ := newTestNetns(t)
 	r, err := InstallLocalRoute(h, routedPrefix)
 	require.NoError(t, err)
 	p := newTestPool(t, nil, func(c *PoolConfig) { c.Prefix = routedPrefix; c.Manager = NoAddrs{} })
+	return ns, h, r, p
+}
+
+// TestLocalRouteKept: routed mode's local route, deleted by somebody else, is
+// restored at once with one warning naming it; after cancel it is left
+// alone.
+func TestLocalRouteKept(t *testing.T) {
+	ns, h, r, p := routedSetup(t)
 	var logs logBuffer
 	w := runWatcher(t, ns, h, func(c *WatchConfig) { c.Routes = true })
 	cancel := r.Keep(w, p, logs.logger())
@@ -496,10 +493,7 @@ func TestLocalRouteKept(t *testing.T) {
 // restored, new connections fail closed naming it, one error is logged, and
 // restoring is retried until it works, when the pool works again.
 func TestLocalRouteRestoreFails(t *testing.T) {
-	_, h, _ := newTestNetns(t)
-	r, err := InstallLocalRoute(h, routedPrefix)
-	require.NoError(t, err)
-	p := newTestPool(t, nil, func(c *PoolConfig) { c.Prefix = routedPrefix; c.Manager = NoAddrs{} })
+	_, h, r, p := routedSetup(t)
 	var logs logBuffer
 	var fail atomic.Bool
 	var tries atomic.Int32
@@ -515,7 +509,7 @@ func TestLocalRouteRestoreFails(t *testing.T) {
 
 	require.NoError(t, h.RouteDel(&r.want))
 	k.check()
-	_, err = p.Acquire(context.Background())
+	_, err := p.Acquire(context.Background())
 	require.ErrorIs(t, err, ErrNoAddress)
 	assert.EqualError(t, err, "no fresh egress address: route local 2001:db8:5:5::/64 dev lo table local is missing and cannot be restored")
 	require.Eventually(t, func() bool { return tries.Load() >= 3 }, nstestGuard, 10*time.Millisecond, "retried")
