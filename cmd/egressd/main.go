@@ -266,6 +266,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 		}
 	}
 
+	// Netlink events keep the pool's view of the uplink true and the local
+	// route of routed mode in place (watch.go).
+	_, stopWatch := watchFaults(h, pool, mgr.Link(), route, log)
+
 	poolCtx, stopPool := context.WithCancel(context.Background())
 	poolDone := make(chan struct{})
 	go func() {
@@ -324,6 +328,7 @@ serve:
 
 	stopPool()
 	<-poolDone
+	stopWatch() // before the route goes, which it would restore
 	removed, err := pool.Close()
 	if err != nil {
 		log.Error("removing egress addresses", "removed", removed, "err", err)

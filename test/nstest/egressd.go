@@ -154,7 +154,7 @@ type Process struct {
 	Admin string
 
 	cmd            *exec.Cmd
-	stdout, stderr syncBuffer
+	stdout, stderr SyncBuffer
 	done           chan struct{}
 	state          *os.ProcessState
 }
@@ -308,18 +308,20 @@ func ParseLogLine(line string) map[string]string {
 	return rec
 }
 
-type syncBuffer struct {
+// SyncBuffer is a buffer that goroutines may write at once: a process's
+// output, or an in-process logger's.
+type SyncBuffer struct {
 	mu  sync.Mutex
 	buf bytes.Buffer
 }
 
-func (b *syncBuffer) Write(p []byte) (int, error) {
+func (b *SyncBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.Write(p)
 }
 
-func (b *syncBuffer) String() string {
+func (b *SyncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
