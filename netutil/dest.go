@@ -233,3 +233,40 @@ func (g *Guard) isHost(ip netip.Addr) bool {
 	g.mu.RUnlock()
 	return ok
 }
+
+// Follow keeps the guard's idea of the host's own addresses true from w's
+// events: every address on any interface, IPv4 and IPv6, as it comes and
+// goes, so that an address added to the host after egressd started is
+// refused at once. It returns the function that stops following.
+func (g *Guard) Follow(w *Watcher) (cancel func()) {
+	// An address may be on several interfaces: it stays the host's until
+	// the last one loses it. Subscriber callbacks run one at a time.
+	on := make(map[netip.Addr]map[int]struct{})
+	return w.Subscribe(Subscriber{
+		Addr: func(u AddrUpdate) {
+			a := u.Addr()
+			if u.Added {
+				if on[a] == nil {
+					on[a] = make(map[int]struct{}, 1)
+				}
+				on[a][u.LinkIndex] = struct{}{}
+				g.AddHostAddr(a)
+				return
+			}
+			delete(on[a], u.LinkIndex)
+			if len(on[a]) == 0 {
+				delete(on, a)
+				g.RemoveHostAddr(a)
+			}
+		},
+		// The listing that a (re)subscription replays is the whole truth:
+		// whatever the guard had before and no longer is, goes.
+		Synced: func() {
+			addrs := make([]netip.Addr, 0, len(on))
+			for a := range on {
+				addrs = append(addrs, a)
+			}
+			g.SetHostAddrs(addrs)
+		},
+	})
+}

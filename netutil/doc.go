@@ -8,7 +8,10 @@
 // here and learns about failures only through the sentinel errors below.
 package netutil
 
-import "errors"
+import (
+	"errors"
+	"fmt"
+)
 
 // ErrNoAddress is wrapped by every error that means no fresh egress address
 // could be had for a connection: the pool is at its limit, netlink refused to
@@ -26,3 +29,18 @@ var ErrNoIPv6 = errors.New("no IPv6 address")
 // refuses (Dialer.Deny): the host's loopback, egressd's own prefix, and the
 // like, which a client must not reach through the proxy.
 var ErrDenied = errors.New("destination not allowed")
+
+// Unavailable is the cause, wrapped together with ErrNoAddress, of a pool
+// that hands out no address for a reason its clients may be told: the
+// uplink is down, routed mode's local route is missing, -max-addrs is
+// reached, egressd is shutting down. Its text never names an egress
+// address.
+type Unavailable struct{ Reason string }
+
+func (e *Unavailable) Error() string { return e.Reason }
+
+// unavailable returns an error wrapping ErrNoAddress and an *Unavailable
+// with the reason.
+func unavailable(format string, args ...any) error {
+	return fmt.Errorf("%w: %w", ErrNoAddress, &Unavailable{Reason: fmt.Sprintf(format, args...)})
+}

@@ -404,9 +404,9 @@ func (p *Pool) Acquire(ctx context.Context) (*Lease, error) {
 func (p *Pool) unusableLocked() error {
 	switch {
 	case p.closed:
-		return fmt.Errorf("%w: shutting down", ErrNoAddress)
+		return unavailable("shutting down")
 	case len(p.faults) > 0:
-		return fmt.Errorf("%w: %w", ErrNoAddress, p.faults[0].err)
+		return fmt.Errorf("%w: %w", ErrNoAddress, &Unavailable{Reason: p.faults[0].err.Error()})
 	}
 	return nil
 }
@@ -488,7 +488,7 @@ func (p *Pool) add(ctx context.Context, to AddrState, l *Lease) (netip.Addr, err
 		if len(p.live) >= p.cfg.Max {
 			if len(p.linger) == 0 {
 				p.mu.Unlock()
-				return netip.Addr{}, fmt.Errorf("%w: all %d addresses are in use (-max-addrs)", ErrNoAddress, p.cfg.Max)
+				return netip.Addr{}, unavailable("all %d addresses are in use (-max-addrs)", p.cfg.Max)
 			}
 			victim := p.linger[0]
 			p.linger = p.linger[1:]
@@ -544,7 +544,7 @@ func (p *Pool) add(ctx context.Context, to AddrState, l *Lease) (netip.Addr, err
 			p.setStateLocked(a, StateRemoving)
 			p.mu.Unlock()
 			p.remove(a)
-			return netip.Addr{}, fmt.Errorf("%w: shutting down", ErrNoAddress)
+			return netip.Addr{}, unavailable("shutting down")
 		}
 		p.setStateLocked(a, to)
 		switch to {

@@ -521,3 +521,49 @@ func TestLocalRouteRestoreFails(t *testing.T) {
 	assert.Len(t, localRoutes(t, h, routedPrefix), 1)
 	assert.Equal(t, 1, logs.count("local route is back"))
 }
+
+// TestGuardFollow: the guard refuses an address as the host's own as soon
+// as it is on any interface, IPv4 or IPv6, keeps refusing it while any
+// interface still has it, and admits it again once none has; what it was
+// told before the watcher's first listing and is not there goes.
+func TestGuardFollow(t *testing.T) {
+	ns, h, mgr := newTestNetns(t)
+	link := mgr.Link()
+	lo, err := h.LinkByName("lo")
+	require.NoError(t, err)
+	g := NewGuard(nil, nil)
+	stale := netip.MustParseAddr("2001:db8:99::1")
+	g.SetHostAddrs([]netip.Addr{stale})
+	w := runWatcher(t, ns, h, nil)
+	cancel := g.Follow(w)
+	t.Cleanup(cancel)
+	// Subscribed after the guard: when it hears of a change, so has the
+	// guard.
+	rec := newRecorder()
+	t.Cleanup(w.Subscribe(rec.subscriber()))
+
+	isHost := func(a netip.Addr) func() bool {
+		return func() bool {
+			var de *DeniedError
+			return errors.As(g.Check(a), &de) && de.Reason == "an address of the proxy host"
+		}
+	}
+	require.Eventually(t, isHost(hostAddr.Addr()), nstestGuard, 5*time.Millisecond, "the host's address, from the listing")
+	require.Eventually(t, func() bool { return !isHost(stale)() }, nstestGuard, 5*time.Millisecond, "not the host's: gone after the listing")
+
+	for _, p := range []netip.Prefix{netip.MustParsePrefix("2001:db8:77::1/128"), netip.MustParsePrefix("198.51.100.9/32")} {
+		a := p.Addr()
+		require.False(t, isHost(a)())
+		require.NoError(t, h.AddrAdd(link, &netlink.Addr{IPNet: ipNet(p), Flags: unix.IFA_F_NODAD}))
+		require.Eventually(t, isHost(a), nstestGuard, 5*time.Millisecond, "%s added", a)
+		require.NoError(t, h.AddrAdd(lo, &netlink.Addr{IPNet: ipNet(p), Flags: unix.IFA_F_NODAD}))
+		require.NoError(t, h.AddrDel(link, &netlink.Addr{IPNet: ipNet(p)}))
+		rec.waitFor(t, "the removal from eg0", func(ev any) bool {
+			u, ok := ev.(AddrUpdate)
+			return ok && !u.Added && u.Prefix == p && u.LinkIndex == link.Attrs().Index
+		})
+		assert.True(t, isHost(a)(), "%s is still on lo", a)
+		require.NoError(t, h.AddrDel(lo, &netlink.Addr{IPNet: ipNet(p)}))
+		require.Eventually(t, func() bool { return !isHost(a)() }, nstestGuard, 5*time.Millisecond, "%s removed from every interface", a)
+	}
+}

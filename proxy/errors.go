@@ -127,6 +127,9 @@ func upstreamError(host string, err error) *Error {
 	}
 	switch {
 	case errors.Is(err, netutil.ErrNoAddress):
+		if u, ok := errors.AsType[*netutil.Unavailable](err); ok {
+			return mk(http.StatusServiceUnavailable, typeInternalError, socks5.ReplyGeneralFailure, "no fresh egress address available: %s", u.Reason)
+		}
 		return mk(http.StatusServiceUnavailable, typeInternalError, socks5.ReplyGeneralFailure, "no fresh egress address available")
 	case errors.Is(err, netutil.ErrDenied):
 		return mk(http.StatusForbidden, typeDestProhibited, socks5.ReplyNotAllowed, "destination %s not allowed", host)

@@ -23,6 +23,7 @@ func TestUpstreamError(t *testing.T) {
 		reason string
 	}{
 		{"no address wrapped", fmt.Errorf("dialing: %w", opError(netutil.ErrNoAddress)), 503, "no fresh egress address available"},
+		{"uplink down", fmt.Errorf("dialing: %w: %w", netutil.ErrNoAddress, &netutil.Unavailable{Reason: "uplink eth0 is down"}), 503, "no fresh egress address available: uplink eth0 is down"},
 		{"no address beats timeout", errors.Join(context.DeadlineExceeded, netutil.ErrNoAddress), 503, "no fresh egress address available"},
 		{"context deadline", fmt.Errorf("dialing: %w", context.DeadlineExceeded), 504, "upstream h.test timed out"},
 		{"os deadline", opError(os.ErrDeadlineExceeded), 504, "upstream h.test timed out"},

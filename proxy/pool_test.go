@@ -135,7 +135,7 @@ func TestProxyWithPool(t *testing.T) {
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	assert.Equal(t, http.StatusServiceUnavailable, resp.StatusCode)
-	assert.Equal(t, "no fresh egress address available\n", string(body))
+	assert.Equal(t, "no fresh egress address available: all 1 addresses are in use (-max-addrs)\n", string(body))
 
 	_, _, resp = p.connect(t, up, nil)
 	assert.Equal(t, http.StatusServiceUnavailable, resp.StatusCode)

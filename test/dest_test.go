@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -183,12 +184,26 @@ func TestDestinationGuard(t *testing.T) {
 			require.Error(t, err, "git ls-remote through a refused tunnel")
 			assert.Contains(t, string(out), "Proxy-Status: egressd; error=destination_ip_prohibited; details=\"destination self.test (")
 
+			// An address the host gets after egressd started is refused as
+			// its own at once, and no longer once it is gone.
+			const late = "2001:db8:77::1"
+			hostNow := func() bool {
+				code, _, body := curlHTTP(t, e.tp.Host, "http://["+late+"]:9999/")
+				return code == "403" && strings.Contains(body, "an address of the proxy host")
+			}
+			require.False(t, hostNow())
+			e.tp.Host.Run(t, "ip", "addr", "add", late+"/128", "dev", "lo", "noprefixroute")
+			nstest.WaitFor(t, late+" refused as the host's", hostNow)
+			e.tp.Host.Run(t, "ip", "addr", "del", late+"/128", "dev", "lo")
+			nstest.WaitFor(t, late+" no longer the host's", func() bool { return !hostNow() })
+
 			assert.Zero(t, svc.host.Load(), "a host service was reached")
 			assert.Zero(t, svc.private.Load(), "the private network was reached")
 			assert.Zero(t, svc.metadata.Load(), "the metadata service was reached")
 
 			// Every refusal's access line names the reason.
 			recs := waitRequestLogs(t, e.ed, 3*len(destProbes(e.tp.HostLink, routed))+12, statusIs("403"))
+			recs = slices.DeleteFunc(recs, func(rec map[string]string) bool { return strings.Contains(rec["host"], "2001:db8:77::1") })
 			for _, rec := range recs {
 				assert.Contains(t, rec["reason"], "not allowed", "%v", rec)
 				assert.Empty(t, rec["egress"], "a refused destination took an egress address: %v", rec)

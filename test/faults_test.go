@@ -86,7 +86,7 @@ func TestUplinkDownUp(t *testing.T) {
 		// A very wide margin: the point is not waiting out -dial-timeout 30s.
 		assert.Less(t, time.Since(start), 15*time.Second, "answered before the dial timeout")
 		assert.Equal(t, "503", code, body)
-		assert.Equal(t, "no fresh egress address available", strings.TrimSpace(body))
+		assert.Equal(t, "no fresh egress address available: uplink "+e.tp.HostLink+" is down", strings.TrimSpace(body))
 		code, _ = curlBody(t, e.tp.Host, proxyAddr, "--cacert", e.up.CAFile, e.up.HTTPSURL)
 		assert.Equal(t, "503", code, "CONNECT")
 		assert.True(t, slices.ContainsFunc(e.ed.Log("upstream failed"), func(rec map[string]string) bool {

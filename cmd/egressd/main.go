@@ -268,7 +268,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 
 	// Netlink events keep the pool's view of the uplink true and the local
 	// route of routed mode in place (watch.go).
-	_, stopWatch := watchFaults(h, pool, mgr.Link(), route, log)
+	_, stopWatch := watchFaults(h, pool, guard, mgr.Link(), route, log)
 
 	poolCtx, stopPool := context.WithCancel(context.Background())
 	poolDone := make(chan struct{})
