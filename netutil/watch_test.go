@@ -557,6 +557,12 @@ func TestGuardFollow(t *testing.T) {
 		require.NoError(t, h.AddrAdd(link, &netlink.Addr{IPNet: ipNet(p), Flags: unix.IFA_F_NODAD}))
 		require.Eventually(t, isHost(a), nstestGuard, 5*time.Millisecond, "%s added", a)
 		require.NoError(t, h.AddrAdd(lo, &netlink.Addr{IPNet: ipNet(p), Flags: unix.IFA_F_NODAD}))
+		// The kernel tells of a new IPv6 address from a work queue, so the
+		// news may come after later changes: wait for it.
+		rec.waitFor(t, "the address on lo", func(ev any) bool {
+			u, ok := ev.(AddrUpdate)
+			return ok && u.Added && u.Prefix == p && u.LinkIndex == lo.Attrs().Index
+		})
 		require.NoError(t, h.AddrDel(link, &netlink.Addr{IPNet: ipNet(p)}))
 		rec.waitFor(t, "the removal from eg0", func(ev any) bool {
 			u, ok := ev.(AddrUpdate)
