@@ -80,6 +80,8 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 	if err != nil {
 		return err
 	}
+	warnWeakHashes(log, cfg.AuthFile, lv.access.Users)
+	checkFileLimit(log, cfg.MaxConns)
 	notify, err := newNotifier()
 	if err != nil {
 		return err
@@ -184,8 +186,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 		Hold: func(ctx context.Context) (proxy.DialFunc, func(), error) {
 			return dialer.Hold(ctx)
 		},
-		SessionIdle: cfg.SessionIdle,
-		MaxSessions: cfg.MaxAddrs,
+		SessionIdle:   cfg.SessionIdle,
+		MaxSessions:   cfg.MaxAddrs,
+		ClientTimeout: cfg.ClientTimeout,
+		Limits:        cfg.limits(),
 	})
 	if err != nil {
 		return err
