@@ -7,6 +7,12 @@
   "limit"
   "allow"
   "auth-file"
+  "allow-dest"
+  "connect-ports"
+  "http-ports"
   "log-level"
   "grace"
+  "max-conns"
+  "max-conns-per-client"
+  "max-addrs-per-client"
 ]
