@@ -65,7 +65,10 @@ func openReserve() *os.File {
 	return f
 }
 
+// Close closes the listener first, which ends an Accept in progress, also
+// the spare descriptor's.
 func (l *clientListener) Close() error {
+	err := l.Listener.Close()
 	l.closeOnce.Do(func() {
 		close(l.done)
 		l.mu.Lock()
@@ -75,7 +78,7 @@ func (l *clientListener) Close() error {
 		}
 		l.mu.Unlock()
 	})
-	return l.Listener.Close()
+	return err
 }
 
 // Accept returns the next client connection within the limits. A
@@ -148,14 +151,13 @@ var errFDsExhausted = clientRefusal(stats.RefusedFDsExhausted, http.StatusServic
 // sends FIN rather than a reset that would lose the answer.
 func (l *clientListener) refuseWithReserve() {
 	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.reserve == nil {
-		if l.reserve = openReserve(); l.reserve == nil {
-			return
-		}
+	if l.reserve != nil {
+		_ = l.reserve.Close()
+		l.reserve = nil
 	}
-	_ = l.reserve.Close()
-	l.reserve = nil
+	l.mu.Unlock()
+	// EMFILE comes only with a connection waiting, so this does not block
+	// (or Close ends it).
 	if c, err := l.Listener.Accept(); err == nil {
 		l.s.clientStats.Refuse(errFDsExhausted.refused)
 		start := time.Now()
@@ -169,7 +171,11 @@ func (l *clientListener) refuseWithReserve() {
 		_ = c.Close()
 		l.s.logRefusedConn(c, l.socks, errFDsExhausted, n, start)
 	}
-	l.reserve = openReserve()
+	l.mu.Lock()
+	if !l.isClosed() {
+		l.reserve = openReserve()
+	}
+	l.mu.Unlock()
 }
 
 // refuseConn answers a connection refused over a cap and closes it: 503 for

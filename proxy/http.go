@@ -22,7 +22,7 @@ import (
 )
 
 // errNotProxy answers requests that are not in absolute form (GET /x).
-var errNotProxy = refusal(http.StatusBadRequest, typeRequestError, "egressd is a forward proxy: send absolute-form requests or CONNECT")
+var errNotProxy = malformed(http.StatusBadRequest, "egressd is a forward proxy: send absolute-form requests or CONNECT")
 
 var (
 	errConnectViaGoproxy = errors.New("CONNECT must be served by egressd, not goproxy")
@@ -190,13 +190,13 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request, x *exchange) 
 	}
 	port := defaultPorts[r.URL.Scheme]
 	if port == "" {
-		refuse(w, rec, refusal(http.StatusBadRequest, typeRequestError, "egressd forwards http and https URLs only"), false)
+		refuse(w, rec, malformed(http.StatusBadRequest, "egressd forwards http and https URLs only"), false)
 		return
 	}
 	rec.host = withPort(r.URL.Host, port)
 	if p := r.URL.Port(); p != "" {
 		if n, err := strconv.ParseUint(p, 10, 16); err != nil || n == 0 {
-			refuse(w, rec, refusal(http.StatusBadRequest, typeRequestError, "bad port %s in the URL", p), false)
+			refuse(w, rec, malformed(http.StatusBadRequest, "bad port %s in the URL", p), false)
 			return
 		}
 	}
