@@ -87,6 +87,13 @@ func curlFrom(t *testing.T, ns *nstest.NS, src, proxy string, args ...string) st
 	return code
 }
 
+// waitReady waits for egressd's "egressd ready" line, which comes after its
+// start-up warnings.
+func waitReady(t *testing.T, ed *nstest.Process) {
+	t.Helper()
+	nstest.WaitFor(t, "egressd ready", func() bool { return len(ed.Log("egressd ready")) > 0 })
+}
+
 // reasonIs keeps the access lines with the given reason.
 func reasonIs(reason string) func(map[string]string) bool {
 	return func(rec map[string]string) bool { return rec["reason"] == reason }
@@ -320,6 +327,7 @@ func TestLoginFlood(t *testing.T) {
 	e := setup(t)
 	e.ed = e.tp.StartEgressd(t, e.bin, egressdArgs(e.tp, "-listen", link, "-auth-file", users)...)
 	e.ed.WaitListening(t, 2)
+	waitReady(t, e.ed)
 
 	warn := e.ed.Log("auth-file has bcrypt hashes cheap to guess: make them again with htpasswd -B -C 10")
 	require.Len(t, warn, 1)
@@ -527,6 +535,7 @@ func TestFileDescriptorsRunOut(t *testing.T) {
 	e.ed = e.tp.Host.Start(t, nil, "prlimit", append([]string{"--nofile=64:64", e.bin, "-admin", admin}, egressdArgs(e.tp)...)...)
 	e.ed.Admin = admin
 	e.ed.WaitListening(t, 1)
+	waitReady(t, e.ed)
 	warn := e.ed.Log("the open-file limit is below what -max-conns needs: raise LimitNOFILE= (systemd) or ulimit -n, or lower -max-conns")
 	require.Len(t, warn, 1)
 	assert.Equal(t, "64", warn[0]["limit"])

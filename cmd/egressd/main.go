@@ -80,8 +80,6 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 	if err != nil {
 		return err
 	}
-	warnWeakHashes(log, cfg.AuthFile, lv.access.Users)
-	checkFileLimit(log, cfg.MaxConns)
 	notify, err := newNotifier()
 	if err != nil {
 		return err
@@ -264,6 +262,9 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 		go func() { serveErr <- srv.ServeSOCKS5(ln) }()
 		log.Info("listening", "addr", ln.Addr().String(), "protocol", "socks5")
 	}
+	// Warnings once it runs: a start that fails says only why.
+	warnWeakHashes(log, cfg.AuthFile, lv.access.Users)
+	checkFileLimit(log, cfg.MaxConns)
 	log.Info("egressd ready", "mode", cfg.Mode, "interface", ifname, "prefix", prefix, "max_addrs", cfg.MaxAddrs, "rotate", cfg.Rotate,
 		"allow", allowList(cfg.allowed()), "auth", cfg.AuthFile != "")
 	if err := notify.send("READY=1", "STATUS=serving"); err != nil {
