@@ -219,3 +219,23 @@ func TestVendorHash(t *testing.T) {
 
 	assert.Equal(t, want, string(m[1]), "go.mod/go.sum changed: set vendorHash = %q; in %s", want, packageNix)
 }
+
+// TestNixPackage: package.nix builds egressd and egressctl static, as `make
+// build` does: env.CGO_ENABLED = 0. It is evaluated with a buildGoModule
+// that returns its arguments, so no nixpkgs is needed.
+func TestNixPackage(t *testing.T) {
+	var pkg struct {
+		SubPackages []string `json:"subPackages"`
+		Env         struct {
+			CGOEnabled *int `json:"CGO_ENABLED"`
+		} `json:"env"`
+	}
+	nixEval(t, `let args = import ./`+packageNix+` {
+		lib = { cleanSource = s: s; cleanSourceWith = a: a.src; platforms.linux = [ ]; };
+		buildGoModule = a: a;
+	}; in { inherit (args) subPackages; env = args.env or { }; }`, &pkg)
+	assert.Equal(t, []string{"cmd/egressd", "cmd/egressctl"}, pkg.SubPackages)
+	if assert.NotNil(t, pkg.Env.CGOEnabled, "%s sets no env.CGO_ENABLED", packageNix) {
+		assert.Zero(t, *pkg.Env.CGOEnabled, "%s: env.CGO_ENABLED", packageNix)
+	}
+}

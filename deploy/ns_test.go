@@ -38,8 +38,8 @@ func topology(t *testing.T) (*nstest.Topo, *nstest.Upstream) {
 	return tp, tp.StartUpstream(t)
 }
 
-// runDir makes a directory owned by serviceUID, for egressd's config file
-// and admin socket, and removes it in t.Cleanup.
+// runDir makes a directory owned by serviceUID, for egressd's config file,
+// admin socket and instance locks, and removes it in t.Cleanup.
 func runDir(t *testing.T) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "egressd-run-")
@@ -52,9 +52,10 @@ func runDir(t *testing.T) string {
 // startAsService starts egressd with args in tp's host namespace with the
 // privileges the unit gives it: an unprivileged user whose only capability
 // is CAP_NET_ADMIN (ambient, and the whole bounding set), with
-// no_new_privs. Its admin socket is in dir. (The rest of the unit's sandbox
-// needs systemd itself, which this machine does not run; systemd-analyze
-// checks it.) With caps false it has no capability at all.
+// no_new_privs. Its admin socket and runtime directory are dir. (The rest
+// of the unit's sandbox needs systemd itself, which this machine does not
+// run; systemd-analyze checks it.) With caps false it has no capability at
+// all.
 func startAsService(t *testing.T, tp *nstest.Topo, dir string, caps bool, args ...string) *nstest.Process {
 	t.Helper()
 	setpriv := requireTool(t, "setpriv", "util-linux")
@@ -64,7 +65,9 @@ func startAsService(t *testing.T, tp *nstest.Topo, dir string, caps bool, args .
 		set = "-all,+net_admin"
 	}
 	admin := filepath.Join(dir, "admin.sock")
-	p := tp.Host.Start(t, nil, setpriv, slices.Concat([]string{
+	// The runtime directory (instance locks) is the service user's, as
+	// systemd's RuntimeDirectory= makes it.
+	p := tp.Host.Start(t, []string{"RUNTIME_DIRECTORY=" + dir}, setpriv, slices.Concat([]string{
 		"--reuid", uid, "--regid", uid, "--clear-groups",
 		"--inh-caps=" + set, "--ambient-caps=" + set, "--bounding-set=" + set,
 		"--no-new-privs", "--", nstest.Binary(t, "./cmd/egressd"),

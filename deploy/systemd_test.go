@@ -203,7 +203,8 @@ func egressdHelp(t *testing.T) string {
 }
 
 // egressdFlags lists the flags `egressd -h` shows, by name: the keys of its
-// config file, and config.
+// config file, and config. -version, the other flag of the command line
+// alone, is left out.
 func egressdFlags(t *testing.T) []string {
 	t.Helper()
 	help := egressdHelp(t)
@@ -212,7 +213,8 @@ func egressdFlags(t *testing.T) []string {
 		flags = append(flags, m[1])
 	}
 	require.Contains(t, flags, "config", "egressd -h lists no -config:\n%s", help)
-	return flags
+	require.Contains(t, flags, "version", "egressd -h lists no -version:\n%s", help)
+	return slices.DeleteFunc(flags, func(f string) bool { return f == "version" })
 }
 
 // reloadSentence matches the sentence of a comment that lists the keys a

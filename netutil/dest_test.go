@@ -1,7 +1,10 @@
 package netutil
 
 import (
+	"context"
+	"errors"
 	"net/netip"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -141,4 +144,66 @@ func BenchmarkGuardCheck(b *testing.B) {
 			b.Fatal("denied")
 		}
 	}
+}
+
+// FuzzDestination: whatever literal a client sends, the dialer's lookup and
+// the guard never admit an address that net/netip itself calls loopback,
+// unspecified, link-local, multicast or private, nor a zoned one, the
+// host's own, one of the egress prefix, or a NAT64 or 6to4 form of any of
+// these; and an IPv4 address and its IPv4-mapped form get the same answer.
+func FuzzDestination(f *testing.F) {
+	for _, s := range []string{"::1", "::1%lo", "::%lo", "::0%0", "fe80::1%eth0", "127.0.0.1", "::ffff:127.0.0.1",
+		"::ffff:192.0.2.2", "64:ff9b::7f00:1", "64:ff9b::a00:1", "2002:7f00:1::1", "10.0.0.1", "0.0.0.0", "::",
+		"169.254.169.254", "2001:db8:1:2::5", "2001:db8:ffff::1", "8.8.8.8", "ff02::1", "fd00::1", "::7f00:1"} {
+		f.Add(s)
+	}
+	egress := netip.MustParsePrefix("2001:db8:1:2::/64")
+	host := []netip.Addr{netip.MustParseAddr("192.0.2.2"), netip.MustParseAddr("2001:db8:64::2")}
+	g := NewGuard([]netip.Prefix{egress}, nil)
+	g.SetHostAddrs(host)
+	d := &Dialer{Guard: g, IPv4: IPv4Direct}
+	bad := func(ip netip.Addr) bool {
+		return ip.Zone() != "" || ip.IsLoopback() || ip.IsUnspecified() || ip.IsLinkLocalUnicast() ||
+			ip.IsMulticast() || ip.IsPrivate() || egress.Contains(ip) || slices.Contains(host, ip)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		if _, err := netip.ParseAddr(s); err != nil {
+			return // names go to the resolver: not fuzzed here
+		}
+		ips, _, err := d.lookup(context.Background(), s)
+		if err != nil {
+			if !errors.Is(err, ErrDenied) {
+				t.Fatalf("lookup(%q): %v", s, err)
+			}
+			return
+		}
+		admitted, err := d.admit(ips)
+		if err != nil && !errors.Is(err, ErrDenied) {
+			t.Fatalf("admit(%q): %v", s, err)
+		}
+		for _, ip := range admitted {
+			u := ip.Unmap()
+			if bad(u) {
+				t.Fatalf("%q admitted as %s", s, ip)
+			}
+			b := u.As16()
+			for _, embedded := range []struct {
+				p  netip.Prefix
+				v4 netip.Addr
+			}{
+				{nat64Prefix, netip.AddrFrom4([4]byte(b[12:16]))},
+				{sixToFour, netip.AddrFrom4([4]byte(b[2:6]))},
+			} {
+				if u.Is6() && embedded.p.Contains(u) && bad(embedded.v4) {
+					t.Fatalf("%q admitted: its embedded %s is not to be reached", s, embedded.v4)
+				}
+			}
+		}
+		if ip, err := netip.ParseAddr(s); err == nil && ip.Is4() {
+			mapped := netip.AddrFrom16(ip.As16())
+			if (g.Check(ip) == nil) != (g.Check(mapped) == nil) {
+				t.Fatalf("%s and %s answered differently", ip, mapped)
+			}
+		}
+	})
 }

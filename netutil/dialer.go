@@ -80,7 +80,7 @@ func (c *Conn) Close() error {
 	err := c.TCPConn.Close()
 	if c.lease != nil {
 		if c.shared {
-			c.closed.Do(c.lease.unref)
+			c.closed.Do(c.unref)
 		} else {
 			c.lease.Release()
 		}
@@ -121,25 +121,43 @@ func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.
 	if v4 {
 		return d.dialIPv4(ctx, ips, port)
 	}
-	lease, err := d.Pool.Acquire(ctx)
-	if err != nil {
-		return nil, err
-	}
-	c, err := d.dialBound(ctx, ips, port, lease.Addr())
-	if err != nil {
+	// A ready address that left the interface (somebody deleted it) before
+	// the pool heard of it costs one more try from another fresh address,
+	// not the client's request.
+	for retried := false; ; retried = true {
+		lease, err := d.Pool.Acquire(ctx)
+		if err != nil {
+			return nil, err
+		}
+		c, err := d.dialBound(ctx, ips, port, lease.Addr())
+		if err == nil {
+			conn := &Conn{TCPConn: c, lease: lease}
+			if lease.attach(conn) {
+				return conn, nil
+			}
+			conn.abort()
+			err = errLost
+		}
+		gone := addrGone(err)
+		if gone {
+			lease.vanished()
+		}
 		lease.Release()
-		return nil, err
+		if !gone || retried {
+			return nil, err
+		}
 	}
-	return &Conn{TCPConn: c, lease: lease}, nil
 }
 
 // DialFrom connects to address as DialContext does, but from the address of
 // lease, which the caller holds for many connections (a proxy session, say)
 // instead of a fresh one. Closing the connection does not release the lease;
 // a lease released while connections from it are open stays in use until
-// the last of them closes. A released lease cannot be dialed from: that
-// fails with an error wrapping ErrNoAddress. A host with no IPv6 address is
-// handled as d.IPv4 says, without using the lease.
+// the last of them closes. A released lease, or one whose address left the
+// interface, cannot be dialed from, nor can any while the pool is suspended
+// (the uplink is down): that fails with an error wrapping ErrNoAddress. A
+// host with no IPv6 address is handled as d.IPv4 says, without using the
+// lease.
 func (d *Dialer) DialFrom(ctx context.Context, network, address string, lease *Lease) (net.Conn, error) {
 	ips, port, v4, err := d.resolve(ctx, network, address)
 	if err != nil {
@@ -148,30 +166,41 @@ func (d *Dialer) DialFrom(ctx context.Context, network, address string, lease *L
 	if v4 {
 		return d.dialIPv4(ctx, ips, port)
 	}
-	if !lease.ref() {
-		return nil, fmt.Errorf("%w: the held address was released", ErrNoAddress)
-	}
-	c, err := d.dialBound(ctx, ips, port, lease.Addr())
-	if err != nil {
-		lease.unref()
+	if err := d.Pool.usable(); err != nil {
 		return nil, err
 	}
-	return &Conn{TCPConn: c, lease: lease, shared: true}, nil
+	if err := lease.ref(); err != nil {
+		return nil, err
+	}
+	c, err := d.dialBound(ctx, ips, port, lease.Addr())
+	if err == nil {
+		conn := &Conn{TCPConn: c, lease: lease, shared: true}
+		if lease.attach(conn) {
+			return conn, nil
+		}
+		conn.abort()
+		err = errLost
+	}
+	if addrGone(err) {
+		lease.vanished()
+	}
+	lease.unref(nil)
+	return nil, err
 }
 
 // Hold leases one fresh address from d.Pool for many connections, as a
 // proxy session or a client connection holds one: dial connects from it
 // (DialFrom), and release gives it back once the connections still open
-// from it have closed. It has the shape of proxy.HoldFunc.
+// from it have closed. If the address leaves the interface, the connections
+// from it end and the next dial leases a fresh one to hold instead. It has
+// the shape of proxy.HoldFunc.
 func (d *Dialer) Hold(ctx context.Context) (dial func(ctx context.Context, network, address string) (net.Conn, error), release func(), err error) {
 	lease, err := d.Pool.Acquire(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
-	dial = func(ctx context.Context, network, address string) (net.Conn, error) {
-		return d.DialFrom(ctx, network, address, lease)
-	}
-	return dial, lease.Release, nil
+	h := &holder{d: d, lease: lease}
+	return h.dial, h.release, nil
 }
 
 // resolve checks network and looks address up: the IPv6 addresses to dial,

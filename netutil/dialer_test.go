@@ -32,6 +32,12 @@ func listenLoopback(t *testing.T) net.Listener {
 	if err != nil {
 		t.Skipf("no IPv6 loopback here: %v", err)
 	}
+	serveEcho(t, ln)
+	return ln
+}
+
+// serveEcho echoes what each connection to ln sends, until the test ends.
+func serveEcho(t *testing.T, ln net.Listener) {
 	t.Cleanup(func() { ln.Close() })
 	go func() {
 		for {
@@ -45,7 +51,6 @@ func listenLoopback(t *testing.T) net.Listener {
 			}()
 		}
 	}()
-	return ln
 }
 
 func TestDialerBindsLeasedAddress(t *testing.T) {

@@ -12,8 +12,9 @@ import "errors"
 
 // ErrNoAddress is wrapped by every error that means no fresh egress address
 // could be had for a connection: the pool is at its limit, netlink refused to
-// add an address, or the kernel refused to bind one. A caller must fail the
-// request rather than fall back to another source address.
+// add an address, the kernel refused to bind one, the uplink is down, or
+// routed mode's local route is missing. A caller must fail the request rather
+// than fall back to another source address.
 var ErrNoAddress = errors.New("no fresh egress address")
 
 // ErrNoIPv6 is wrapped by the error of a dial to a host that has IPv4

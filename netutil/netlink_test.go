@@ -30,6 +30,14 @@ var (
 // when the handle and its descriptor are closed.
 func newTestLink(t testing.TB) (*netlink.Handle, *Netlink) {
 	t.Helper()
+	_, h, mgr := newTestNetns(t)
+	return h, mgr
+}
+
+// newTestNetns is newTestLink that also returns the namespace, for sockets
+// and subscriptions inside it (see inNetns).
+func newTestNetns(t testing.TB) (netns.NsHandle, *netlink.Handle, *Netlink) {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		if os.Getenv("CI") != "" {
 			t.Fatal("CI is set but the tests do not run as root: the namespace tests would be skipped")
@@ -41,6 +49,9 @@ func newTestLink(t testing.TB) (*netlink.Handle, *Netlink) {
 	require.NoError(t, err)
 	t.Cleanup(h.Close)
 
+	lo, err := h.LinkByName("lo")
+	require.NoError(t, err)
+	require.NoError(t, h.LinkSetUp(lo)) // as on any host: connections to its own addresses go through lo
 	la := netlink.NewLinkAttrs()
 	la.Name = "eg0"
 	require.NoError(t, h.LinkAdd(&netlink.Veth{LinkAttrs: la, PeerName: "eg1"}))
@@ -55,7 +66,24 @@ func newTestLink(t testing.TB) (*netlink.Handle, *Netlink) {
 
 	mgr, err := NewNetlink(h, "eg0")
 	require.NoError(t, err)
-	return h, mgr
+	return ns, h, mgr
+}
+
+// inNetns runs fn on a thread inside ns: the sockets fn makes belong to ns
+// for their whole life.
+func inNetns(t testing.TB, ns netns.NsHandle, fn func()) {
+	t.Helper()
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	require.NoError(t, err)
+	defer orig.Close()
+	require.NoError(t, netns.Set(ns))
+	fn()
+	if err := netns.Set(orig); err != nil {
+		// Leave the thread locked: the runtime ends it rather than reuse it.
+		t.Fatalf("leaving the test namespace: %v", err)
+	}
+	runtime.UnlockOSThread()
 }
 
 func newUnnamedNetns(t testing.TB) netns.NsHandle {

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 )
@@ -164,8 +165,9 @@ const maxDraws = 128
 type entry struct {
 	state     AddrState
 	since     time.Time // when it entered its state
-	added     time.Time // when the kernel added it
+	added     time.Time // when the kernel had added it
 	refreshed time.Time // when its valid lifetime was last set
+	lease     *Lease    // its holder, while in use
 }
 
 // PoolStats is a snapshot of a pool's counters.
@@ -179,6 +181,10 @@ type PoolStats struct {
 	Removed        uint64
 	AddFailures    uint64
 	RemoveFailures uint64
+	// Lost counts addresses that left the interface without the pool
+	// removing them (somebody deleted them, or the kernel flushed them
+	// when the interface went down).
+	Lost uint64
 	// AddTime is the total time spent in successful adds; divide by Added
 	// for the mean latency of an add.
 	AddTime time.Duration
@@ -207,8 +213,17 @@ type Pool struct {
 	inflight sync.WaitGroup
 	count    [StateRemoving + 1]int // live addresses in each state
 	closed   bool
-	failing  bool // the refiller's last add failed; log recovery once
+	faults   []fault // why the pool is suspended, in the order they began
+	failing  bool    // the last add failed: a failure episode is under way
+	failFrom uint64  // stats.AddFailures when it began
 	stats    PoolStats
+}
+
+// fault is a condition outside the pool under which no address may be
+// handed out: the uplink is down, routed mode's local route is missing.
+type fault struct {
+	key string
+	err error
 }
 
 // NewPool returns a pool drawing from cfg.Prefix.
@@ -237,15 +252,20 @@ func (p *Pool) Prefix() netip.Prefix { return p.cfg.Prefix }
 
 // Lease is one address handed to one holder: a connection (Dialer.DialContext),
 // or a holder such as a proxy session that binds many connections to it with
-// Dialer.DialFrom. Release gives it back.
+// Dialer.DialFrom. Release gives it back. If the address leaves the
+// interface while leased, the connections bound to it are ended and no more
+// can be made from it.
 type Lease struct {
 	pool *Pool
 	addr netip.Addr
 	once sync.Once
 
 	mu    sync.Mutex
-	conns int  // open connections DialFrom bound to it
-	done  bool // Release was called
+	conns int                // connections DialFrom bound to it, open or being dialed
+	own   *Conn              // DialContext's connection
+	open  map[*Conn]struct{} // DialFrom's open connections
+	done  bool               // Release was called
+	lost  bool               // the address left the interface
 }
 
 // Addr returns the leased address.
@@ -260,56 +280,173 @@ func (l *Lease) Release() {
 	last := l.conns == 0
 	l.mu.Unlock()
 	if last {
-		l.once.Do(func() { l.pool.release(l.addr) })
+		l.once.Do(func() { l.pool.release(l) })
 	}
 }
 
-// ref counts one more connection bound to l, unless l was released.
-func (l *Lease) ref() bool {
+var (
+	errReleased = fmt.Errorf("%w: the held address was released", ErrNoAddress)
+	errLost     = fmt.Errorf("%w: the address left the interface", ErrNoAddress)
+)
+
+// ref counts one more connection bound to l, unless l was released or its
+// address is gone.
+func (l *Lease) ref() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.done {
-		return false
+	switch {
+	case l.lost:
+		return errLost
+	case l.done:
+		return errReleased
 	}
 	l.conns++
-	return true
+	return nil
 }
 
-// unref counts one connection fewer, and gives the address back if it was
-// the last one and the holder released the lease.
-func (l *Lease) unref() {
+// unref counts one connection fewer (c, if it got as far as attach), and
+// gives the address back if it was the last one and the holder released the
+// lease.
+func (l *Lease) unref(c *Conn) {
 	l.mu.Lock()
 	l.conns--
+	delete(l.open, c)
 	last := l.done && l.conns == 0
 	l.mu.Unlock()
 	if last {
-		l.once.Do(func() { l.pool.release(l.addr) })
+		l.once.Do(func() { l.pool.release(l) })
+	}
+}
+
+// attach records c, connected from l's address, so that it is ended if the
+// address leaves the interface. It reports false, and records nothing, if
+// that already happened.
+func (l *Lease) attach(c *Conn) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.lost {
+		return false
+	}
+	if c.shared {
+		if l.open == nil {
+			l.open = make(map[*Conn]struct{})
+		}
+		l.open[c] = struct{}{}
+	} else {
+		l.own = c
+	}
+	return true
+}
+
+// isLost reports whether l's address left the interface.
+func (l *Lease) isLost() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.lost
+}
+
+// lose marks l's address gone and ends the connections bound to it: the
+// kernel keeps them open, but nothing sent to a deleted address reaches
+// them any more, so they would hang until TCP gives up.
+func (l *Lease) lose() {
+	l.mu.Lock()
+	l.lost = true
+	conns := make([]*Conn, 0, len(l.open)+1)
+	if l.own != nil {
+		conns = append(conns, l.own)
+	}
+	for c := range l.open {
+		conns = append(conns, c)
+	}
+	l.mu.Unlock()
+	for _, c := range conns {
+		c.abort()
+	}
+}
+
+// vanished tells the pool that l's address is gone, found out by a failed
+// bind (EADDRNOTAVAIL), before the watcher may have seen it.
+func (l *Lease) vanished() {
+	if !l.pool.lost(l.addr, l) {
+		l.lose()
 	}
 }
 
 // Acquire leases a fresh address: a ready one if there is one, otherwise one
-// added now. Errors wrap ErrNoAddress.
+// added now. Errors wrap ErrNoAddress; while the pool is suspended (the
+// uplink is down, say) it fails at once, saying why.
 func (p *Pool) Acquire(ctx context.Context) (*Lease, error) {
 	p.mu.Lock()
-	if p.closed {
+	if err := p.unusableLocked(); err != nil {
 		p.mu.Unlock()
-		return nil, fmt.Errorf("%w: shutting down", ErrNoAddress)
+		return nil, err
 	}
+	l := &Lease{pool: p}
 	if len(p.ready) > 0 {
 		a := p.ready[0]
 		p.ready = p.ready[1:]
 		p.setStateLocked(a, StateInUse)
+		p.live[a].lease, l.addr = l, a
 		p.mu.Unlock()
 		p.kick()
-		return &Lease{pool: p, addr: a}, nil
+		return l, nil
 	}
 	p.mu.Unlock()
-	a, err := p.add(ctx, StateInUse)
+	_, err := p.add(ctx, StateInUse, l)
 	p.kick()
 	if err != nil {
 		return nil, err
 	}
-	return &Lease{pool: p, addr: a}, nil
+	return l, nil
+}
+
+// unusableLocked says why the pool hands out nothing now, or nil.
+func (p *Pool) unusableLocked() error {
+	switch {
+	case p.closed:
+		return fmt.Errorf("%w: shutting down", ErrNoAddress)
+	case len(p.faults) > 0:
+		return fmt.Errorf("%w: %w", ErrNoAddress, p.faults[0].err)
+	}
+	return nil
+}
+
+// usable returns nil if the pool hands out addresses now, and otherwise why
+// not, wrapping ErrNoAddress.
+func (p *Pool) usable() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.unusableLocked()
+}
+
+// suspend stops the pool handing out addresses because of a fault outside
+// it, named key ("uplink", "route"): Acquire fails at once with an error
+// wrapping ErrNoAddress and err, and the refiller waits. Addresses in use
+// are left alone. It reports whether key is a new fault; a known one gets
+// its error updated.
+func (p *Pool) suspend(key string, err error) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if i := slices.IndexFunc(p.faults, func(f fault) bool { return f.key == key }); i >= 0 {
+		p.faults[i].err = err
+		return false
+	}
+	p.faults = append(p.faults, fault{key, err})
+	return true
+}
+
+// resume ends the fault key; the pool works again, by itself, once no fault
+// is left. It reports whether key was a fault.
+func (p *Pool) resume(key string) bool {
+	p.mu.Lock()
+	n := len(p.faults)
+	p.faults = slices.DeleteFunc(p.faults, func(f fault) bool { return f.key == key })
+	was := len(p.faults) < n
+	p.mu.Unlock()
+	if was {
+		p.kick()
+	}
+	return was
 }
 
 // newLocked records a as being added.
@@ -334,17 +471,19 @@ func (p *Pool) forgetLocked(a netip.Addr) {
 	}
 }
 
-// add draws an address, adds it to the interface and records it in state to.
-// At the limit it first removes the address that has lingered longest.
-func (p *Pool) add(ctx context.Context, to AddrState) (netip.Addr, error) {
+// add draws an address, adds it to the interface and records it in state to,
+// held by l when that is StateInUse. At the limit it first removes the
+// address that has lingered longest. A failure to add is counted, and
+// logged once for each run of failures.
+func (p *Pool) add(ctx context.Context, to AddrState, l *Lease) (netip.Addr, error) {
 	for range maxDraws {
 		if err := ctx.Err(); err != nil {
 			return netip.Addr{}, err
 		}
 		p.mu.Lock()
-		if p.closed {
+		if err := p.unusableLocked(); err != nil {
 			p.mu.Unlock()
-			return netip.Addr{}, fmt.Errorf("%w: shutting down", ErrNoAddress)
+			return netip.Addr{}, err
 		}
 		if len(p.live) >= p.cfg.Max {
 			if len(p.linger) == 0 {
@@ -383,14 +522,23 @@ func (p *Pool) add(ctx context.Context, to AddrState) (netip.Addr, error) {
 				p.mu.Unlock()
 				continue
 			}
+			first := !p.failing
+			if first {
+				p.failing, p.failFrom = true, p.stats.AddFailures
+			}
 			p.stats.AddFailures++
 			p.mu.Unlock()
+			if first {
+				p.log.Warn("adding egress addresses fails: new connections fail closed until it works again", "err", err)
+			}
 			return netip.Addr{}, fmt.Errorf("%w: %w", ErrNoAddress, err)
 		}
+		recovered, failures := p.failing, p.stats.AddFailures-p.failFrom
+		p.failing = false
 		p.stats.Added++
 		p.stats.AddTime += took
 		e := p.live[a]
-		e.added, e.refreshed = start, start
+		e.added, e.refreshed = start.Add(took), start
 		if p.closed {
 			// Close is waiting for this add; take the address back out.
 			p.setStateLocked(a, StateRemoving)
@@ -399,11 +547,17 @@ func (p *Pool) add(ctx context.Context, to AddrState) (netip.Addr, error) {
 			return netip.Addr{}, fmt.Errorf("%w: shutting down", ErrNoAddress)
 		}
 		p.setStateLocked(a, to)
-		if to == StateReady {
+		switch to {
+		case StateReady:
 			p.ready = append(p.ready, a)
+		case StateInUse:
+			e.lease, l.addr = l, a
 		}
 		p.inflight.Done()
 		p.mu.Unlock()
+		if recovered {
+			p.log.Info("adding egress addresses works again", "failures", failures)
+		}
 		if p.cfg.ObserveAdd != nil {
 			p.cfg.ObserveAdd(took)
 		}
@@ -451,14 +605,17 @@ func (p *Pool) drop(a netip.Addr) error {
 	return err
 }
 
-func (p *Pool) release(a netip.Addr) {
+func (p *Pool) release(l *Lease) {
+	a := l.addr
 	p.mu.Lock()
 	e, ok := p.live[a]
-	if !ok || e.state != StateInUse || p.closed {
-		// After Close began, Close removes every address itself.
+	if !ok || e.lease != l || p.closed {
+		// Lost (and perhaps drawn again since), or Close began and removes
+		// every address itself.
 		p.mu.Unlock()
 		return
 	}
+	e.lease = nil
 	if p.cfg.Linger == 0 {
 		p.setStateLocked(a, StateRemoving)
 		p.inflight.Add(1)
@@ -470,6 +627,79 @@ func (p *Pool) release(a netip.Addr) {
 	p.linger = append(p.linger, a)
 	p.mu.Unlock()
 	p.kick()
+}
+
+// lost forgets a, which left the interface without the pool removing it
+// (somebody deleted it, the kernel flushed it when the interface went down,
+// or a bind to it failed), and ends the connections bound to it. The pool
+// never removes it again. If l is not nil, a is forgotten only if l holds
+// it. It reports whether a was ready, in use or lingering; an address being
+// added or removed is the pool's own business and left alone.
+func (p *Pool) lost(a netip.Addr, l *Lease) bool {
+	p.mu.Lock()
+	e, ok := p.live[a]
+	if !ok || p.closed || (l != nil && e.lease != l) {
+		p.mu.Unlock()
+		return false
+	}
+	holder := e.lease
+	switch e.state {
+	case StateReady:
+		p.ready = slices.DeleteFunc(p.ready, func(x netip.Addr) bool { return x == a })
+	case StateLingering:
+		p.linger = slices.DeleteFunc(p.linger, func(x netip.Addr) bool { return x == a })
+	case StateInUse:
+	default:
+		p.mu.Unlock()
+		return false
+	}
+	p.forgetLocked(a)
+	p.stats.Lost++
+	p.mu.Unlock()
+	if holder != nil {
+		holder.lose()
+	}
+	p.kick() // the refiller replaces it
+	return true
+}
+
+// settled lists the addresses that the pool believes are on the interface
+// and is not adding or removing right now (ready, in use or lingering), with
+// when the kernel had added them.
+func (p *Pool) settled() []AddrInfo {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]AddrInfo, 0, len(p.live))
+	for a, e := range p.live {
+		if isSettled(e.state) {
+			out = append(out, AddrInfo{Addr: a, State: e.state, Since: e.since, Added: e.added})
+		}
+	}
+	return out
+}
+
+// settledSince returns when the kernel had added a, if a is ready, in use or
+// lingering.
+func (p *Pool) settledSince(a netip.Addr) (time.Time, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if e, ok := p.live[a]; ok && isSettled(e.state) {
+		return e.added, true
+	}
+	return time.Time{}, false
+}
+
+func isSettled(s AddrState) bool {
+	return s == StateReady || s == StateInUse || s == StateLingering
+}
+
+// avoid makes sure a is never drawn: somebody else put it on the host.
+func (p *Pool) avoid(a netip.Addr) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if _, ok := p.live[a]; !ok {
+		p.exclude[a] = struct{}{}
+	}
 }
 
 // kick wakes Run without blocking.
@@ -494,10 +724,12 @@ func (p *Pool) Run(ctx context.Context) {
 		if p.now().After(retryAt) {
 			if err := p.fill(ctx); err != nil {
 				retryAt = p.now().Add(time.Second)
-				if next == 0 || next > time.Second {
-					next = time.Second
-				}
 			}
+		}
+		// A kick while waiting to retry must not lose the retry: without
+		// requests, nothing else would wake the refiller once adds work.
+		if wait := retryAt.Sub(p.now()); wait > 0 && (next == 0 || next > wait) {
+			next = wait
 		}
 		if next > 0 {
 			timer.Reset(next)
@@ -537,28 +769,18 @@ func (p *Pool) removeDue() time.Duration {
 	}
 }
 
-// fill adds addresses until cfg.Ready are ready or the limit is reached.
+// fill adds addresses until cfg.Ready are ready or the limit is reached. It
+// does nothing while the pool is suspended.
 func (p *Pool) fill(ctx context.Context) error {
 	for {
 		p.mu.Lock()
-		want := len(p.ready)+p.count[StateAdding] < p.cfg.Ready && len(p.live) < p.cfg.Max && !p.closed
+		want := len(p.ready)+p.count[StateAdding] < p.cfg.Ready && len(p.live) < p.cfg.Max && p.unusableLocked() == nil
 		p.mu.Unlock()
 		if !want {
 			return nil
 		}
-		_, err := p.add(ctx, StateReady)
-		p.mu.Lock()
-		wasFailing := p.failing
-		p.failing = err != nil
-		p.mu.Unlock()
-		switch {
-		case err != nil && !wasFailing:
-			p.log.Warn("keeping egress addresses ready", "err", err)
+		if _, err := p.add(ctx, StateReady, nil); err != nil {
 			return err
-		case err != nil:
-			return err
-		case wasFailing:
-			p.log.Info("adding egress addresses works again")
 		}
 	}
 }

@@ -117,16 +117,29 @@ func TestConnectIdleTimeout(t *testing.T) {
 }
 
 // A tunnel carrying a byte every 50ms in one direction only stays open for
-// longer than the idle timeout.
+// one and a half times the idle timeout, and then still carries bytes both
+// ways. The idle timeout is 40 times the gap between bytes: a writer whose
+// 50ms sleep a busy machine stretches must not look idle (with 200ms, one
+// stretched past it under -race).
 func TestConnectSlowOneWay(t *testing.T) {
+	const (
+		idle  = 2 * time.Second
+		every = 50 * time.Millisecond
+		n     = int(idle * 3 / 2 / every)
+	)
+	want := make([]byte, n)
+	for i := range want {
+		want[i] = byte('a' + i%26)
+	}
 	for _, fromClient := range []bool{true, false} {
 		name := "upstream to client"
 		if fromClient {
 			name = "client to upstream"
 		}
 		t.Run(name, func(t *testing.T) {
+			t.Parallel()
 			u := startTCPUpstream(t)
-			p := startProxy(t, nil, withIdle(200*time.Millisecond))
+			p := startProxy(t, nil, withIdle(idle))
 			c, br, resp := p.connect(t, u.addr, nil)
 			require.Equal(t, http.StatusOK, resp.StatusCode)
 			s := u.accept(t)
@@ -136,21 +149,20 @@ func TestConnectSlowOneWay(t *testing.T) {
 			if fromClient {
 				w, r = c, s
 			}
-			const n = 20 // 1s at one byte every 50ms
 			sent := make(chan error, 1)
 			go func() {
 				for i := range n {
-					if _, err := w.Write([]byte{byte('a' + i)}); err != nil {
+					if _, err := w.Write(want[i : i+1]); err != nil {
 						sent <- err
 						return
 					}
-					time.Sleep(50 * time.Millisecond)
+					time.Sleep(every)
 				}
 				sent <- nil
 			}()
 			got := readFull(t, r, n)
 			require.NoError(t, <-sent)
-			assert.Equal(t, "abcdefghijklmnopqrst", string(got))
+			assert.Equal(t, string(want), string(got))
 
 			// Still open, both ways.
 			_, err := io.WriteString(c, "ping")

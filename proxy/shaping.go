@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"net/http"
 	"strconv"
 	"strings"
@@ -80,6 +81,12 @@ func (s *Server) acquire(ctx context.Context, host string, rec *record) error {
 	}
 	rec.admitted, rec.permit = now, permit
 	up.InFlight.Add(1)
+	if rule != "" && s.log.Enabled(ctx, slog.LevelDebug) {
+		// When a rule let the request go upstream: the pacing egressd
+		// promises, apart from the network's delays after it.
+		s.log.LogAttrs(ctx, slog.LevelDebug, "admitted", slog.String("host", host),
+			slog.String("rule", rule), slog.Duration("waited", now.Sub(start)))
+	}
 	return nil
 }
 

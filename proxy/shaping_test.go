@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -121,6 +123,56 @@ func TestShapingAndAccounting(t *testing.T) {
 	assert.Zero(t, u.Waiting)
 	assert.Equal(t, uint64(len("hello")), u.BytesDown)
 	assert.Equal(t, uint64(2), u.LatencyHistogram.Count, "two requests got a response head")
+}
+
+// TestAdmittedLog: at debug level, a request that a rule lets through logs
+// "admitted" when it may go upstream (the record's time) with how long it
+// waited; a request no rule covers logs no such line, and neither does the
+// info level.
+func TestAdmittedLog(t *testing.T) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "hello") }))
+	t.Cleanup(up.Close)
+	_, port, err := net.SplitHostPort(up.Listener.Addr().String())
+	require.NoError(t, err)
+	admitted := func(level slog.Level) []map[string]string {
+		var logs logBuffer
+		p, _ := shapedProxy(t, "127.0.0.1=100r/s,burst=10",
+			withLogger(slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: level}))))
+		c := p.client(t)
+		for _, host := range []string{"127.0.0.1", "localhost"} {
+			resp, err := c.Get("http://" + net.JoinHostPort(host, port) + "/")
+			require.NoError(t, err)
+			resp.Body.Close()
+			require.Equal(t, http.StatusOK, resp.StatusCode)
+		}
+		var recs []map[string]string
+		for line := range strings.Lines(logs.String()) {
+			if rec := parseLogLine(line); rec["msg"] == "admitted" {
+				recs = append(recs, rec)
+			}
+		}
+		return recs
+	}
+
+	recs := admitted(slog.LevelDebug)
+	require.Len(t, recs, 1, "one line, for the shaped request only")
+	assert.Equal(t, "127.0.0.1", recs[0]["host"])
+	assert.Equal(t, "127.0.0.1", recs[0]["rule"])
+	assert.NotEmpty(t, recs[0]["waited"])
+	assert.NotEmpty(t, recs[0]["time"])
+	assert.Empty(t, admitted(slog.LevelInfo), "admissions are debug lines")
+}
+
+// parseLogLine splits a log/slog text line into its key=value pairs (values
+// without spaces, as the admitted line's are).
+func parseLogLine(line string) map[string]string {
+	rec := map[string]string{}
+	for _, f := range strings.Fields(line) {
+		if k, v, ok := strings.Cut(f, "="); ok {
+			rec[k] = v
+		}
+	}
+	return rec
 }
 
 func TestAccountingCountsErrors(t *testing.T) {

@@ -134,7 +134,8 @@ echo "  $(ip netns exec "$H" curl -s --max-time 10 http://upstream.test/)"
 
 limit="upstream.test=5r/s,burst=2"
 step "starting egressd in $H: $egressd -interface $H -prefix $prefix -limit $limit -admin $tmp/admin.sock"
-ip netns exec "$H" "$egressd" -interface "$H" -prefix "$prefix" -limit "$limit" -admin "$tmp/admin.sock" 2>"$tmp/egressd.log" &
+# Its instance lock goes to the demo's own runtime directory, not the machine's /run/egressd.
+RUNTIME_DIRECTORY="$tmp" ip netns exec "$H" "$egressd" -interface "$H" -prefix "$prefix" -limit "$limit" -admin "$tmp/admin.sock" 2>"$tmp/egressd.log" &
 egressd_pid=$!
 egressd_up() { grep -q 'msg=listening' "$tmp/egressd.log" 2>/dev/null; }
 if ! wait_for 10 egressd_up; then

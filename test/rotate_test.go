@@ -111,10 +111,12 @@ func TestRotateSession(t *testing.T) {
 }
 
 // TestRotateSessionIdle: a session that was idle for -session-idle gives its
-// address back, and its key's next request leaves from a new one.
+// address back, and its key's next request leaves from a new one. The idle
+// time is long enough that a busy machine cannot stretch the gap between
+// the first two requests past it.
 func TestRotateSessionIdle(t *testing.T) {
 	t.Parallel()
-	e := start(t, "-rotate", "session", "-session-idle", "1s")
+	e := start(t, "-rotate", "session", "-session-idle", "5s")
 	handleConns(e)
 	url := e.up.HTTPURL + "conn"
 	c := e.tp.Host.NewClient(t, proxyAddr, e.up.RootCAs, true)

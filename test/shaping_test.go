@@ -1,11 +1,9 @@
 package test
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os/exec"
 	"slices"
@@ -32,7 +30,12 @@ type arrivals struct {
 	times   []time.Time
 	now     atomic.Int64
 	maxSeen atomic.Int64
-	hold    time.Duration // how long each request is held
+	// meet, if set, holds each request until meet requests have been
+	// served at once (or nstest.Guard has passed), before hold: requests
+	// that egressd lets go together overlap at the upstream however
+	// unevenly the network delivers them.
+	meet int64
+	hold time.Duration // how long each request is held
 }
 
 func (a *arrivals) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -46,6 +49,9 @@ func (a *arrivals) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if n <= m || a.maxSeen.CompareAndSwap(m, n) {
 			break
 		}
+	}
+	for deadline := time.Now().Add(nstest.Guard); a.maxSeen.Load() < a.meet && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
 	}
 	time.Sleep(a.hold)
 	fmt.Fprintln(w, "ok")
@@ -99,19 +105,7 @@ func count(codes []int, code int) int {
 // adminGet fetches path from egressd's admin socket.
 func adminGet(t *testing.T, socket, path string) []byte {
 	t.Helper()
-	c := &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		},
-	}, Timeout: nstest.Guard}
-	resp, err := c.Get("http://egressd" + path)
-	require.NoError(t, err)
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	require.NoError(t, err)
-	require.Equal(t, http.StatusOK, resp.StatusCode, "%s: %s", path, body)
-	return body
+	return adminFetch(t, adminClient(socket), path)
 }
 
 // ctlStats is `egressctl stats -json` of e's egressd.
@@ -121,8 +115,9 @@ func ctlStats(t *testing.T, e *env) stats.Stats {
 }
 
 // TestRateLimit: with upstream.test=5r/s,burst=1, 40 requests fired at once
-// all succeed, and the upstream's own clock shows they came no faster than
-// the rule allows. egressctl's counts equal what the upstream saw.
+// all succeed; egressd let them go upstream no faster than the rule allows,
+// and none reached the upstream before that. egressctl's counts equal what
+// the upstream saw.
 func TestRateLimit(t *testing.T) {
 	t.Parallel()
 	const (
@@ -140,7 +135,9 @@ func TestRateLimit(t *testing.T) {
 
 	times := arr.sorted()
 	require.Len(t, times, n)
-	assertPaced(t, times, interval, burst)
+	admitted := admissions(t, e.ed, nstest.UpstreamName, n)
+	assertPaced(t, admitted, interval, burst)
+	assertAdmittedFirst(t, admitted, times)
 
 	s := ctlStats(t, e)
 	u := nstest.UpstreamStats(t, s, nstest.UpstreamName)
@@ -192,12 +189,14 @@ func TestRateLimitRejects(t *testing.T) {
 }
 
 // TestConcurrencyLimit: concurrency=2 never lets a third request reach the
-// upstream at once.
+// upstream at once. The upstream holds the first request until a second is
+// in, so that the cap is reached even when a busy network delivers the two
+// far apart, and every request for 300 ms more, in which a third would show.
 func TestConcurrencyLimit(t *testing.T) {
 	t.Parallel()
 	const n = 8
 	e := setup(t)
-	arr := &arrivals{hold: 300 * time.Millisecond}
+	arr := &arrivals{meet: 2, hold: 300 * time.Millisecond}
 	e.up.Handle("/timed", arr)
 	e.ed = e.restart(t, "-limit", nstest.UpstreamName+"=1000r/s,burst=100,concurrency=2")
 

@@ -17,12 +17,16 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/egressd/egressd/internal/version"
 )
 
 // defaultAdmin is where egressd listens for admin requests by default.
 const defaultAdmin = "/run/egressd/admin.sock"
 
-const usage = `Usage: egressctl [-admin ADDR] COMMAND [flags]
+const usage = `egressctl shows what a running egressd is doing and makes it reload its configuration.
+
+Usage: egressctl [-admin ADDR] COMMAND [flags]
 
 Commands:
   stats   per-upstream requests, waits, errors, bytes and latency, and the address pool
@@ -32,6 +36,7 @@ Commands:
 Flags:
   -admin ADDR   egressd's admin API: a unix socket path or host:port
                 (default ` + defaultAdmin + `)
+  -version      print the version and exit
 
 Run 'egressctl COMMAND -h' for the flags of a command.
 `
@@ -49,12 +54,17 @@ func run(ctx context.Context, args []string, stdout io.Writer, terminal bool) er
 	fs := flag.NewFlagSet("egressctl", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors go through report, usage is ours
 	admin := fs.String("admin", defaultAdmin, "")
+	showVersion := fs.Bool("version", false, "")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			_, err = io.WriteString(stdout, usage)
 			return err
 		}
 		return usageError{"", err.Error()}
+	}
+	if *showVersion {
+		_, err := fmt.Fprintln(stdout, version.Line("egressctl"))
+		return err
 	}
 	if fs.NArg() == 0 {
 		return usageError{"", "no command given"}

@@ -137,6 +137,9 @@ func TestUsage(t *testing.T) {
 		stderrHint string // contained in stderr
 	}{
 		{name: "-h", args: []string{"-h"}, code: 0, stdout: "Usage: egressctl [-admin ADDR] COMMAND"},
+		{name: "-h first line", args: []string{"-h"}, code: 0, stdout: "egressctl shows what a running egressd is doing"},
+		{name: "-version", args: []string{"-version"}, code: 0, stdout: "egressctl "},
+		{name: "-version before a command", args: []string{"-version", "stats"}, code: 0, stdout: "egressctl "},
 		{name: "--help", args: []string{"--help"}, code: 0, stdout: "Commands:"},
 		{name: "help", args: []string{"help"}, code: 0, stdout: "Commands:"},
 		{name: "stats -h", args: []string{"stats", "-h"}, code: 0, stdout: "-watch DURATION"},

@@ -160,19 +160,50 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	return fs
 }
 
+// errVersion is loadConfig's answer to -version: main prints the version
+// and exits 0.
+var errVersion = errors.New("-version given")
+
+// commandLine is flagSet with the flags of the command line only, which are
+// no config keys: -version.
+func commandLine(cfg *Config) (fs *flag.FlagSet, version *bool) {
+	fs = flagSet(cfg)
+	return fs, fs.Bool("version", false, "print the version and exit")
+}
+
 // loadConfig reads the command line and the config file it names. Flags given
-// on the command line override the file, the file overrides the defaults.
+// on the command line override the file, the file overrides the defaults. An
+// argument that is not a flag is an error: the flag package stops at the
+// first, and would silently drop every flag after it.
 func loadConfig(args []string) (Config, error) {
 	cfg := defaultConfig()
-	if err := flagSet(&cfg).Parse(args); err != nil {
+	fs, version := commandLine(&cfg)
+	if err := fs.Parse(args); err != nil {
 		return Config{}, err
+	}
+	if *version {
+		return Config{}, errVersion
+	}
+	if fs.NArg() > 0 {
+		// A repeatable flag right before the stray word is most likely the
+		// one whose second value it was meant to be.
+		prev := "-allow"
+		if i := len(args) - fs.NArg() - 2; i >= 0 && strings.HasPrefix(args[i], "-") {
+			if f := fs.Lookup(strings.TrimLeft(args[i], "-")); f != nil {
+				if _, ok := f.Value.(interface{ repeatable() }); ok {
+					prev = "-" + f.Name
+				}
+			}
+		}
+		return Config{}, fmt.Errorf("unexpected argument %q: every value needs its flag (%s A %s B), and egressd takes no other arguments", fs.Arg(0), prev, prev)
 	}
 	if cfg.File != "" {
 		fileCfg := defaultConfig()
 		if err := applyFile(&fileCfg, cfg.File); err != nil {
 			return Config{}, err
 		}
-		if err := flagSet(&fileCfg).Parse(args); err != nil {
+		fs, _ := commandLine(&fileCfg)
+		if err := fs.Parse(args); err != nil {
 			return Config{}, err
 		}
 		cfg = fileCfg

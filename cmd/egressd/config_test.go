@@ -154,6 +154,13 @@ func TestLoadConfigErrors(t *testing.T) {
 		want string
 	}{
 		{name: "unknown flag", args: []string{"-bogus"}, want: "flag provided but not defined: -bogus"},
+		{name: "stray argument", args: []string{"-allow", "127.0.0.0/8", "::1/128", "-rotate", "session"},
+			want: `unexpected argument "::1/128": every value needs its flag (-allow A -allow B)`},
+		{name: "stray argument first", args: []string{"eth0"}, want: `unexpected argument "eth0"`},
+		{name: "stray second value", args: []string{"-allow-dest", "10.0.0.0/8", "10.1.0.0/16"}, want: `unexpected argument "10.1.0.0/16": every value needs its flag (-allow-dest A -allow-dest B)`},
+		{name: "stray argument after --", args: []string{"-rotate", "session", "--", "-ready"}, want: `unexpected argument "-ready"`},
+		{name: "stray argument with a file", args: []string{"-ready", "2", "x"}, file: "grace: 5s\n", want: `unexpected argument "x"`},
+		{name: "version in file", file: "version: true\n", want: `line 1: unknown key "version"`},
 		{name: "bad max-addrs", args: []string{"-max-addrs", "lots"}, want: `invalid value "lots" for flag -max-addrs: "lots" is not a whole number`},
 		{name: "zero max-addrs", args: []string{"-max-addrs", "0"}, want: "-max-addrs: 0: must be at least 1"},
 		{name: "ipv4 prefix", args: []string{"-prefix", "192.0.2.0/24"}, want: `"192.0.2.0/24" is not an IPv6 prefix`},
@@ -217,6 +224,23 @@ func TestLoadConfigErrors(t *testing.T) {
 			assert.NotContains(t, err.Error(), "\n", "errors are one line")
 		})
 	}
+}
+
+// TestLoadConfigVersion: -version wins over everything else on the command
+// line, even a stray argument or a bad file, so that it always answers.
+func TestLoadConfigVersion(t *testing.T) {
+	for _, args := range [][]string{
+		{"-version"},
+		{"-version=true"},
+		{"-rotate", "session", "-version", "stray"},
+		{"-config", "/nonexistent/egressd.yaml", "-version"},
+	} {
+		_, err := loadConfig(args)
+		assert.ErrorIs(t, err, errVersion, "%q", args)
+	}
+	cfg, err := loadConfig([]string{"-version=false", "-ready", "2"})
+	require.NoError(t, err)
+	assert.Equal(t, 2, cfg.Ready)
 }
 
 func TestLoadConfigSOCKS5(t *testing.T) {

@@ -28,6 +28,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/egressd/egressd/internal/version"
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy"
 	"github.com/egressd/egressd/proxy/stats"
@@ -37,8 +38,12 @@ import (
 
 func main() {
 	cfg, err := loadConfig(os.Args[1:])
-	if errors.Is(err, flag.ErrHelp) {
+	switch {
+	case errors.Is(err, flag.ErrHelp):
 		usage()
+		os.Exit(0)
+	case errors.Is(err, errVersion):
+		fmt.Println(version.Line("egressd"))
 		os.Exit(0)
 	}
 	if err != nil {
@@ -55,9 +60,10 @@ func main() {
 }
 
 func usage() {
+	fmt.Fprintf(os.Stdout, "egressd is a forward proxy (HTTP, CONNECT, SOCKS5) that sends every upstream connection from a fresh IPv6 address of the host's prefix.\n\n")
 	fmt.Fprintf(os.Stdout, "usage: egressd [flags]\n\n")
 	cfg := defaultConfig() // so that every flag shows its real default
-	fs := flagSet(&cfg)
+	fs, _ := commandLine(&cfg)
 	fs.SetOutput(os.Stdout)
 	fs.PrintDefaults()
 }
@@ -127,6 +133,50 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 		return fmt.Errorf("prefix %s is not on interface %s: no address of it is configured there (if it is routed to this host, use -mode routed)", prefix, ifname)
 	}
 
+	// From here on egressd changes the system, so first make sure that no
+	// other egressd serves this prefix, or one overlapping it: that one's
+	// addresses would look like leftovers, and its local route like ours.
+	lock, err := acquireLock(runtimeDir(), ifname, prefix)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := lock.Release(); err != nil {
+			log.Warn("releasing the instance lock", "err", err)
+		}
+	}()
+
+	// Then every listener, so that a port in use ends the start with
+	// nothing changed. Closing one twice is harmless: Shutdown closes them
+	// first when egressd serves.
+	listeners := make([]net.Listener, 0, len(cfg.Listen)+1)
+	defer func() {
+		for _, l := range listeners {
+			l.Close()
+		}
+	}()
+	for _, addr := range cfg.Listen {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return fmt.Errorf("listening on %s: %w", addr, unwrapOp(err))
+		}
+		listeners = append(listeners, ln)
+	}
+	if cfg.SOCKS5 != "" { // last in listeners, the only one not served as HTTP
+		ln, err := net.Listen("tcp", cfg.SOCKS5)
+		if err != nil {
+			return fmt.Errorf("listening on %s (socks5): %w", cfg.SOCKS5, unwrapOp(err))
+		}
+		listeners = append(listeners, ln)
+	}
+	var adminLn net.Listener
+	if cfg.Admin != "" {
+		if adminLn, err = listenAdmin(cfg.Admin); err != nil {
+			return err
+		}
+		defer adminLn.Close()
+	}
+
 	// Addresses that a killed earlier run left behind go first; every
 	// address the host has now, on any interface, is its own and is never
 	// drawn.
@@ -193,49 +243,21 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 		return err
 	}
 
-	listeners := make([]net.Listener, 0, len(cfg.Listen)+1)
-	closeAll := func() {
-		for _, l := range listeners {
-			l.Close()
-		}
-	}
-	for _, addr := range cfg.Listen {
-		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			closeAll()
-			return fmt.Errorf("listening on %s: %w", addr, unwrapOp(err))
-		}
-		listeners = append(listeners, ln)
-	}
-	if cfg.SOCKS5 != "" { // last in listeners, the only one not served as HTTP
-		ln, err := net.Listen("tcp", cfg.SOCKS5)
-		if err != nil {
-			closeAll()
-			return fmt.Errorf("listening on %s (socks5): %w", cfg.SOCKS5, unwrapOp(err))
-		}
-		listeners = append(listeners, ln)
-	}
 	rl := &reloader{srv: srv, guard: guard, level: level, log: log, notify: notify, cfg: cfg, live: lv}
 	var admin *http.Server
-	if cfg.Admin != "" {
-		ln, err := listenAdmin(cfg.Admin)
-		if err != nil {
-			closeAll()
-			return err
-		}
+	if adminLn != nil {
 		src := &statsSource{started: time.Now(), srv: srv, pool: pool, addLatency: addLatency}
 		admin = &http.Server{Handler: proxy.AdminHandler(src, rl.Reload), ReadHeaderTimeout: 10 * time.Second}
 		go func() {
-			if err := admin.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			if err := admin.Serve(adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				log.Error("admin API stopped", "err", err)
 			}
 		}()
-		log.Info("admin API listening", "addr", ln.Addr().String())
+		log.Info("admin API listening", "addr", adminLn.Addr().String())
 	}
 	var route *netutil.LocalRoute
 	if routed {
 		if route, err = netutil.InstallLocalRoute(h, prefix); err != nil {
-			closeAll()
 			if admin != nil {
 				admin.Close()
 			}
@@ -245,6 +267,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 			log.Info("using the local route for the prefix that is already there", "prefix", prefix)
 		}
 	}
+
+	// Netlink events keep the pool's view of the uplink true and the local
+	// route of routed mode in place (watch.go).
+	_, stopWatch := watchFaults(h, pool, mgr.Link(), route, log)
 
 	poolCtx, stopPool := context.WithCancel(context.Background())
 	poolDone := make(chan struct{})
@@ -307,6 +333,7 @@ serve:
 
 	stopPool()
 	<-poolDone
+	stopWatch() // before the route goes, which it would restore
 	removed, err := pool.Close()
 	if err != nil {
 		log.Error("removing egress addresses", "removed", removed, "err", err)
@@ -315,7 +342,12 @@ serve:
 		}
 	}
 	if route != nil {
-		if err := route.Remove(); err != nil {
+		// Only a route egressd installed is removed, and not while another
+		// egressd holds a prefix that overlaps this one: the lock keeps a
+		// second one from starting, this is the second guard.
+		if err := lock.Overlapping(); err != nil {
+			log.Warn("leaving the local route in place", "prefix", prefix, "reason", err)
+		} else if err := route.Remove(); err != nil {
 			log.Error("removing the local route", "err", err)
 			if runErr == nil {
 				runErr = err

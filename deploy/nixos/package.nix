@@ -28,6 +28,10 @@ buildGoModule {
     "-w"
   ];
 
+  # Static binaries, as `make build` makes them: no cgo, so no libc to link
+  # against. buildGoModule takes CGO_ENABLED in env (nixpkgs 25.05 and later).
+  env.CGO_ENABLED = 0;
+
   meta = {
     description = "Forward proxy that sends every upstream connection from a fresh IPv6 address of the host's prefix";
     homepage = "https://github.com/egressd/egressd";

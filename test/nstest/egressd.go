@@ -22,19 +22,31 @@ import (
 
 // Build compiles the package pkg of the module that contains the working
 // directory (e.g. "./cmd/egressd") into dir and returns the binary's path.
+// It builds as `make build` does, static (CGO_ENABLED=0), so that the tests
+// run what users run.
 func Build(dir, pkg string) (string, error) {
-	gomod, err := exec.Command("go", "env", "GOMOD").Output()
+	root, err := ModuleRoot()
 	if err != nil {
-		return "", fmt.Errorf("go env GOMOD: %w", err)
+		return "", err
 	}
-	root := filepath.Dir(strings.TrimSpace(string(gomod)))
 	bin := filepath.Join(dir, filepath.Base(pkg))
 	cmd := exec.Command("go", "build", "-o", bin, pkg)
 	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("go build %s: %w\n%s", pkg, err, out)
 	}
 	return bin, nil
+}
+
+// ModuleRoot is the directory of the go.mod of the module that contains the
+// working directory: the repository's root.
+func ModuleRoot() (string, error) {
+	gomod, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	return filepath.Dir(strings.TrimSpace(string(gomod))), nil
 }
 
 // binaries are the programs Main built, by package, for Binary.
@@ -142,7 +154,7 @@ type Process struct {
 	Admin string
 
 	cmd            *exec.Cmd
-	stdout, stderr syncBuffer
+	stdout, stderr SyncBuffer
 	done           chan struct{}
 	state          *os.ProcessState
 }
@@ -296,18 +308,20 @@ func ParseLogLine(line string) map[string]string {
 	return rec
 }
 
-type syncBuffer struct {
+// SyncBuffer is a buffer that goroutines may write at once: a process's
+// output, or an in-process logger's.
+type SyncBuffer struct {
 	mu  sync.Mutex
 	buf bytes.Buffer
 }
 
-func (b *syncBuffer) Write(p []byte) (int, error) {
+func (b *SyncBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.Write(p)
 }
 
-func (b *syncBuffer) String() string {
+func (b *SyncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()

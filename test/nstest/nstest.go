@@ -104,6 +104,7 @@ type NS struct {
 	// Name is the name under /run/netns, for `ip netns exec`.
 	Name   string
 	handle netns.NsHandle
+	env    []string // for every command run inside
 }
 
 // Handle is the namespace's file handle, for netns.Set and netlink.NewHandleAt.
@@ -112,10 +113,12 @@ func (ns *NS) Handle() netns.NsHandle { return ns.handle }
 // Command returns a command that runs name inside the namespace with
 // `ip netns exec`, which execs it in place: the started process's pid is the
 // command's own. Proxy variables of the test's environment are left out so
-// that only what a test sets reaches the command.
+// that only what a test sets reaches the command; RUNTIME_DIRECTORY is the
+// topology's (Topo.RuntimeDir). A variable a caller appends to Env wins over
+// these (os/exec keeps the last of duplicate keys).
 func (ns *NS) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
 	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns.Name, name}, args...)...)
-	cmd.Env = CleanEnv()
+	cmd.Env = append(CleanEnv(), ns.env...)
 	return cmd
 }
 
@@ -204,6 +207,11 @@ type Topo struct {
 	Host, Router *NS
 	// HostLink and RouterLink name the veth ends in H and in R.
 	HostLink, RouterLink string
+	// RuntimeDir is the RUNTIME_DIRECTORY of every process started in H or
+	// R, as systemd's RuntimeDirectory= sets it: where egressd keeps its
+	// instance locks, so that the egressd processes of one topology see each
+	// other's and never the machine's /run/egressd.
+	RuntimeDir string
 
 	nlMu sync.Mutex
 	nl   *netlink.Handle // in H
@@ -223,11 +231,14 @@ func New(t testing.TB) *Topo {
 	if len(base)+1 > 15 {
 		t.Fatalf("namespace base name %q too long for an interface name", base)
 	}
+	runtimeDir := t.TempDir()
+	env := []string{"RUNTIME_DIRECTORY=" + runtimeDir}
 	tp := &Topo{
-		Host:       &NS{Name: base + "h", handle: -1},
-		Router:     &NS{Name: base + "r", handle: -1},
+		Host:       &NS{Name: base + "h", handle: -1, env: env},
+		Router:     &NS{Name: base + "r", handle: -1, env: env},
 		HostLink:   base + "h",
 		RouterLink: base + "r",
+		RuntimeDir: runtimeDir,
 	}
 	t.Cleanup(func() {
 		if err := tp.remove(); err != nil {

@@ -1,0 +1,36 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+
+	"github.com/egressd/egressd/netutil"
+	"github.com/vishvananda/netlink"
+)
+
+// watchFaults follows netlink events so that egressd survives faults of the
+// host's network by itself: the pool follows the uplink (addresses deleted
+// by somebody else, the link going down and up: netutil.Pool.Follow) and,
+// in routed mode (route not nil), the local route is restored if somebody
+// removes it (netutil.LocalRoute.Keep). Other subscribers may use the
+// returned watcher. stop ends it all; call it before the route is removed.
+func watchFaults(h *netlink.Handle, pool *netutil.Pool, uplink netlink.Link, route *netutil.LocalRoute, log *slog.Logger) (w *netutil.Watcher, stop func()) {
+	w = netutil.NewWatcher(netutil.WatchConfig{Handle: h, Routes: route != nil, Logger: log})
+	cancels := []func(){pool.Follow(w, uplink)}
+	if route != nil {
+		cancels = append(cancels, route.Keep(w, pool, log))
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		w.Run(ctx)
+	}()
+	return w, func() {
+		cancel()
+		<-done
+		for _, c := range cancels {
+			c()
+		}
+	}
+}
