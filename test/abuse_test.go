@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -159,8 +160,11 @@ func TestSlowlorisHeaders(t *testing.T) {
 
 	for i, c := range conns {
 		c.SetReadDeadline(time.Now().Add(nstest.Guard))
-		_, err := c.Read(make([]byte, 1))
-		require.ErrorIs(t, err, io.EOF, "connection %d: closed by egressd without an answer", i)
+		n, err := c.Read(make([]byte, 1))
+		// A reset when a trickled byte came in after egressd's last read.
+		require.Zero(t, n, "connection %d: an answer", i)
+		require.True(t, errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET),
+			"connection %d: closed by egressd without an answer: %v", i, err)
 		if i == 0 {
 			assert.GreaterOrEqual(t, time.Since(opened), 2*time.Second, "not before -client-timeout")
 		}
