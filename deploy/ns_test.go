@@ -356,7 +356,8 @@ func TestNixConfigRuns(t *testing.T) {
 		settings = { max-addrs = 32; ready = 3; rotate = "session"; grace = "6s"; log-level = "debug";
 			dial-timeout = "9s"; ipv4 = "deny"; pin = [ "2001:db8:1:2::99" ]; session-idle = "9m";
 			socks5 = "127.0.0.1:1081"; tunnel-idle = "4m"; allow-dest = [ "10.0.9.0/24" ];
-			connect-ports = [ 443 8443 ]; http-ports = "80,8080"; };`,
+			connect-ports = [ 443 8443 ]; http-ports = "80,8080"; max-conns = 500;
+			max-conns-per-client = 50; max-addrs-per-client = 8; client-timeout = "20s"; };`,
 		nstest.UpstreamName, filepath.Join(dir, "bob.htpasswd")))
 	var keys map[string]any
 	require.NoError(t, json.Unmarshal([]byte(next), &keys))

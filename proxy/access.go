@@ -6,11 +6,13 @@ import (
 	"net/http"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy/auth"
 	"github.com/egressd/egressd/proxy/shape"
+	"github.com/egressd/egressd/proxy/stats"
 )
 
 // Access says who may use the proxy. It applies to HTTP, CONNECT and SOCKS5
@@ -50,6 +52,8 @@ const Realm = "egressd"
 var (
 	errNotAllowed   = refusal(http.StatusForbidden, typeRequestDenied, "client address not allowed by egressd")
 	errAuthRequired = refusal(http.StatusProxyAuthRequired, typeRequestDenied, "proxy authentication required")
+	errLoginFailed  = clientRefusal(stats.RefusedLoginFailed, http.StatusProxyAuthRequired, typeRequestDenied,
+		"proxy authentication failed: wrong user name or password")
 )
 
 // withDefaults returns a copy of a that owns its list, with the default list
@@ -103,7 +107,9 @@ func (a *Access) admitsConn(remote net.Addr) bool {
 // authorize checks an HTTP or CONNECT request against the access rules. It
 // returns the authenticated user (only when users authenticate), the session
 // key the proxy user name carries, if any, and ok. When not ok it has
-// answered the client: 403, or 407 with a Basic challenge.
+// answered the client: 403, 407 with a Basic challenge, or 429 with
+// Retry-After for an address that failed to log in too often (see
+// loginGuard).
 func (s *Server) authorize(w http.ResponseWriter, r *http.Request, rec *record, a *Access) (user, key string, ok bool) {
 	ap, err := netip.ParseAddrPort(r.RemoteAddr)
 	if err != nil || !a.admits(ap.Addr()) {
@@ -119,15 +125,28 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, rec *record, 
 		}
 		return "", key, true
 	}
+	e := errAuthRequired
 	if hasCreds {
 		user, key = splitSessionUser(name)
-		if a.Users.Verify(user, pass) {
+		res, retry := s.login(r.Context(), ap.Addr(), a.Users, user, pass)
+		switch res {
+		case loginOK:
 			return user, key, true
+		case loginThrottled:
+			rec.user = user
+			w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds(retry)))
+			refuse(w, rec, errLoginThrottled(retry), r.Method == http.MethodConnect)
+			return "", "", false
+		case loginGone:
+			rec.user = user
+			rec.status = statusClientClosed
+			return "", "", false
 		}
 		rec.user = user
+		e = errLoginFailed
 	}
 	w.Header().Set("Proxy-Authenticate", `Basic realm="`+Realm+`"`)
-	refuse(w, rec, errAuthRequired, r.Method == http.MethodConnect)
+	refuse(w, rec, e, r.Method == http.MethodConnect)
 	return "", "", false
 }
 

@@ -44,7 +44,7 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request, x *exchang
 	host, addr, err := connectTarget(r)
 	if err != nil {
 		s.log.Debug("bad CONNECT target", "client", r.RemoteAddr, "target", r.RequestURI, "err", err)
-		refuse(w, rec, refusal(http.StatusBadRequest, typeRequestError, "bad CONNECT target: want host:port"), true)
+		refuse(w, rec, malformed(http.StatusBadRequest, "bad CONNECT target: want host:port"), true)
 		return
 	}
 	rec.host = addr
@@ -69,8 +69,10 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request, x *exchang
 	upstream, err := s.dial(r.Context(), "tcp", addr)
 	if err != nil {
 		e := upstreamError(host, err)
-		s.logUpstreamError(r, addr, e)
-		st.failed = true
+		if e.upstreamFault() {
+			s.logUpstreamError(r, addr, e)
+		}
+		st.failed = e.upstreamFault()
 		refuse(w, rec, e, true)
 		return
 	}
@@ -89,7 +91,7 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request, x *exchang
 	}
 	rec.status = http.StatusOK
 	st.answered = time.Now()
-	if err := s.openTunnel(t, brw.Reader, rec); err != nil {
+	if err := s.openTunnel(t, brw.Reader, rec, s.cfg.ClientTimeout); err != nil {
 		s.log.Debug("tunnel: answering client", "client", r.RemoteAddr, "host", addr, "err", err)
 		s.untrack(t)
 		t.Close()
@@ -111,13 +113,16 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request, x *exchang
 // connectEstablished is the answer to a CONNECT whose tunnel is up.
 var connectEstablished = []byte("HTTP/1.1 200 Connection established\r\n\r\n")
 
-// openTunnel answers the client that its tunnel is established, and sends
+// openTunnel answers the client that its tunnel is established (within
+// timeout: a client that reads nothing does not hold it), and sends
 // upstream the bytes the client sent after its CONNECT request that the HTTP
 // server already read into br.
-func (s *Server) openTunnel(t *tunnel, br *bufio.Reader, rec *record) error {
+func (s *Server) openTunnel(t *tunnel, br *bufio.Reader, rec *record, timeout time.Duration) error {
+	_ = t.client.SetWriteDeadline(time.Now().Add(timeout))
 	if _, err := t.client.Write(connectEstablished); err != nil {
 		return err
 	}
+	_ = t.client.SetWriteDeadline(time.Time{}) // the tunnel's idle timeout bounds it now
 	// The client may have sent its first bytes (a TLS ClientHello) in the
 	// same write as the CONNECT request.
 	if n := br.Buffered(); n > 0 {
@@ -202,13 +207,19 @@ func validHostname(h string) bool {
 // in that pipe, are never set. When the deadline passes, bytes moved since
 // count as activity; if the tunnel as a whole, both directions together,
 // was silent for the idle timeout, it is closed, otherwise the deadline is
-// moved on.
+// moved on. A direction blocked writing to a peer that reads nothing
+// (splice waits for room) never reaches its deadline: while the other
+// direction waits on its own, that one notices the silence; once the other
+// has ended (a half-close), the direction that ended watches for it (see
+// finished).
 type tunnel struct {
 	client, upstream net.Conn
 	idle             time.Duration
 	start            time.Time
 	last             atomic.Int64 // last byte either way, as time.Duration since start
 	closeOnce        sync.Once
+	closed           chan struct{} // closed by Close
+	running          atomic.Int32  // directions still relaying
 
 	// Each direction's splice state, and client->upstream's result (it
 	// runs on a goroutine of its own), kept here to save allocations.
@@ -219,12 +230,13 @@ type tunnel struct {
 }
 
 func newTunnel(client, upstream net.Conn, idle time.Duration) *tunnel {
-	return &tunnel{client: client, upstream: upstream, idle: idle, start: time.Now()}
+	return &tunnel{client: client, upstream: upstream, idle: idle, start: time.Now(), closed: make(chan struct{})}
 }
 
 // Close closes both connections, ending both directions.
 func (t *tunnel) Close() error {
 	t.closeOnce.Do(func() {
+		close(t.closed)
 		_ = t.client.Close()
 		_ = t.upstream.Close()
 	})
@@ -235,9 +247,11 @@ func (t *tunnel) Close() error {
 // upstream->client (down) and client->upstream (up), and what ended the
 // tunnel if it was not a normal close.
 func (t *tunnel) run() (down, up int64, err error) {
+	t.running.Store(2)
 	t.wg.Add(1)
 	go t.runUp()
 	down, err = t.pipe(t.client, t.upstream, &t.downQ)
+	t.finished()
 	t.wg.Wait()
 	t.Close()
 	return down, t.up, errors.Join(err, t.upErr)
@@ -246,6 +260,32 @@ func (t *tunnel) run() (down, up int64, err error) {
 func (t *tunnel) runUp() {
 	defer t.wg.Done()
 	t.up, t.upErr = t.pipe(t.upstream, t.client, &t.upQ)
+	t.finished()
+}
+
+// finished is called by each direction when it has ended. The last one
+// closes the tunnel. The first one, when the tunnel stays open (it ended
+// with a half-close), watches it until then: the other direction may be
+// blocked writing to a peer that reads nothing, and is then closed after
+// the idle timeout like any silent tunnel.
+func (t *tunnel) finished() {
+	if t.running.Add(-1) == 0 {
+		t.Close()
+		return
+	}
+	tick := time.NewTicker(max(t.idle/4, time.Millisecond))
+	defer tick.Stop()
+	for {
+		select {
+		case <-t.closed:
+			return
+		case <-tick.C:
+			if time.Since(t.start)-time.Duration(t.last.Load()) >= t.idle {
+				t.Close()
+				return
+			}
+		}
+	}
 }
 
 type closeWriter interface{ CloseWrite() error }

@@ -30,4 +30,13 @@
 // Errors reach clients as a status and a one-line text that names only the
 // host the client asked for (see Error); the full error, which may contain
 // the egress address, goes to the operator's log.
+//
+// Abuse is bounded (see Limits and Config.ClientTimeout): every client
+// connection comes through a listener that counts it per client address and
+// in total, backs off when file descriptors run out, and gives each HTTP
+// read and write a deadline (clientconn.go); small request bodies are read
+// before anything is dialed (body.go); requests net/http refuses by itself
+// get egressd's answer and log line (malformed.go); failed logins are
+// throttled per client address (login.go). Every refusal is counted by
+// reason (Server.ClientStats).
 package proxy

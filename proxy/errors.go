@@ -13,6 +13,7 @@ import (
 
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy/socks5"
+	"github.com/egressd/egressd/proxy/stats"
 )
 
 // Error is a refusal or an upstream failure as a client should see it: an
@@ -29,6 +30,9 @@ type Error struct {
 	Err  error // the underlying cause; may name the egress address
 
 	socks byte // the SOCKS5 reply that says the same; 0 means general failure
+	// refused is the client refusal this answer counts as in the client
+	// statistics, if any (a cap, a timeout, a malformed request, a login).
+	refused stats.Refusal
 }
 
 // Proxy-Status error types (RFC 9209 section 2.3) that egressd sends.
@@ -53,6 +57,18 @@ const (
 func refusal(status int, typ, format string, args ...any) *Error {
 	return &Error{Status: status, Type: typ, Reason: fmt.Sprintf(format, args...)}
 }
+
+// clientRefusal is refusal for a client that broke a limit or the protocol:
+// it counts as r in the client statistics.
+func clientRefusal(r stats.Refusal, status int, typ, format string, args ...any) *Error {
+	e := refusal(status, typ, format, args...)
+	e.refused = r
+	return e
+}
+
+// upstreamFault reports whether e is an upstream failure (it has a cause),
+// rather than egressd's own refusal of the client.
+func (e *Error) upstreamFault() bool { return e.Err != nil }
 
 func (e *Error) Error() string {
 	if e.Err == nil {

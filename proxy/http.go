@@ -16,12 +16,13 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/egressd/egressd/proxy/stats"
 	"github.com/elazarl/goproxy"
 	"golang.org/x/net/http/httpguts"
 )
 
 // errNotProxy answers requests that are not in absolute form (GET /x).
-var errNotProxy = refusal(http.StatusBadRequest, typeRequestError, "egressd is a forward proxy: send absolute-form requests or CONNECT")
+var errNotProxy = malformed(http.StatusBadRequest, "egressd is a forward proxy: send absolute-form requests or CONNECT")
 
 var (
 	errConnectViaGoproxy = errors.New("CONNECT must be served by egressd, not goproxy")
@@ -89,16 +90,32 @@ func (s *Server) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Re
 			err = errors.New("no response from upstream")
 		}
 		e := upstreamError(r.URL.Hostname(), err)
-		s.logUpstreamError(r, withPort(r.URL.Host, defaultPorts[r.URL.Scheme]), e)
-		if st := stateFrom(r.Context()); st != nil {
-			st.failed = true
+		st := stateFrom(r.Context())
+		if st != nil && st.clientBody != nil {
+			// The client's body failed (stalled, malformed, cut short):
+			// that, not the upstream, is why the round trip failed.
+			if ce := st.clientBody.err.Load(); ce != nil {
+				e = ce
+			}
+		}
+		if e.upstreamFault() {
+			s.logUpstreamError(r, withPort(r.URL.Host, defaultPorts[r.URL.Scheme]), e)
+		}
+		if st != nil {
+			st.failed = e.upstreamFault()
 			st.reason = e.Reason
+			st.refused = e.refused
 		}
 		// Our own response, so that goproxy's 500 with the error text (and
 		// the egress address in it) is never used.
 		out := goproxy.NewResponse(r, "text/plain; charset=utf-8", e.Status, e.body())
 		out.Header.Set("X-Content-Type-Options", "nosniff")
 		out.Header.Set("Proxy-Status", e.proxyStatus())
+		if st != nil && st.clientBody != nil && e.refused != 0 {
+			// What is left of the client's body cannot be read: the
+			// connection ends with this answer.
+			out.Header.Set("Connection", "close")
+		}
 		return out
 	}
 
@@ -173,13 +190,13 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request, x *exchange) 
 	}
 	port := defaultPorts[r.URL.Scheme]
 	if port == "" {
-		refuse(w, rec, refusal(http.StatusBadRequest, typeRequestError, "egressd forwards http and https URLs only"), false)
+		refuse(w, rec, malformed(http.StatusBadRequest, "egressd forwards http and https URLs only"), false)
 		return
 	}
 	rec.host = withPort(r.URL.Host, port)
 	if p := r.URL.Port(); p != "" {
 		if n, err := strconv.ParseUint(p, 10, 16); err != nil || n == 0 {
-			refuse(w, rec, refusal(http.StatusBadRequest, typeRequestError, "bad port %s in the URL", p), false)
+			refuse(w, rec, malformed(http.StatusBadRequest, "bad port %s in the URL", p), false)
 			return
 		}
 	}
@@ -187,14 +204,20 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request, x *exchange) 
 		refuse(w, rec, e, false)
 		return
 	}
-	if !s.admit(w, r, r.URL.Hostname(), rec, false) {
-		return
-	}
-
-	var body *countingReader
+	st := &x.st
+	var body *clientBody
 	if r.Body != nil && r.Body != http.NoBody {
-		body = &countingReader{ReadCloser: r.Body}
+		body = &clientBody{ReadCloser: r.Body, conn: clientConnOf(r), timeout: s.cfg.ClientTimeout}
 		r.Body = body
+		st.clientBody = body
+		// A small body is read whole before anything is spent on the
+		// request: a client that stalls or sends a malformed one costs
+		// no upstream connection and no address.
+		if e := bufferBody(r, body); e != nil {
+			refuse(w, rec, e, true)
+			rec.up = body.n.Load()
+			return
+		}
 		// By default net/http, on the first write of the response, discards
 		// and closes what is left of the request body. The transport may
 		// still be sending it (it has not seen EOF yet, or the upstream
@@ -202,7 +225,13 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request, x *exchange) 
 		// connection, response and all. A proxy is full duplex.
 		_ = http.NewResponseController(w).EnableFullDuplex()
 	}
-	st := &x.st
+	if !s.admit(w, r, r.URL.Hostname(), rec, false) {
+		if body != nil {
+			rec.up = body.n.Load()
+		}
+		return
+	}
+
 	rw := &x.rw
 	*rw = responseWriter{ResponseWriter: w, s: s, st: st}
 
@@ -215,6 +244,13 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request, x *exchange) 
 	rec.down = rw.bytes
 	if body != nil {
 		rec.up = body.n.Load()
+	}
+	if cc := clientConnOf(r); cc != nil && cc.writeTimedOut.Load() {
+		// The client read nothing for ClientTimeout: its connection is
+		// broken, goproxy stopped copying and closed the upstream body,
+		// which gave the upstream connection and its address back.
+		rec.reason = "client read nothing for " + s.cfg.ClientTimeout.String() + " (-client-timeout): response aborted"
+		rec.refused = stats.RefusedWriteTimeout
 	}
 	if c := rw.hijacked; c != nil {
 		// A WebSocket upgrade: goproxy relayed until one side closed, and
@@ -272,6 +308,7 @@ func refuse(w http.ResponseWriter, rec *record, e *Error, closeConn bool) {
 	n := int64(writeError(w, e, closeConn))
 	rec.status = e.Status
 	rec.reason = e.Reason
+	rec.refused = e.refused
 	rec.down += n
 	rec.own += n
 }
@@ -422,19 +459,6 @@ func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 
 // Unwrap lets http.ResponseController reach the server's ResponseWriter.
 func (w *responseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
-
-// countingReader counts the bytes of a request body as the transport reads
-// it (from its own goroutine, hence the atomic).
-type countingReader struct {
-	io.ReadCloser
-	n atomic.Int64
-}
-
-func (r *countingReader) Read(p []byte) (int, error) {
-	n, err := r.ReadCloser.Read(p)
-	r.n.Add(int64(n))
-	return n, err
-}
 
 // countingConn counts the bytes of a hijacked WebSocket connection, which
 // goproxy relays from two goroutines.

@@ -91,18 +91,21 @@ func TestForwardMethods(t *testing.T) {
 	}
 }
 
-// A chunked upload reaches the upstream while the client is still sending.
+// A chunked upload longer than maxBufferedBody reaches the upstream while
+// the client is still sending it; a shorter one is read whole before the
+// upstream is dialed (TestSmallBodyBuffered).
 func TestUploadStreams(t *testing.T) {
-	firstChunk := make(chan string, 1)
+	first := bytes.Repeat([]byte("f"), maxBufferedBody+1)
+	firstChunk := make(chan []byte, 1)
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		b := make([]byte, 5)
+		b := make([]byte, len(first))
 		if _, err := io.ReadFull(r.Body, b); err != nil {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
-		firstChunk <- string(b)
+		firstChunk <- b
 		rest, _ := io.ReadAll(r.Body)
-		_, _ = fmt.Fprintf(w, "%s%s", b, rest)
+		_, _ = fmt.Fprintf(w, "%d%s", len(b), rest)
 	}))
 	t.Cleanup(up.Close)
 	p := startProxy(t, nil)
@@ -124,11 +127,11 @@ func TestUploadStreams(t *testing.T) {
 		done <- result{string(b), err}
 	}()
 
-	_, err := pw.Write([]byte("first"))
+	_, err := pw.Write(first)
 	require.NoError(t, err)
 	select {
 	case got := <-firstChunk:
-		assert.Equal(t, "first", got)
+		assert.True(t, bytes.Equal(first, got))
 	case <-time.After(10 * time.Second):
 		t.Fatal("first chunk of the upload did not reach the upstream before the upload ended")
 	}
@@ -137,7 +140,7 @@ func TestUploadStreams(t *testing.T) {
 	require.NoError(t, pw.Close())
 	r := <-done
 	require.NoError(t, r.err)
-	assert.Equal(t, "first and the rest", r.body)
+	assert.Equal(t, fmt.Sprint(len(first))+" and the rest", r.body)
 }
 
 // A response of unknown length, or an event stream, reaches the client as it

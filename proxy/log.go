@@ -46,6 +46,19 @@ type reqState struct {
 	// goroutine).
 	ipv4 atomic.Bool
 
+	// client is the client address the request came from (nil if it came
+	// through no listener of ours); holdsAddr is set while the request
+	// holds a fresh egress address counted against it (see dialHeld).
+	client    *client
+	holdsAddr atomic.Bool
+	// clientBody is the request body as read from the client, whose
+	// errors are the client's fault, not the upstream's. Handler
+	// goroutine only.
+	clientBody *clientBody
+	// refused is the client refusal the request counts as, set where
+	// rec is out of reach (onResponse). Handler goroutine only.
+	refused stats.Refusal
+
 	// body and sniffer are the request's upstreamBody and headSniffer,
 	// kept here so that a plain HTTP request allocates neither.
 	body    upstreamBody
@@ -63,6 +76,14 @@ type stateKey struct{}
 func stateFrom(ctx context.Context) *reqState {
 	st, _ := ctx.Value(stateKey{}).(*reqState)
 	return st
+}
+
+// releaseAddr gives back the fresh egress address the request counted
+// against its client, if it did.
+func (st *reqState) releaseAddr() {
+	if st.holdsAddr.CompareAndSwap(true, false) {
+		st.client.releaseAddr()
+	}
 }
 
 func (st *reqState) setEgress(a net.Addr) {
@@ -110,6 +131,8 @@ type record struct {
 	own    int64  // of down, the bytes of egressd's own error answer
 	user   string // the proxy user, when users authenticate; never a password
 	reason string // why egressd refused or failed the request, as the client was told
+	// refused is the client refusal the request counts as, if any.
+	refused stats.Refusal
 
 	upstream *stats.Upstream // set by admit
 	admitted time.Time       // when the shaper let the request through

@@ -50,6 +50,8 @@ var (
 // heldAddr is an egress address held for many upstream connections: those
 // of one client connection, or of one session. It is leased on first use.
 type heldAddr struct {
+	owner *client // RotateConnection: the client it counts against while leased
+
 	mu      sync.Mutex
 	dial    DialFunc
 	release func()
@@ -67,8 +69,12 @@ func (h *heldAddr) dialer(ctx context.Context, hold HoldFunc) (DialFunc, error) 
 		return nil, errHeldEnded
 	}
 	if h.dial == nil {
+		if e := h.owner.reserveAddr(); e != nil {
+			return nil, e
+		}
 		dial, release, err := hold(ctx)
 		if err != nil {
+			h.owner.releaseAddr()
 			return nil, err
 		}
 		h.dial, h.release = dial, release
@@ -85,6 +91,7 @@ func (h *heldAddr) end() {
 	h.mu.Unlock()
 	if release != nil {
 		release()
+		h.owner.releaseAddr()
 	}
 }
 
@@ -93,16 +100,30 @@ type connHeldKey struct{}
 // holdForConn gives a client connection its held address (RotateConnection).
 func (s *Server) holdForConn(ctx context.Context, c net.Conn) context.Context {
 	h := &heldAddr{}
+	if cc, ok := c.(*clientConn); ok {
+		h.owner = cc.client
+	}
 	s.heldMu.Lock()
 	s.held[c] = h
 	s.heldMu.Unlock()
 	return context.WithValue(ctx, connHeldKey{}, h)
 }
 
-// connState gives a client connection's address back when it closes. A
-// hijacked connection (a tunnel) is left to its handler: see ServeHTTP.
+// connState follows each client connection: a connection that went idle
+// readies for its next request head, a hijacked one is the tunnel's (see
+// clientConn). With RotateConnection it gives a connection's address back
+// when it closes; a hijacked connection (a tunnel) is left to its handler:
+// see ServeHTTP.
 func (s *Server) connState(c net.Conn, state http.ConnState) {
-	if state != http.StateClosed && state != http.StateHijacked {
+	if cc, ok := c.(*clientConn); ok {
+		switch state {
+		case http.StateIdle:
+			cc.nextRequest()
+		case http.StateHijacked:
+			cc.hijack()
+		}
+	}
+	if s.held == nil || (state != http.StateClosed && state != http.StateHijacked) {
 		return
 	}
 	s.heldMu.Lock()
@@ -133,7 +154,7 @@ func (s *Server) heldFor(ctx context.Context) (*heldAddr, error) {
 		// A session key set by another front end (SOCKS5) without
 		// beginSession: the dial itself keeps the session alive.
 		if key := sessionFrom(ctx); key != "" {
-			sess, err := s.sessions.begin(key)
+			sess, err := s.sessions.begin(key, clientOf(ctx))
 			if err != nil {
 				return nil, err
 			}
@@ -158,7 +179,7 @@ func (s *Server) beginSession(ctx context.Context, key string) (_ context.Contex
 	if s.cfg.Rotate != RotateSession || key == "" {
 		return ctx, func() {}, nil
 	}
-	sess, err := s.sessions.begin(key)
+	sess, err := s.sessions.begin(key, clientOf(ctx))
 	if err != nil {
 		return ctx, nil, err
 	}
@@ -168,9 +189,10 @@ func (s *Server) beginSession(ctx context.Context, key string) (_ context.Contex
 
 // session is one session key's held address and upstream transport.
 type session struct {
-	key  string
-	held heldAddr
-	tr   *http.Transport // keep-alive, dialing from held
+	key   string
+	held  heldAddr
+	tr    *http.Transport // keep-alive, dialing from held
+	owner *client         // the client that opened it: it counts against its MaxAddrsPerClient
 
 	refs int       // requests and tunnels using it; table mutex
 	last time.Time // when it was last used; table mutex
@@ -196,8 +218,9 @@ func newSessionTable(idle time.Duration, max int, newTr func(*session) *http.Tra
 }
 
 // begin returns the session of key, made now if there is none or it idled
-// out, and counts one more user of it.
-func (t *sessionTable) begin(key string) (*session, error) {
+// out, and counts one more user of it. A new session counts against the
+// MaxAddrsPerClient of owner, the client that opens it, until it ends.
+func (t *sessionTable) begin(key string, owner *client) (*session, error) {
 	if len(key) > maxSessionKey {
 		return nil, refusal(http.StatusBadRequest, typeRequestError, "session key longer than %d bytes", maxSessionKey)
 	}
@@ -222,7 +245,10 @@ func (t *sessionTable) begin(key string) (*session, error) {
 		if len(t.m) >= t.max {
 			return nil, errTooManySessions
 		}
-		sess = &session{key: key}
+		if e := owner.reserveAddr(); e != nil {
+			return nil, e
+		}
+		sess = &session{key: key, owner: owner}
 		sess.tr = t.newTr(sess)
 		t.m[key] = sess
 		if t.timer == nil {
@@ -323,7 +349,17 @@ func finish(ended []*session) {
 	for _, sess := range ended {
 		sess.tr.CloseIdleConnections()
 		sess.held.end()
+		sess.owner.releaseAddr()
 	}
+}
+
+// clientOf returns the client of the request whose state ctx carries, if
+// any.
+func clientOf(ctx context.Context) *client {
+	if st := stateFrom(ctx); st != nil {
+		return st.client
+	}
+	return nil
 }
 
 // newSessionTransport returns a session's transport: the proxy's, with

@@ -84,6 +84,20 @@ type Config struct {
 	// MaxSessions bounds the sessions open at once; a request for a new
 	// session past it is answered 503. Default netutil.DefaultMaxAddrs.
 	MaxSessions int
+
+	// ClientTimeout bounds how long a client may take to send its request
+	// head (or SOCKS5 handshake, within 10s), and how long it may stall,
+	// with no byte moving, while sending a request body (then 408) or
+	// while egressd writes it a response (then the response is aborted).
+	// Either way its upstream connection and egress address are given back
+	// at once. Tunnels are bounded by TunnelIdleTimeout instead. Default
+	// 30s.
+	ClientTimeout time.Duration
+
+	// Limits cap client connections, in total and per client address, and
+	// the egress addresses one client address holds. Server.SetLimits
+	// replaces them.
+	Limits Limits
 }
 
 // Defaults for zero Config fields.
@@ -92,11 +106,11 @@ const (
 	DefaultResponseHeaderTimeout = 60 * time.Second
 	DefaultTunnelIdleTimeout     = 5 * time.Minute
 	DefaultSessionIdle           = 10 * time.Minute
+	DefaultClientTimeout         = 30 * time.Second
 )
 
 // Fixed settings.
 const (
-	readHeaderTimeout   = 30 * time.Second  // a client must send its request head within this
 	clientIdleTimeout   = 120 * time.Second // idle client keep-alive connections are closed after this
 	tlsHandshakeTimeout = 10 * time.Second  // for plain-HTTP requests to https:// URLs
 
@@ -120,6 +134,7 @@ func (c Config) Validate() error {
 		{"ResponseHeaderTimeout", c.ResponseHeaderTimeout},
 		{"TunnelIdleTimeout", c.TunnelIdleTimeout},
 		{"SessionIdle", c.SessionIdle},
+		{"ClientTimeout", c.ClientTimeout},
 	} {
 		if d.v < 0 {
 			return fmt.Errorf("proxy config: %s is negative (%v)", d.name, d.v)
@@ -134,8 +149,18 @@ func (c Config) Validate() error {
 	default:
 		return fmt.Errorf("proxy config: Rotate %q is not one of request, connection, session", c.Rotate)
 	}
-	if c.MaxSessions < 0 {
-		return fmt.Errorf("proxy config: MaxSessions is negative (%d)", c.MaxSessions)
+	for _, n := range []struct {
+		name string
+		v    int
+	}{
+		{"MaxSessions", c.MaxSessions},
+		{"Limits.MaxConns", c.Limits.MaxConns},
+		{"Limits.MaxConnsPerClient", c.Limits.MaxConnsPerClient},
+		{"Limits.MaxAddrsPerClient", c.Limits.MaxAddrsPerClient},
+	} {
+		if n.v < 0 {
+			return fmt.Errorf("proxy config: %s is negative (%d)", n.name, n.v)
+		}
 	}
 	return nil
 }
@@ -167,6 +192,10 @@ func (c Config) withDefaults() Config {
 	if c.MaxSessions == 0 {
 		c.MaxSessions = netutil.DefaultMaxAddrs
 	}
+	if c.ClientTimeout == 0 {
+		c.ClientTimeout = DefaultClientTimeout
+	}
+	c.Limits = c.Limits.withDefaults()
 	return c
 }
 
@@ -195,6 +224,11 @@ type Server struct {
 	sessions *sessionTable // RotateSession
 	heldMu   sync.Mutex
 	held     map[net.Conn]*heldAddr // RotateConnection: by client connection, until it closes or is hijacked
+
+	clients     *clientTable  // what each client address holds, against the limits
+	clientStats stats.Clients // open connections and refusals, for the admin API
+	logins      *loginGuard   // failed logins per client address
+	refusing    chan struct{} // connections over a cap being answered; see refuseConn
 }
 
 var _ http.Handler = (*Server)(nil)
@@ -210,7 +244,11 @@ func New(cfg Config) (*Server, error) {
 		log:   cfg.Logger,
 		stats: cfg.Stats,
 		conns: make(map[io.Closer]struct{}),
+
+		logins:   newLoginGuard(),
+		refusing: make(chan struct{}, maxRefusing),
 	}
+	s.clients = newClientTable(cfg.Limits, &s.clientStats)
 	s.SetAccess(cfg.Access)
 	s.SetShaper(cfg.Shaper)
 	s.tr = s.newTransport()
@@ -220,16 +258,17 @@ func New(cfg Config) (*Server, error) {
 	protocols.SetHTTP1(true) // no HTTP/2, not even unencrypted: tunnels need Hijack
 	s.srv = &http.Server{
 		Handler:           s,
-		ReadHeaderTimeout: readHeaderTimeout,
+		ReadHeaderTimeout: cfg.ClientTimeout,
 		IdleTimeout:       clientIdleTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
 		Protocols:         &protocols,
 		ErrorLog:          slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelWarn),
+		ConnContext:       s.connContext,
+		ConnState:         s.connState,
 	}
-	s.srv.ConnContext = s.connContext
 	switch cfg.Rotate {
 	case RotateConnection:
 		s.held = make(map[net.Conn]*heldAddr)
-		s.srv.ConnState = s.connState
 	case RotateSession:
 		s.sessions = newSessionTable(cfg.SessionIdle, cfg.MaxSessions, s.newSessionTransport)
 	}
@@ -237,10 +276,11 @@ func New(cfg Config) (*Server, error) {
 }
 
 // Serve accepts client connections on ln until Shutdown is called. It may be
-// called for several listeners at once; they share one http.Server. It
-// returns nil after Shutdown, or the error that stopped accepting.
+// called for several listeners at once; they share one http.Server, and
+// with ServeSOCKS5's listeners the client limits (see Limits). It returns
+// nil after Shutdown, or the error that stopped accepting.
 func (s *Server) Serve(ln net.Listener) error {
-	err := s.srv.Serve(ln)
+	err := s.srv.Serve(s.listen(ln, false))
 	if errors.Is(err, http.ErrServerClosed) {
 		return nil
 	}
@@ -253,6 +293,11 @@ func (s *Server) Serve(ln net.Listener) error {
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.begin()
 	x := &exchange{start: time.Now(), r: r}
+	if cc := clientConnOf(r); cc != nil {
+		cc.startRequest()
+		x.st.client = cc.client
+		defer s.boundDiscard(cc, r, x)
+	}
 	// A client that half-closed after its request is still served: see
 	// halfclose.go.
 	ctx, release := upstreamContext(r)
@@ -264,6 +309,18 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 	rec := &x.rec
+
+	// What net/http does not check of a request head: too many fields, and
+	// HTTP/2's preface, which net/http hands to handlers.
+	switch {
+	case headerFields(r) > maxHeaderFields:
+		rec.host = r.Host
+		refuse(w, rec, errTooManyFields, true)
+		return
+	case r.ProtoMajor >= 2:
+		refuse(w, rec, errHTTP2, true)
+		return
+	}
 
 	// RotateConnection: a hijacked client connection (a tunnel) gives its
 	// address back once the tunnel is done with it.
@@ -303,6 +360,20 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.serveHTTP(w, r, x)
+}
+
+// boundDiscard bounds by ClientTimeout what net/http does after ServeHTTP
+// returns with a request body not read to its end (a refusal, an early
+// answer): it reads the rest, up to 256 KiB, to reuse the connection, with
+// no deadline of its own, which a client that stalls would hold forever.
+func (s *Server) boundDiscard(cc *clientConn, r *http.Request, x *exchange) {
+	if r.Body == nil || r.Body == http.NoBody || cc.hijacked.Load() {
+		return
+	}
+	if b := x.st.clientBody; b != nil && b.done.Load() {
+		return
+	}
+	_ = cc.SetReadDeadline(time.Now().Add(s.cfg.ClientTimeout))
 }
 
 // exchange is one request's bookkeeping, settled when the request ends:
@@ -455,8 +526,16 @@ func (s *Server) dial(ctx context.Context, network, addr string) (net.Conn, erro
 }
 
 // dialHeld is dial from the held address h, or from a fresh one (cfg.Dial)
-// when h is nil.
+// when h is nil. A fresh address counts against its client's
+// MaxAddrsPerClient until the request ends (see finish).
 func (s *Server) dialHeld(ctx context.Context, h *heldAddr, network, addr string) (net.Conn, error) {
+	st := stateFrom(ctx)
+	if h == nil && st != nil && st.holdsAddr.CompareAndSwap(false, true) {
+		if e := st.client.reserveAddr(); e != nil {
+			st.holdsAddr.Store(false)
+			return nil, e
+		}
+	}
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
 	defer cancel()
 	dial := s.cfg.Dial
@@ -470,10 +549,11 @@ func (s *Server) dialHeld(ctx context.Context, h *heldAddr, network, addr string
 	if err != nil {
 		return nil, fmt.Errorf("dialing %s: %w", addr, err)
 	}
-	if st := stateFrom(ctx); st != nil {
+	if st != nil {
 		st.setEgress(conn.LocalAddr())
 		if d, ok := conn.(directIPv4); ok && d.DirectIPv4() {
 			st.ipv4.Store(true)
+			st.releaseAddr() // the host's own IPv4 address: no egress address held
 		}
 	}
 	return conn, nil

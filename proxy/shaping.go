@@ -94,10 +94,14 @@ func (s *Server) acquire(ctx context.Context, host string, rec *record) error {
 // went away before it was answered (nginx's 499).
 const statusClientClosed = 499
 
-// finish ends the accounting of a request: its bytes, and for one that admit
-// let through (rec.admitted is set only then) its permit, in-flight count,
+// finish ends the accounting of a request: the fresh egress address it
+// held, the refusal it counts as, its bytes, and for one that admit let
+// through (rec.admitted is set only then) its permit, in-flight count,
 // whether it went over IPv4, error and latency.
 func (s *Server) finish(rec *record, st *reqState) {
+	st.releaseAddr()
+	s.clientStats.Refuse(rec.refused)
+	s.clientStats.Refuse(st.refused)
 	up := rec.upstream
 	if up == nil {
 		return // refused before it was attributed to an upstream (400)

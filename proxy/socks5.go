@@ -16,6 +16,7 @@ import (
 
 	"github.com/egressd/egressd/proxy/shape"
 	"github.com/egressd/egressd/proxy/socks5"
+	"github.com/egressd/egressd/proxy/stats"
 )
 
 // SOCKS5 is served next to HTTP, with the same admission, dial, tunnel,
@@ -25,8 +26,8 @@ import (
 // the tunnel is up), and socks_reply, the reply code sent, if any.
 
 // socksHandshakeTimeout bounds the handshake, from accepting the connection
-// to the request read; dialing is bounded by DialTimeout, waiting for the
-// shaper by its rule's wait.
+// to the request read, unless ClientTimeout is shorter; dialing is bounded
+// by DialTimeout, waiting for the shaper by its rule's wait.
 const socksHandshakeTimeout = 10 * time.Second
 
 // socksListeners are the listeners ServeSOCKS5 accepts on, closed by
@@ -103,34 +104,27 @@ func (l *socksListeners) enter(s *Server) bool {
 // when its context ends. It returns nil after Shutdown, or the error that
 // stopped accepting.
 func (s *Server) ServeSOCKS5(ln net.Listener) error {
-	if !s.socks.add(ln) {
-		_ = ln.Close()
+	cl := s.listen(ln, true) // limits, and backoff when accepting fails
+	if !s.socks.add(cl) {
+		_ = cl.Close()
 		return nil
 	}
-	defer s.socks.remove(ln)
-	defer ln.Close()
+	defer s.socks.remove(cl)
+	defer cl.Close()
 
-	var delay time.Duration // backoff after a temporary accept error, as http.Server does
 	for {
-		c, err := ln.Accept()
+		c, err := cl.Accept()
 		if err != nil {
 			if s.socks.isClosed() {
 				return nil
 			}
-			if ne, ok := err.(net.Error); ok && ne.Temporary() { //nolint:staticcheck // EMFILE and the like
-				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-				s.log.Warn("socks5: accept failed; retrying", "err", err, "delay", delay)
-				time.Sleep(delay)
-				continue
-			}
 			return err
 		}
-		delay = 0
 		if !s.socks.enter(s) {
 			_ = c.Close()
 			return nil
 		}
-		go s.serveSOCKS(c)
+		go s.serveSOCKS(c.(*clientConn))
 	}
 }
 
@@ -148,7 +142,7 @@ func (k *socksCloser) Close() error {
 
 // serveSOCKS serves one SOCKS5 connection: handshake, admission, dial,
 // reply, tunnel. The connection was counted active by enter.
-func (s *Server) serveSOCKS(c net.Conn) {
+func (s *Server) serveSOCKS(c *clientConn) {
 	defer s.end()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -160,7 +154,7 @@ func (s *Server) serveSOCKS(c net.Conn) {
 	defer c.Close()
 
 	start := time.Now()
-	st := &reqState{}
+	st := &reqState{client: c.client}
 	ctx = context.WithValue(ctx, stateKey{}, st)
 	var rec record
 	reply := -1 // the reply code sent, if any
@@ -178,21 +172,31 @@ func (s *Server) serveSOCKS(c net.Conn) {
 		}
 		s.logRecord(c.RemoteAddr().String(), "SOCKS5", &rec, st, time.Since(start), extra...)
 	}()
+	// Every reply is written under a deadline: a client that reads
+	// nothing cannot hold the connection.
 	answer := func(rep byte, status int) {
 		reply, rec.status = int(rep), status
+		_ = c.SetWriteDeadline(time.Now().Add(s.cfg.ClientTimeout))
 		if err := socks5.WriteReply(c, rep); err != nil {
 			s.log.Debug("socks5: replying", "client", c.RemoteAddr(), "err", err)
 		}
 	}
+	refuseWith := func(e *Error) {
+		rec.reason, rec.refused = e.Reason, e.refused
+		answer(e.socksReply(), e.Status)
+	}
 
-	_ = c.SetDeadline(time.Now().Add(socksHandshakeTimeout))
+	handshake := min(socksHandshakeTimeout, s.cfg.ClientTimeout)
+	_ = c.SetDeadline(time.Now().Add(handshake))
 	a := s.access.Load() // the same rules for the whole connection, across a reload
-	q, user, session, status, ok := s.socksHandshake(c, a)
+	q, user, session, fail, ok := s.socksHandshake(ctx, c, a, handshake)
 	rec.user = user
 	if !ok {
-		rec.status = status
-		if status == http.StatusForbidden {
-			reply = socks5.ReplyNotAllowed
+		if fail != nil {
+			rec.status, rec.reason, rec.refused = fail.Status, fail.Reason, fail.refused
+			if fail.Status == http.StatusForbidden {
+				reply = socks5.ReplyNotAllowed
+			}
 		}
 		return
 	}
@@ -201,20 +205,22 @@ func (s *Server) serveSOCKS(c net.Conn) {
 	rec.host = q.Addr()
 	if _, err := netip.ParseAddr(q.Host); err != nil && !validHostname(q.Host) {
 		s.log.Debug("socks5: bad host name", "client", c.RemoteAddr().String(), "host", q.Host)
-		rec.reason = "bad host name"
-		answer(socks5.ReplyGeneralFailure, http.StatusBadRequest)
+		refuseWith(malformed(http.StatusBadRequest, "bad host name"))
 		return
 	}
 	if e := checkDest(q.Host, q.Port, a.ConnectPorts, "tunnels", "connect-ports"); e != nil {
-		rec.reason = e.Reason
-		answer(e.socksReply(), e.Status)
+		refuseWith(e)
 		return
 	}
 	// The session stays in use while the tunnel is open, as a CONNECT
 	// tunnel's does, so it cannot idle out from under it.
 	ctx, done, err := s.beginSession(withSession(ctx, session), session)
 	if err != nil {
-		answer(socks5.ReplyGeneralFailure, http.StatusServiceUnavailable)
+		e, ok := errors.AsType[*Error](err)
+		if !ok {
+			e = refusal(http.StatusServiceUnavailable, typeInternalError, "%s", err)
+		}
+		refuseWith(e)
 		return
 	}
 	defer done()
@@ -234,15 +240,16 @@ func (s *Server) serveSOCKS(c net.Conn) {
 	upstream, err := s.dial(ctx, "tcp", rec.host)
 	if err != nil {
 		e := upstreamError(q.Host, err)
-		level := slog.LevelWarn
-		if ctx.Err() != nil {
-			level = slog.LevelDebug // closed by Shutdown
+		if e.upstreamFault() {
+			level := slog.LevelWarn
+			if ctx.Err() != nil {
+				level = slog.LevelDebug // closed by Shutdown
+			}
+			s.log.Log(ctx, level, "upstream failed", "client", c.RemoteAddr().String(), "method", "SOCKS5",
+				"host", rec.host, "status", e.Status, "err", e.Err)
 		}
-		s.log.Log(ctx, level, "upstream failed", "client", c.RemoteAddr().String(), "method", "SOCKS5",
-			"host", rec.host, "status", e.Status, "err", e.Err)
-		st.failed = true
-		rec.reason = e.Reason
-		answer(e.socksReply(), e.Status)
+		st.failed = e.upstreamFault()
+		refuseWith(e)
 		return
 	}
 	t := newTunnel(c, upstream, s.cfg.TunnelIdleTimeout)
@@ -254,6 +261,7 @@ func (s *Server) serveSOCKS(c net.Conn) {
 	defer t.Close()
 
 	answer(socks5.ReplySucceeded, http.StatusOK)
+	_ = c.SetWriteDeadline(time.Time{}) // the tunnel's idle timeout bounds it now
 	st.answered = time.Now()
 	down, up, err := t.run()
 	rec.down += down
@@ -267,32 +275,40 @@ func (s *Server) serveSOCKS(c net.Conn) {
 // subnegotiation if chosen, and reads the request. It returns the request,
 // the authenticated user (only when users authenticate) and the session key
 // in the user name, if any, and ok; or, when the handshake failed or the
-// client was refused and it was answered as the protocol says, the HTTP-like
-// status for the log (0 if the client sent nothing at all).
-func (s *Server) socksHandshake(c net.Conn, a *Access) (q socks5.Request, user, session string, status int, ok bool) {
-	fail := func(err error, status int) (socks5.Request, string, string, int, bool) {
+// client was refused and it was answered as the protocol says, what the log
+// says of it (nil if the client sent nothing at all). handshake is the
+// deadline set on c, for the reason of a timeout.
+func (s *Server) socksHandshake(ctx context.Context, c *clientConn, a *Access, handshake time.Duration) (q socks5.Request, user, session string, _ *Error, ok bool) {
+	fail := func(err error, e *Error) (socks5.Request, string, string, *Error, bool) {
 		s.log.Debug("socks5: handshake failed", "client", c.RemoteAddr().String(), "err", err)
 		if errors.Is(err, os.ErrDeadlineExceeded) {
-			status = http.StatusRequestTimeout
+			e = clientRefusal(stats.RefusedHeaderTimeout, http.StatusRequestTimeout, typeRequestError,
+				"SOCKS5 handshake not complete within %v (-client-timeout)", handshake)
 		}
-		return socks5.Request{}, user, "", status, false
+		return socks5.Request{}, user, "", e, false
 	}
+	badHandshake := malformed(http.StatusBadRequest, "malformed SOCKS5 handshake")
 
-	methods, err := socks5.ReadGreeting(c)
+	methods, err := socksGreeting(c)
 	if errors.Is(err, io.EOF) {
-		return socks5.Request{}, "", "", 0, false
+		return socks5.Request{}, "", "", nil, false
 	}
 	if err != nil {
 		_ = socks5.WriteMethod(c, socks5.MethodNoAcceptable)
-		return fail(err, http.StatusBadRequest)
+		return fail(err, badHandshake)
 	}
+	noMethod := refusal(http.StatusProxyAuthRequired, typeRequestDenied, "no acceptable SOCKS5 authentication method")
 	if !a.admitsConn(c.RemoteAddr()) {
 		if !slices.Contains(methods, socks5.MethodNoAuth) && !slices.Contains(methods, socks5.MethodUserPass) {
 			// No method to go on with, so no way to send the reply.
 			_ = socks5.WriteMethod(c, socks5.MethodNoAcceptable)
-			return fail(errors.New("no acceptable authentication method (and the client address is not allowed)"), http.StatusProxyAuthRequired)
+			return fail(errors.New("no acceptable authentication method (and the client address is not allowed)"), noMethod)
 		}
-		return fail(s.socksRefuse(c, methods), http.StatusForbidden)
+		err := socksRefuse(c, methods, socks5.ReplyNotAllowed)
+		if err == nil {
+			err = errors.New(errNotAllowed.Reason)
+		}
+		return fail(err, errNotAllowed)
 	}
 	// With users, user/password is the only method; without, it is chosen
 	// whenever offered, for the session key a user name may carry.
@@ -307,56 +323,68 @@ func (s *Server) socksHandshake(c net.Conn, a *Access) (q socks5.Request, user, 
 		}
 	}
 	if err := socks5.WriteMethod(c, method); err != nil {
-		return fail(err, http.StatusBadRequest)
+		return fail(err, badHandshake)
 	}
 	switch method {
 	case socks5.MethodNoAcceptable:
-		return fail(errors.New("no acceptable authentication method"), http.StatusProxyAuthRequired)
+		return fail(errors.New("no acceptable authentication method"), noMethod)
 	case socks5.MethodUserPass:
 		name, pass, err := socks5.ReadUserPass(c)
 		if err != nil {
 			_ = socks5.WriteUserPassStatus(c, false)
-			return fail(err, http.StatusBadRequest)
+			return fail(err, badHandshake)
 		}
 		if a.Users == nil {
 			session, _ = sessionFromUser(name)
 		} else {
 			user, session = splitSessionUser(name)
-			if !a.Users.Verify(user, pass) {
+			res, retry := s.login(ctx, clientAddr(c.RemoteAddr()), a.Users, user, pass)
+			if res != loginOK {
 				_ = socks5.WriteUserPassStatus(c, false)
-				return fail(errors.New("wrong user name or password"), http.StatusProxyAuthRequired)
+				e := errLoginFailed
+				if res == loginThrottled {
+					e = errLoginThrottled(retry)
+				}
+				return fail(errors.New(e.Reason), e)
 			}
 		}
 		if err := socks5.WriteUserPassStatus(c, true); err != nil {
-			return fail(err, http.StatusBadRequest)
+			return fail(err, badHandshake)
 		}
 	}
 
 	q, err = socks5.ReadRequest(c)
 	if rqErr, ok := errors.AsType[*socks5.RequestError](err); ok {
-		status := http.StatusBadRequest
+		e := badHandshake
 		if rqErr.Reply == socks5.ReplyCommandNotSupported || rqErr.Reply == socks5.ReplyAddrNotSupported {
-			status = http.StatusNotImplemented
+			e = refusal(http.StatusNotImplemented, typeRequestError, "SOCKS5 %s", rqErr.Err)
 		}
 		_ = socks5.WriteReply(c, rqErr.Reply)
-		return fail(err, status)
+		return fail(err, e)
 	}
 	if err != nil { // truncated: nothing to answer
-		return fail(err, http.StatusBadRequest)
+		return fail(err, badHandshake)
 	}
-	return q, user, session, 0, true
+	return q, user, session, nil, true
 }
 
-// socksRefuse answers a client whose address is not allowed with the reply
-// "connection not allowed by ruleset", as early as the protocol lets it: the
-// method (no authentication if offered) and the reply go in one write, and
-// the request is never read. A client that offers user/password only has
-// its credentials read but not checked: it is refused for its address, and
-// bcrypt's work is not spent on it. The client offered one of the two.
-func (s *Server) socksRefuse(c net.Conn, methods []byte) error {
+// socksGreeting reads a SOCKS5 client's greeting: the methods it offers.
+func socksGreeting(c net.Conn) ([]byte, error) { return socks5.ReadGreeting(c) }
+
+// socksRefuse answers a client that is refused before its request is read
+// (its address is not allowed, or it is over a cap) with reply, as early as
+// the protocol lets it: the method (no authentication if offered) and the
+// reply go in one write, and the request is never read. A client that
+// offers user/password only has its credentials read but not checked:
+// bcrypt's work is not spent on it. The client must have offered one of
+// the two.
+func socksRefuse(c net.Conn, methods []byte, rep byte) error {
 	method := byte(socks5.MethodNoAuth)
 	if !slices.Contains(methods, socks5.MethodNoAuth) {
 		method = socks5.MethodUserPass
+	}
+	if !slices.Contains(methods, method) {
+		return socks5.WriteMethod(c, socks5.MethodNoAcceptable)
 	}
 	msg := []byte{socks5.Version, method}
 	if method == socks5.MethodUserPass {
@@ -370,11 +398,9 @@ func (s *Server) socksRefuse(c net.Conn, methods []byte) error {
 	}
 	var reply bytes.Buffer
 	reply.Write(msg)
-	_ = socks5.WriteReply(&reply, socks5.ReplyNotAllowed)
-	if _, err := c.Write(reply.Bytes()); err != nil {
-		return err
-	}
-	return errors.New(errNotAllowed.Reason)
+	_ = socks5.WriteReply(&reply, rep)
+	_, err := c.Write(reply.Bytes())
+	return err
 }
 
 // lingerClose ends a connection whose handshake failed so that the error

@@ -72,7 +72,13 @@ func (b *bench) startSystems() []*system {
 	egressd := func(name string, port int, s system, args ...string) {
 		s.name, s.addr = name, "127.0.0.1:"+strconv.Itoa(port)
 		// Warnings only, as Squid and tinyproxy log nothing per request here.
-		args = append([]string{"-listen", s.addr, "-interface", b.tp.HostLink, "-log-level", "warn"}, args...)
+		// The load generator is one client address standing in for many
+		// (and (d) holds thousands of tunnels from it): its per-client
+		// caps are those of the whole proxy. (d)'s tunnels go to the
+		// upstream's hold port, 9000, which Squid and tinyproxy admit too.
+		args = append([]string{"-listen", s.addr, "-interface", b.tp.HostLink, "-log-level", "warn",
+			"-max-conns-per-client", "16384", "-max-addrs-per-client", "16384",
+			"-connect-ports", "443,80,9000"}, args...)
 		s.proc = b.tp.StartEgressd(t, b.egressd, args...)
 		b.waitPort(&s)
 		systems = append(systems, &s)

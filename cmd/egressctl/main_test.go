@@ -43,6 +43,10 @@ func cannedStats() stats.Stats {
 			Added: 1000, Removed: 991, AddFailures: 1, RemoveFailures: 2,
 			AddLatency: stats.Quantiles{P50: 0.0004, P90: 0.00072, P99: 0.000792},
 		},
+		Clients: stats.ClientStats{
+			Connections: 7, AcceptErrors: 3,
+			Refused: map[string]uint64{"header_timeout": 1000, "login_throttled": 190, "max_conns": 0},
+		},
 	}
 }
 

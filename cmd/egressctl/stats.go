@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -16,8 +17,10 @@ import (
 
 const statsUsage = `Usage: egressctl [-admin ADDR] stats [-json] [-watch DURATION]
 
-Shows egressd's counters: totals, a row per upstream host, and the pool of
-egress addresses.
+Shows egressd's counters: totals, the client connections open and the
+clients refused by reason (a connection or address cap, a timeout, a
+malformed request or body, a failed or throttled login), a row per upstream
+host, and the pool of egress addresses.
 
 Columns: REQS requests and tunnels that reached the shaper; IPV4 of those, the
 ones that left from egressd's own IPv4 address because the upstream has no
@@ -118,9 +121,10 @@ func (c *statsCommand) frame(ctx context.Context, w io.Writer, asJSON bool) erro
 // writeStats writes the table for people.
 func writeStats(w io.Writer, s *stats.Stats) error {
 	t := s.Totals
-	fmt.Fprintf(w, "egressd up %s: %d requests (%d over IPv4), %d in flight, %d waiting (waited %s in all), %d rejected (429 ours), %d throttled (429 upstream), %d errors, up %s, down %s\n\n",
+	fmt.Fprintf(w, "egressd up %s: %d requests (%d over IPv4), %d in flight, %d waiting (waited %s in all), %d rejected (429 ours), %d throttled (429 upstream), %d errors, up %s, down %s\n",
 		humanDuration(s.UptimeSeconds), t.Requests, t.IPv4, t.InFlight, t.Waiting, humanDuration(t.WaitSeconds),
 		t.Rejected, t.Throttled, t.Errors, humanBytes(t.BytesUp), humanBytes(t.BytesDown))
+	fmt.Fprintf(w, "clients: %s\n\n", clientsLine(&s.Clients))
 
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	if len(s.Upstreams) == 0 {
@@ -143,6 +147,23 @@ func writeStats(w io.Writer, s *stats.Stats) error {
 		a.Live, a.Ready, a.InUse, a.Lingering, a.Added, a.Removed, a.AddFailures, a.RemoveFailures,
 		humanLatency(a.AddLatency.P50), humanLatency(a.AddLatency.P99))
 	return tw.Flush()
+}
+
+// clientsLine says what the clients section holds: the connections open,
+// the accept errors, and each refusal that happened, in the order egressd
+// lists them.
+func clientsLine(c *stats.ClientStats) string {
+	var refused []string
+	for _, name := range stats.Refusals {
+		if n := c.Refused[name]; n > 0 {
+			refused = append(refused, fmt.Sprintf("%d %s", n, name))
+		}
+	}
+	line := fmt.Sprintf("%d connections open, %d accept errors; refused: ", c.Connections, c.AcceptErrors)
+	if len(refused) == 0 {
+		return line + "none"
+	}
+	return line + strings.Join(refused, ", ")
 }
 
 // watchFlag is the -watch interval: a positive duration.

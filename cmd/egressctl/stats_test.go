@@ -67,9 +67,10 @@ func TestStatsTable(t *testing.T) {
 			require.Equal(t, 0, r.code, r.stderr)
 			assert.Empty(t, r.stderr)
 
-			first, _, _ := strings.Cut(r.stdout, "\n")
+			lines := strings.SplitN(r.stdout, "\n", 3)
 			assert.Equal(t, "egressd up 1h01m: 121 requests (1 over IPv4), 3 in flight, 2 waiting (waited 2.50s in all), "+
-				"4 rejected (429 ours), 1 throttled (429 upstream), 2 errors, up 1.0 MiB, down 3.3 MiB", first)
+				"4 rejected (429 ours), 1 throttled (429 upstream), 2 errors, up 1.0 MiB, down 3.3 MiB", lines[0])
+			assert.Equal(t, "clients: 7 connections open, 3 accept errors; refused: 1000 header_timeout, 190 login_throttled", lines[1])
 
 			assert.Equal(t, [][]string{
 				{"UPSTREAM", "RULE", "REQS", "IPV4", "INFLIGHT", "WAITING", "WAITED", "429-OURS", "429-UPSTREAM", "ERRORS", "UP", "DOWN", "P50", "P99"},
@@ -90,6 +91,7 @@ func TestStatsTableEmpty(t *testing.T) {
 	var out bytes.Buffer
 	require.NoError(t, writeStats(&out, &stats.Stats{}))
 	assert.Contains(t, out.String(), "egressd up 0s: 0 requests")
+	assert.Contains(t, out.String(), "\nclients: 0 connections open, 0 accept errors; refused: none\n")
 	assert.Contains(t, out.String(), "No upstream has been used yet.")
 	assert.Equal(t, []string{"pool", "0", "0", "0", "0", "0", "0", "0", "0", "-", "-"}, table(t, out.String(), "ADDRESSES")[1])
 }

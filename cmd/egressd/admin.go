@@ -92,6 +92,7 @@ func (s *statsSource) Stats() *stats.Stats {
 			AddLatency:          h.Quantiles(),
 			AddLatencyHistogram: h,
 		},
+		Clients: s.srv.ClientStats(),
 	}
 }
 

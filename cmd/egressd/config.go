@@ -76,6 +76,16 @@ type Config struct {
 	// ConnectPorts are the upstream ports CONNECT and SOCKS5 tunnels may
 	// reach; HTTPPorts those of plain HTTP requests (see proxy.Ports).
 	ConnectPorts, HTTPPorts *proxy.Ports
+	// MaxConns bounds the open client connections, HTTP and SOCKS5
+	// together; MaxConnsPerClient those from one client address.
+	MaxConns, MaxConnsPerClient int
+	// MaxAddrsPerClient bounds the egress addresses one client address
+	// holds at once; 0 means MaxAddrs/4, at least 1 (see limits).
+	MaxAddrsPerClient int
+	// ClientTimeout bounds how long a client may take to send its request
+	// head, and how long it may stall while sending a body or reading a
+	// response.
+	ClientTimeout time.Duration
 	// Admin is where the admin API listens: a unix socket path or
 	// host:port; empty turns it off.
 	Admin string
@@ -107,6 +117,10 @@ func defaultConfig() Config {
 		HTTPPorts:    proxy.MustParsePorts(proxy.DefaultHTTPPorts),
 		Admin:        defaultAdmin,
 		LogLevel:     slog.LevelInfo,
+
+		MaxConns:          proxy.DefaultMaxConns,
+		MaxConnsPerClient: proxy.DefaultMaxConnsPerClient,
+		ClientTimeout:     proxy.DefaultClientTimeout,
 	}
 }
 
@@ -136,6 +150,10 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs.Var(&listValue[netip.Prefix]{p: &cfg.AllowDest, parse: parseAllow}, "allow-dest", "`CIDR` of destinations to admit although they are private or special-purpose (10.0.0.0/8, fc00::/7, ...); the host itself, loopback and link-local stay refused; repeatable")
 	fs.Var(&portsValue{p: &cfg.ConnectPorts}, "connect-ports", "`PORTS` CONNECT and SOCKS5 tunnels may reach: ports and ranges, comma-separated; repeatable")
 	fs.Var(&portsValue{p: &cfg.HTTPPorts}, "http-ports", "`PORTS` plain HTTP requests may reach; a range never covers a port of other protocols (25, 22, 6379, ...), naming it alone does; repeatable")
+	fs.Var(intValue{&cfg.MaxConns, 1}, "max-conns", "`N`: most client connections open at once, HTTP and SOCKS5 together; past it a new one gets 503")
+	fs.Var(intValue{&cfg.MaxConnsPerClient, 1}, "max-conns-per-client", "`N`: most connections open from one client address (all of a host's loopback clients are one); past it 503")
+	fs.Var(intValue{&cfg.MaxAddrsPerClient, 1}, "max-addrs-per-client", "`N`: most egress addresses one client address holds at once: its requests and tunnels in flight, its sessions, its connections' addresses; past it 503 (default: max-addrs/4, at least 1)")
+	fs.Var(durationValue{&cfg.ClientTimeout}, "client-timeout", "`DURATION` a client may take to send its request head, and may stall while sending a body (then 408) or reading a response (then it is cut off)")
 	fs.StringVar(&cfg.Admin, "admin", cfg.Admin, "`ADDR` of the admin API: a unix socket path or host:port; empty turns it off")
 	fs.Var(levelValue{&cfg.LogLevel}, "log-level", "`LEVEL`: debug, info, warn or error")
 	fs.StringVar(&cfg.File, "config", cfg.File, "YAML or JSON `FILE` with the same keys as these flags; flags win")
@@ -279,6 +297,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("dial-timeout %s: must be positive", c.DialTimeout)
 	case c.SessionIdle <= 0:
 		return fmt.Errorf("session-idle %s: must be positive", c.SessionIdle)
+	case c.ClientTimeout <= 0:
+		return fmt.Errorf("client-timeout %s: must be positive", c.ClientTimeout)
 	case c.IPv4 != netutil.IPv4Direct && c.IPv4 != netutil.IPv4Deny:
 		return fmt.Errorf("ipv4 %q: must be direct or deny", c.IPv4)
 	case c.Admin != "" && !isUnixAdmin(c.Admin) && !isLoopback(c.Admin):
@@ -304,6 +324,17 @@ func (c *Config) Validate() error {
 		}
 	}
 	return nil
+}
+
+// limits are the proxy's client limits: -max-addrs-per-client defaults to a
+// quarter of -max-addrs, so that one client holding all it may still leaves
+// three quarters to the others.
+func (c *Config) limits() proxy.Limits {
+	perClient := c.MaxAddrsPerClient
+	if perClient == 0 {
+		perClient = max(c.MaxAddrs/4, 1)
+	}
+	return proxy.Limits{MaxConns: c.MaxConns, MaxConnsPerClient: c.MaxConnsPerClient, MaxAddrsPerClient: perClient}
 }
 
 // anywhere is every address, IPv4 and IPv6.

@@ -209,6 +209,11 @@ func TestLoadConfigErrors(t *testing.T) {
 		{name: "admin on the network", args: []string{"-admin", "0.0.0.0:9090"}, want: "admin 0.0.0.0:9090 is not a loopback address: the admin API has no authentication, so it listens on a unix socket (a path) or a loopback host:port only"},
 		{name: "admin on all addresses", args: []string{"-admin", ":9090"}, want: "admin :9090 is not a loopback address"},
 		{name: "admin on a link", file: "admin: \"[2001:db8::2]:9090\"\n", want: "admin [2001:db8::2]:9090 is not a loopback address"},
+		{name: "zero max-conns", args: []string{"-max-conns", "0"}, want: "invalid value \"0\" for flag -max-conns: 0: must be at least 1"},
+		{name: "bad max-conns-per-client", file: "max-conns-per-client: many\n", want: `line 1: key "max-conns-per-client": "many" is not a whole number`},
+		{name: "zero max-addrs-per-client", args: []string{"-max-addrs-per-client", "0"}, want: "-max-addrs-per-client: 0: must be at least 1"},
+		{name: "zero client-timeout", args: []string{"-client-timeout", "0s"}, want: "client-timeout 0s: must be positive"},
+		{name: "bad client-timeout", args: []string{"-client-timeout", "soon"}, want: `invalid value "soon" for flag -client-timeout: "soon" is not a duration`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -300,7 +305,7 @@ func TestEmptyConfigFile(t *testing.T) {
 func TestUsageListsEveryFlag(t *testing.T) {
 	var names []string
 	flagSet(&Config{}).VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
-	assert.Equal(t, strings.Fields("admin allow allow-dest auth-file config connect-ports dial-timeout grace http-ports interface ipv4 limit listen log-level max-addrs mode pin prefix ready rotate session-idle socks5 tunnel-idle"), names)
+	assert.Equal(t, strings.Fields("admin allow allow-dest auth-file client-timeout config connect-ports dial-timeout grace http-ports interface ipv4 limit listen log-level max-addrs max-addrs-per-client max-conns max-conns-per-client mode pin prefix ready rotate session-idle socks5 tunnel-idle"), names)
 }
 
 // TestLoadConfigDest: the destination settings from flags and the file,
@@ -390,5 +395,35 @@ func TestLoadConfigAccess(t *testing.T) {
 		cfg, err := loadConfig(tt.args)
 		require.NoError(t, err)
 		assert.Equal(t, tt.want, allowList(cfg.allowed()), "%v", tt.args)
+	}
+}
+
+// TestLoadConfigLimits: the client limits and timeout from flags and the
+// file, with their defaults; -max-addrs-per-client defaults to a quarter of
+// -max-addrs, at least 1.
+func TestLoadConfigLimits(t *testing.T) {
+	for _, tt := range []struct {
+		name    string
+		args    []string
+		file    string
+		want    proxy.Limits
+		timeout time.Duration
+	}{
+		{name: "defaults", want: proxy.Limits{MaxConns: 16384, MaxConnsPerClient: 1024, MaxAddrsPerClient: 256}, timeout: 30 * time.Second},
+		{name: "a quarter of max-addrs", args: []string{"-max-addrs", "100"}, want: proxy.Limits{MaxConns: 16384, MaxConnsPerClient: 1024, MaxAddrsPerClient: 25}, timeout: 30 * time.Second},
+		{name: "at least 1", args: []string{"-max-addrs", "3", "-ready", "1"}, want: proxy.Limits{MaxConns: 16384, MaxConnsPerClient: 1024, MaxAddrsPerClient: 1}, timeout: 30 * time.Second},
+		{name: "flags", args: []string{"-max-conns", "500", "-max-conns-per-client", "50", "-max-addrs-per-client", "7", "-client-timeout", "5s"},
+			want: proxy.Limits{MaxConns: 500, MaxConnsPerClient: 50, MaxAddrsPerClient: 7}, timeout: 5 * time.Second},
+		{name: "file", file: "max-conns: 600\nmax-conns-per-client: 60\nmax-addrs-per-client: 8\nclient-timeout: 1m\n",
+			want: proxy.Limits{MaxConns: 600, MaxConnsPerClient: 60, MaxAddrsPerClient: 8}, timeout: time.Minute},
+		{name: "json", file: `{"max-conns":700,"client-timeout":"2s"}`,
+			want: proxy.Limits{MaxConns: 700, MaxConnsPerClient: 1024, MaxAddrsPerClient: 256}, timeout: 2 * time.Second},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := loadConfig(withFile(t, tt.args, tt.file))
+			require.NoError(t, err)
+			assert.Equal(t, tt.want, cfg.limits())
+			assert.Equal(t, tt.timeout, cfg.ClientTimeout)
+		})
 	}
 }

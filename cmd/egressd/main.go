@@ -234,8 +234,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 		Hold: func(ctx context.Context) (proxy.DialFunc, func(), error) {
 			return dialer.Hold(ctx)
 		},
-		SessionIdle: cfg.SessionIdle,
-		MaxSessions: cfg.MaxAddrs,
+		SessionIdle:   cfg.SessionIdle,
+		MaxSessions:   cfg.MaxAddrs,
+		ClientTimeout: cfg.ClientTimeout,
+		Limits:        cfg.limits(),
 	})
 	if err != nil {
 		return err
@@ -286,6 +288,9 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 		go func() { serveErr <- srv.ServeSOCKS5(ln) }()
 		log.Info("listening", "addr", ln.Addr().String(), "protocol", "socks5")
 	}
+	// Warnings once it runs: a start that fails says only why.
+	warnWeakHashes(log, cfg.AuthFile, lv.access.Users)
+	checkFileLimit(log, cfg.MaxConns)
 	log.Info("egressd ready", "mode", cfg.Mode, "interface", ifname, "prefix", prefix, "max_addrs", cfg.MaxAddrs, "rotate", cfg.Rotate,
 		"allow", allowList(cfg.allowed()), "auth", cfg.AuthFile != "")
 	if err := notify.send("READY=1", "STATUS=serving"); err != nil {

@@ -20,7 +20,8 @@ import (
 
 // reloadable are the settings a reload applies to the running egressd; every
 // other one (listen, mode, prefix, interface, ...) needs a restart.
-var reloadable = []string{"limit", "allow", "auth-file", "allow-dest", "connect-ports", "http-ports", "log-level", "grace"}
+var reloadable = []string{"limit", "allow", "auth-file", "allow-dest", "connect-ports", "http-ports", "log-level", "grace",
+	"max-conns", "max-conns-per-client", "max-addrs-per-client"}
 
 // live is what a Config makes of the settings that can change while egressd
 // runs, ready to be swapped in.
@@ -105,6 +106,7 @@ func (r *reloader) Reload() (string, error) {
 	if err == nil {
 		var l live
 		if l, err = newLive(next); err == nil {
+			warnWeakHashes(r.log, next.AuthFile, l.access.Users)
 			return r.apply(next, l), nil
 		}
 	}
@@ -138,7 +140,9 @@ func (r *reloader) apply(next Config, l live) string {
 	kept.Limits, kept.Allow, kept.AuthFile, kept.LogLevel, kept.Grace =
 		next.Limits, next.Allow, next.AuthFile, next.LogLevel, next.Grace
 	kept.AllowDest, kept.ConnectPorts, kept.HTTPPorts = next.AllowDest, next.ConnectPorts, next.HTTPPorts
+	kept.MaxConns, kept.MaxConnsPerClient, kept.MaxAddrsPerClient = next.MaxConns, next.MaxConnsPerClient, next.MaxAddrsPerClient
 	r.cfg = kept
+	r.srv.SetLimits(kept.limits()) // max-addrs, which the default derives from, stays as it runs
 
 	msg := "reloaded: nothing changed"
 	if len(changed) > 0 {

@@ -141,9 +141,10 @@ func TestReload(t *testing.T) {
 	// change (the command line wins) and a mode that needs a restart.
 	internal := netip.MustParseAddr("10.0.9.7")
 	require.ErrorIs(t, guard.Check(internal), netutil.ErrDenied)
-	write(file, "limit: [\"a.test=2r/s\", \"b.test=1r/m\"]\nallow: [10.0.5.0/24]\nauth-file: "+users+
-		"\nlog-level: debug\nlisten: [\"127.0.0.1:9999\"]\nmode: routed\nmax-addrs: 9\n"+
-		"allow-dest: [10.0.9.0/24]\nconnect-ports: [443, 8443]\n")
+	changed := "limit: [\"a.test=2r/s\", \"b.test=1r/m\"]\nallow: [10.0.5.0/24]\nauth-file: " + users +
+		"\nlog-level: debug\nlisten: [\"127.0.0.1:9999\"]\nmode: routed\nmax-addrs: 9\n" +
+		"allow-dest: [10.0.9.0/24]\nconnect-ports: [443, 8443]\n"
+	write(file, changed)
 	msg, err = reload()
 	require.NoError(t, err)
 	assert.Equal(t, "reloaded: allow, allow-dest, connect-ports, limit, log-level changed; restart to apply max-addrs, mode (the running values stay)", msg)
@@ -168,6 +169,16 @@ func TestReload(t *testing.T) {
 	assert.Equal(t, "reloaded: auth-file changed; restart to apply max-addrs, mode (the running values stay)", msg)
 	assert.NotSame(t, before, rl.live.access.Users)
 	assert.Equal(t, 2, rl.live.access.Users.Len())
+	assert.Contains(t, logs.String(), `level=WARN msg="auth-file has bcrypt hashes cheap to guess: make them again with htpasswd -B -C 10" file=`+users+` users=alice,bob cost=4 want_cost=10`)
+
+	// The client limits apply at once; -max-addrs-per-client's default
+	// follows the running -max-addrs, not the file's.
+	assert.Equal(t, proxy.Limits{MaxConns: 16384, MaxConnsPerClient: 1024, MaxAddrsPerClient: 256}, srv.Limits())
+	write(file, changed+"max-conns: 100\nmax-conns-per-client: 5\n")
+	msg, err = reload()
+	require.NoError(t, err)
+	assert.Equal(t, "reloaded: max-conns, max-conns-per-client changed; restart to apply max-addrs, mode (the running values stay)", msg)
+	assert.Equal(t, proxy.Limits{MaxConns: 100, MaxConnsPerClient: 5, MaxAddrsPerClient: 256}, srv.Limits())
 
 	// Broken configs are refused and change nothing.
 	good := rl.current()

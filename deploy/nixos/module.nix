@@ -3,10 +3,10 @@
 #
 # The config file is builtins.toJSON of settings.nix, installed as
 # /etc/egressd/egressd.json. A change of the keys in reloadable.nix (limits,
-# allow, authFile, and allow-dest, connect-ports, http-ports, log-level and
-# grace in settings) reloads egressd
-# (SIGHUP: open connections stay); a change of anything else, or of the
-# package, restarts it.
+# allow, authFile, and in settings allow-dest, connect-ports, http-ports,
+# log-level, grace and the client caps max-conns, max-conns-per-client and
+# max-addrs-per-client) reloads egressd (SIGHUP: open connections stay); a
+# change of anything else, or of the package, restarts it.
 {
   config,
   lib,

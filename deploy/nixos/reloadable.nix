@@ -12,4 +12,7 @@
   "http-ports"
   "log-level"
   "grace"
+  "max-conns"
+  "max-conns-per-client"
+  "max-addrs-per-client"
 ]

@@ -47,6 +47,22 @@ func TestParse(t *testing.T) {
 	assert.False(t, empty.Verify("alice", "pw-y"))
 }
 
+func TestWeak(t *testing.T) {
+	h10, err := bcrypt.GenerateFromPassword([]byte("pw"), 10)
+	require.NoError(t, err)
+	u, err := Parse(strings.NewReader("zed:"+hash(t, "pw", "$2y$")+"\nbob:"+string(h10)+"\namy:"+hash(t, "pw", "$2a$")+"\n"), "users")
+	require.NoError(t, err)
+	weak, cost := u.Weak()
+	assert.Equal(t, []string{"amy", "zed"}, weak, "sorted")
+	assert.Equal(t, bcrypt.MinCost, cost)
+
+	strong, err := Parse(strings.NewReader("bob:"+string(h10)+"\n"), "users")
+	require.NoError(t, err)
+	weak, cost = strong.Weak()
+	assert.Empty(t, weak)
+	assert.Zero(t, cost)
+}
+
 func TestParseErrors(t *testing.T) {
 	good := hash(t, "pw", "$2y$")
 	tests := []struct {
@@ -113,6 +129,11 @@ func TestParseHtpasswd(t *testing.T) {
 	assert.False(t, u.Verify("alice", "correct horse "))
 	assert.False(t, u.Verify("bob", "p@ss"))
 
+	// htpasswd -B's default cost is 5: cheap to guess.
+	weak, cost := u.Weak()
+	assert.Equal(t, []string{"alice"}, weak)
+	assert.Equal(t, 5, cost)
+
 	// Other hash types htpasswd makes are refused.
 	md5 := filepath.Join(t.TempDir(), "md5")
 	out, err := exec.Command(bin, "-m", "-b", "-c", md5, "carol", "pw").CombinedOutput()
@@ -133,8 +154,11 @@ func TestVerifyCache(t *testing.T) {
 	assert.False(t, u.Verify("alice", "wrong"))
 	assert.False(t, u.Verify("mallory", "pw"))
 	assert.Zero(t, cached(), "failures are never remembered")
+	assert.False(t, u.Cached("alice", "pw"))
 	assert.True(t, u.Verify("alice", "pw"))
 	assert.Equal(t, 1, cached())
+	assert.True(t, u.Cached("alice", "pw"))
+	assert.False(t, u.Cached("alice", "wrong"))
 	assert.True(t, u.Verify("alice", "pw"), "from the cache")
 	assert.Equal(t, 1, cached())
 	assert.False(t, u.Verify("alice", "pwx"), "a cached password is not a prefix match")

@@ -110,6 +110,20 @@ var families = []family{
 			p.histogram("egress_address_add_duration_seconds", "", &s.Addresses.AddLatencyHistogram)
 		}},
 
+	plainFamily("egress_client_connections", "gauge",
+		"Client connections open, HTTP and SOCKS5.",
+		func(s *Stats) string { return fmtInt(s.Clients.Connections) }),
+	{Family{"egress_client_refused_total", "counter",
+		"Clients refused or cut off by egressd, by reason: a connection or address cap, a timeout, a malformed request or body, a failed or throttled login."},
+		func(p *promWriter, s *Stats) {
+			for _, r := range Refusals {
+				p.sample("egress_client_refused_total", `reason="`+r+`"`, fmtUint(s.Clients.Refused[r]))
+			}
+		}},
+	plainFamily("egress_client_accept_errors_total", "counter",
+		"Failed accepts of client connections, such as file descriptors running out.",
+		func(s *Stats) string { return fmtUint(s.Clients.AcceptErrors) }),
+
 	plainFamily("egress_uptime_seconds", "gauge",
 		"Time since egressd started.",
 		func(s *Stats) string { return fmtFloat(s.UptimeSeconds) }),

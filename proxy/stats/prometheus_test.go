@@ -156,6 +156,19 @@ func TestWritePrometheusValues(t *testing.T) {
 	assert.Equal(t, uint64(1), ah.GetBucket()[2].GetCumulativeCount()) // (200µs, 400µs]
 	assert.Equal(t, uint64(2), ah.GetBucket()[3].GetCumulativeCount()) // (400µs, 800µs]
 
+	assert.Equal(t, 7.0, plain("egress_client_connections").GetGauge().GetValue())
+	assert.Equal(t, 3.0, plain("egress_client_accept_errors_total").GetCounter().GetValue())
+	refused := map[string]float64{}
+	for _, m := range mfs["egress_client_refused_total"].GetMetric() {
+		require.Len(t, m.GetLabel(), 1)
+		require.Equal(t, "reason", m.GetLabel()[0].GetName())
+		refused[m.GetLabel()[0].GetValue()] = m.GetCounter().GetValue()
+	}
+	assert.Len(t, refused, len(Refusals), "a series per reason, zeros included")
+	assert.Equal(t, 1.0, refused["max_conns_per_client"])
+	assert.Equal(t, 2.0, refused["login_throttled"])
+	assert.Equal(t, 0.0, refused["header_timeout"])
+
 	assert.Equal(t, 3661.5, plain("egress_uptime_seconds").GetGauge().GetValue())
 	assert.Equal(t, float64(s.Started.Unix())+0.5, plain("egress_start_time_seconds").GetGauge().GetValue())
 }

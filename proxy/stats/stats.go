@@ -21,6 +21,7 @@ type Stats struct {
 	Totals        Totals          `json:"totals"`
 	Upstreams     []UpstreamStats `json:"upstreams"`
 	Addresses     AddressStats    `json:"addresses"`
+	Clients       ClientStats     `json:"clients"`
 }
 
 // Totals are the counters of all upstreams added up.

@@ -45,6 +45,13 @@ func sampleStats(t testing.TB) *Stats {
 	add.Observe(700 * time.Microsecond)
 	addSnap := add.Snapshot()
 
+	var clients Clients
+	clients.Connections.Add(7)
+	clients.AcceptErrors.Add(3)
+	clients.Refuse(RefusedMaxConnsPerClient)
+	clients.Refuse(RefusedLoginThrottled)
+	clients.Refuse(RefusedLoginThrottled)
+
 	ups := r.Snapshot()
 	started := time.Date(2025, 3, 1, 12, 0, 0, 500_000_000, time.UTC)
 	return &Stats{
@@ -58,6 +65,7 @@ func sampleStats(t testing.TB) *Stats {
 			AddLatency:          addSnap.Quantiles(),
 			AddLatencyHistogram: addSnap,
 		},
+		Clients: clients.Snapshot(),
 	}
 }
 
@@ -114,4 +122,29 @@ func TestJSONRoundTrip(t *testing.T) {
 	}
 	want.Addresses.AddLatencyHistogram = HistogramSnapshot{}
 	assert.Equal(t, want, back)
+}
+
+func TestClients(t *testing.T) {
+	var c Clients
+	assert.Len(t, c.Snapshot().Refused, len(Refusals), "every refusal is listed, zeros included")
+	c.Refuse(RefusedHeaderTimeout)
+	c.Refuse(RefusedHeaderTimeout)
+	c.Refuse(0) // none: not counted
+	c.Refuse(Refusal(-1))
+	c.Refuse(numRefusals)
+	c.Connections.Add(2)
+	s := c.Snapshot()
+	assert.Equal(t, uint64(2), s.Refused["header_timeout"])
+	assert.Equal(t, uint64(2), c.Refused(RefusedHeaderTimeout))
+	assert.Equal(t, int64(2), s.Connections)
+	var sum uint64
+	for _, n := range s.Refused {
+		sum += n
+	}
+	assert.Equal(t, uint64(2), sum)
+	assert.Equal(t, "unknown", numRefusals.String())
+	for i, name := range Refusals {
+		assert.Equal(t, name, Refusal(i+1).String())
+		assert.NotEmpty(t, name)
+	}
 }
