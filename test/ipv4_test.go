@@ -134,7 +134,7 @@ func TestIPv4Only(t *testing.T) {
 
 	t.Run("no fallback from IPv6", func(t *testing.T) {
 		t.Parallel()
-		e := start(t, "-connect-ports", "443,80,81") // -ipv4 direct
+		e := start(t, "-connect-ports", "443,80,81", "-http-ports", "80,81") // -ipv4 direct
 		// dual.test has an AAAA record and an A record. On port 81 nothing
 		// listens at its IPv6 address, while its IPv4 address accepts.
 		ln, err := e.tp.Router.Listen("tcp", net.JoinHostPort(nstest.RouterAddr4.String(), "81"))
