@@ -142,9 +142,9 @@ func writeStats(w io.Writer, s *stats.Stats) error {
 
 	a := s.Addresses
 	fmt.Fprintln(tw)
-	fmt.Fprintln(tw, "ADDRESSES\tLIVE\tREADY\tIN-USE\tLINGERING\tADDED\tREMOVED\tADD-FAILURES\tREMOVE-FAILURES\tADD-P50\tADD-P99")
-	fmt.Fprintf(tw, "pool\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\n",
-		a.Live, a.Ready, a.InUse, a.Lingering, a.Added, a.Removed, a.AddFailures, a.RemoveFailures,
+	fmt.Fprintln(tw, "ADDRESSES\tLIVE\tREADY\tIN-USE\tLINGERING\tADDED\tREMOVED\tADD-FAILURES\tREMOVE-FAILURES\tLOST\tADD-P50\tADD-P99")
+	fmt.Fprintf(tw, "pool\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\n",
+		a.Live, a.Ready, a.InUse, a.Lingering, a.Added, a.Removed, a.AddFailures, a.RemoveFailures, a.Lost,
 		humanLatency(a.AddLatency.P50), humanLatency(a.AddLatency.P99))
 	return tw.Flush()
 }

@@ -80,8 +80,8 @@ func TestStatsTable(t *testing.T) {
 			}, table(t, r.stdout, "UPSTREAM"))
 
 			assert.Equal(t, [][]string{
-				{"ADDRESSES", "LIVE", "READY", "IN-USE", "LINGERING", "ADDED", "REMOVED", "ADD-FAILURES", "REMOVE-FAILURES", "ADD-P50", "ADD-P99"},
-				{"pool", "9", "4", "3", "2", "1000", "991", "1", "2", "400µs", "792µs"},
+				{"ADDRESSES", "LIVE", "READY", "IN-USE", "LINGERING", "ADDED", "REMOVED", "ADD-FAILURES", "REMOVE-FAILURES", "LOST", "ADD-P50", "ADD-P99"},
+				{"pool", "9", "4", "3", "2", "1000", "991", "1", "2", "0", "400µs", "792µs"},
 			}, table(t, r.stdout, "ADDRESSES"))
 		})
 	}
@@ -93,7 +93,7 @@ func TestStatsTableEmpty(t *testing.T) {
 	assert.Contains(t, out.String(), "egressd up 0s: 0 requests")
 	assert.Contains(t, out.String(), "\nclients: 0 connections open, 0 accept errors; refused: none\n")
 	assert.Contains(t, out.String(), "No upstream has been used yet.")
-	assert.Equal(t, []string{"pool", "0", "0", "0", "0", "0", "0", "0", "0", "-", "-"}, table(t, out.String(), "ADDRESSES")[1])
+	assert.Equal(t, []string{"pool", "0", "0", "0", "0", "0", "0", "0", "0", "0", "-", "-"}, table(t, out.String(), "ADDRESSES")[1])
 }
 
 func TestStatsJSON(t *testing.T) {

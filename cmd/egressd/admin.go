@@ -89,6 +89,7 @@ func (s *statsSource) Stats() *stats.Stats {
 			Removed:             ps.Removed,
 			AddFailures:         ps.AddFailures,
 			RemoveFailures:      ps.RemoveFailures,
+			Lost:                ps.Lost,
 			AddLatency:          h.Quantiles(),
 			AddLatencyHistogram: h,
 		},

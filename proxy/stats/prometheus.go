@@ -104,6 +104,9 @@ var families = []family{
 	plainFamily("egress_address_remove_failures_total", "counter",
 		"Failures to remove an egress address from the interface.",
 		func(s *Stats) string { return fmtUint(s.Addresses.RemoveFailures) }),
+	plainFamily("egress_address_lost_total", "counter",
+		"Egress addresses that somebody else removed from the interface while egressd held them.",
+		func(s *Stats) string { return fmtUint(s.Addresses.Lost) }),
 	{Family{"egress_address_add_duration_seconds", "histogram",
 		"Time to add an egress address to the interface."},
 		func(p *promWriter, s *Stats) {

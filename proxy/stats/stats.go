@@ -88,6 +88,9 @@ type AddressStats struct {
 	Removed        uint64 `json:"removed"`
 	AddFailures    uint64 `json:"add_failures"`
 	RemoveFailures uint64 `json:"remove_failures"`
+	// Lost counts addresses that somebody else removed from the
+	// interface while egressd held them.
+	Lost uint64 `json:"lost"`
 
 	AddLatency Quantiles `json:"add_latency_seconds"`
 	// AddLatencyHistogram feeds the Prometheus histogram; it is not part of
