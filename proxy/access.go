@@ -115,8 +115,8 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, rec *record) 
 
 // splitSessionUser splits a proxy user name USER-session-KEY, as clients send
 // it when users authenticate, into the user and the session key ("" if it
-// carries none). User names never contain "-session-" (auth.Parse refuses
-// them), so the first one starts the key.
+// carries none). User names never contain "-session-" nor end in
+// "-session" (auth.Parse refuses them), so the first one starts the key.
 func splitSessionUser(name string) (user, key string) {
 	user, key, _ = strings.Cut(name, auth.ReservedInfix)
 	return user, key
