@@ -5,7 +5,7 @@ PKGS    := ./...
 # Integration tests build network namespaces and need root; CI runs as root.
 TESTFLAGS ?= -race -count=1 -timeout 15m
 
-.PHONY: help build test unit demo bench bench-addrcost bench-smoke vet lint fmt clean
+.PHONY: help build test unit demo bench bench-addrcost bench-smoke fuzz fuzz-smoke vet lint fmt clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -15,9 +15,10 @@ build: ## build egressd, egressctl and the demo upstream into bin/
 	$(GO) build -o $(BIN)/egressctl ./cmd/egressctl
 	$(GO) build -o $(BIN)/echo-upstream ./test/upstream
 
-test: vet ## vet, then every test (unit and namespace integration; root for the latter), then the benchmarks once each
+test: vet ## vet, then every test (unit and namespace integration; root for the latter), then the benchmarks once each and the fuzz targets briefly
 	$(GO) test $(TESTFLAGS) $(PKGS)
 	$(MAKE) bench-smoke
+	$(MAKE) fuzz-smoke
 
 unit: ## the tests that need no root (namespace tests skip with a message)
 	$(GO) test -count=1 ./netutil/ ./proxy/ ./cmd/...
@@ -36,6 +37,16 @@ bench-addrcost: ## the kernel's cost of one egress address add and delete, by ad
 
 bench-smoke: ## every benchmark once, so none of them rots
 	$(GO) test -short -run '^$$' -bench . -benchtime 1x ./netutil/ ./proxy/... ./test/
+
+# Fuzzing: test/fuzz.sh finds every `func FuzzXxx` (a new one needs no edit
+# here) and fuzzes each in turn; the seed corpora are testdata/fuzz/FuzzXxx/.
+FUZZTIME ?= 30s
+
+fuzz: ## every fuzz target for FUZZTIME each (default 30s): make fuzz FUZZTIME=10m
+	GO=$(GO) bash test/fuzz.sh $(FUZZTIME)
+
+fuzz-smoke: ## every fuzz target for 2s (no -race), so that CI runs each
+	GO=$(GO) bash test/fuzz.sh 2s
 
 vet: ## go vet and a gofmt check
 	$(GO) vet $(PKGS)
