@@ -37,7 +37,8 @@ func readConnect(target string) *http.Request {
 // net/http's request parser and connectTarget. An accepted target has a
 // port from 1 to 65535 and a host that is a valid host name or an unzoned
 // IPv6 address; its host:port is that host and port, and reads back as
-// itself. Every name validHostname accepts is accepted as it is.
+// itself, unless it is a zoned address, which checkDest refuses. Every
+// name validHostname accepts is accepted as it is.
 func FuzzConnectTarget(f *testing.F) {
 	f.Fuzz(func(t *testing.T, target string) {
 		if validHostname(target) {
@@ -71,8 +72,16 @@ func FuzzConnectTarget(f *testing.F) {
 		}
 		if strings.Contains(host, ":") {
 			ip, err := netip.ParseAddr(host)
-			if err != nil || !ip.Is6() || ip.Zone() != "" {
+			if err != nil || !ip.Is6() {
 				t.Fatalf("CONNECT %q: accepted address %q (%v)", target, host, err)
+			}
+			if ip.Zone() != "" {
+				// A zoned address is a destination refused before
+				// anything is spent on it, whatever the port.
+				if e := checkDest(host, uint16(mustPort(port)), allPorts, "tunnels", "connect-ports"); e == nil || e.Type != typeDestProhibited {
+					t.Fatalf("CONNECT %q: zoned address %q not refused: %v", target, host, e)
+				}
+				return
 			}
 		} else if !validHostname(host) {
 			t.Fatalf("CONNECT %q: accepted host %q", target, host)
@@ -280,4 +289,9 @@ func FuzzParseRetryAfter(f *testing.F) {
 			t.Fatalf("%v sent back as %d s", d, s)
 		}
 	})
+}
+
+func mustPort(s string) uint64 {
+	n, _ := strconv.ParseUint(s, 10, 16)
+	return n
 }

@@ -91,7 +91,9 @@ func (s *Server) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Re
 		}
 		e := upstreamError(r.URL.Hostname(), err)
 		st := stateFrom(r.Context())
-		if st != nil && st.clientBody != nil {
+		if clientGone(r.Context(), err) {
+			e = errClientGone
+		} else if st != nil && st.clientBody != nil {
 			// The client's body failed (stalled, malformed, cut short):
 			// that, not the upstream, is why the round trip failed.
 			if ce := st.clientBody.err.Load(); ce != nil {
