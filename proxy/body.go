@@ -131,3 +131,23 @@ type prefixedBody struct {
 }
 
 func (b *prefixedBody) Close() error { return b.body.Close() }
+
+// settle waits a moment for a read under way to finish, so that its error,
+// if any, is known: when a body times out, net/http cancels the request
+// (which ends the round trip) within the same read that returns the error.
+func (b *clientBody) settle() {
+	for range 50 {
+		if b.done.Load() {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// stateBody returns the client body of a request state, if any.
+func stateBody(st *reqState) *clientBody {
+	if st == nil {
+		return nil
+	}
+	return st.clientBody
+}

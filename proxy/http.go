@@ -91,14 +91,21 @@ func (s *Server) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Re
 		}
 		e := upstreamError(r.URL.Hostname(), err)
 		st := stateFrom(r.Context())
-		if clientGone(r.Context(), err) {
-			e = errClientGone
-		} else if st != nil && st.clientBody != nil {
-			// The client's body failed (stalled, malformed, cut short):
-			// that, not the upstream, is why the round trip failed.
-			if ce := st.clientBody.err.Load(); ce != nil {
-				e = ce
+		// The client's body failed (stalled, malformed, cut short): that,
+		// not the upstream, is why the round trip failed. Failing it may
+		// also have ended the client's connection, so this comes first.
+		var ce *Error
+		if b := stateBody(st); b != nil {
+			if clientGone(r.Context(), err) {
+				b.settle() // its reader may not have seen its own error yet
 			}
+			ce = b.err.Load()
+		}
+		switch {
+		case ce != nil:
+			e = ce
+		case clientGone(r.Context(), err):
+			e = errClientGone
 		}
 		if e.upstreamFault() {
 			s.logUpstreamError(r, withPort(r.URL.Host, defaultPorts[r.URL.Scheme]), e)
