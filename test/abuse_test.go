@@ -107,7 +107,7 @@ func waitIdlePool(t *testing.T, e *env, before stats.Stats) stats.Stats {
 	var s stats.Stats
 	nstest.WaitFor(t, "the address pool and the client connections to return to their idle values", func() bool {
 		s = ctlStats(t, e)
-		return s.Addresses.InUse == 0 && s.Addresses.Lingering == 0 && s.Addresses.Live == before.Addresses.Live &&
+		return s.Addresses.InUse == 0 && s.Addresses.Warm == 0 && s.Addresses.Live == before.Addresses.Live &&
 			s.Clients.Connections == 0
 	})
 	return s

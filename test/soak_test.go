@@ -130,7 +130,7 @@ func TestSoak(t *testing.T) {
 	// Idle again: nothing in use, nothing lingering.
 	nstest.WaitFor(t, "egress addresses to be given back", func() bool {
 		a := adminStats(t, admin).Addresses
-		return a.InUse == 0 && a.Lingering == 0
+		return a.InUse == 0 && a.Warm == 0
 	})
 	for _, c := range clients {
 		c.CloseIdleConnections() // the keep-alive clients' connections to egressd
