@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"sync"
 	"syscall"
@@ -191,7 +192,9 @@ func (d *Dialer) dialLease(ctx context.Context, ips []netip.Addr, port uint16, l
 	if err != nil {
 		if addrGone(err) {
 			lease.vanished()
-		} else if short && ctx.Err() == nil && dctx.Err() != nil {
+		} else if short && ctx.Err() == nil && timedOut(err) {
+			// The first try's deadline passed (the socket's deadline may
+			// fire before dctx's timer: dctx.Err() can still be nil).
 			lease.unanswered()
 			err = fmt.Errorf("%w: %w", errNoAnswer, err)
 		}
@@ -423,6 +426,16 @@ func noSuchAddress(err error) bool {
 	}
 	addrErr, ok := errors.AsType[*net.AddrError](err)
 	return ok && addrErr.Err == "no suitable address found"
+}
+
+// timedOut reports whether a dial failed for lack of time: its deadline or
+// its context's passed.
+func timedOut(err error) bool {
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) {
+		return true
+	}
+	ne, ok := errors.AsType[net.Error](err)
+	return ok && ne.Timeout()
 }
 
 // freeBind sets IPV6_FREEBIND on a socket before it binds.
