@@ -46,18 +46,7 @@ func newRouterPair(t *testing.T) *routerPair {
 	require.NoError(t, rh.AddrAdd(peer, &netlink.Addr{IPNet: ipNet(netip.PrefixFrom(gateway, 64)), Flags: unix.IFA_F_NODAD}))
 	require.NoError(t, rh.AddrAdd(lo, &netlink.Addr{IPNet: ipNet(netip.PrefixFrom(upstreamAddr, 128))}))
 	require.NoError(t, rh.LinkSetUp(peer))
-	// The host's link-local address is tentative for a while, during which
-	// neighbour discovery on the link stalls now and then (measured).
-	require.Eventually(t, func() bool {
-		list, err := h.AddrList(nil, netlink.FAMILY_V6)
-		require.NoError(t, err)
-		for _, a := range list {
-			if a.Flags&unix.IFA_F_TENTATIVE != 0 {
-				return false
-			}
-		}
-		return true
-	}, nstestGuard, 20*time.Millisecond)
+	waitDAD(t, h)
 
 	var ln net.Listener
 	inNetns(t, router, func() { ln, err = net.Listen("tcp6", net.JoinHostPort(upstreamAddr.String(), "0")) })
@@ -90,6 +79,23 @@ func (rp *routerPair) dial(t *testing.T, dial func(ctx context.Context, network,
 	return c, time.Since(start), err
 }
 
+// routerPool is a pool with budget b in rp's host namespace, run until the
+// test ends.
+func routerPool(t *testing.T, rp *routerPair, b Budget) *Pool {
+	t.Helper()
+	p, err := NewPool(PoolConfig{
+		Prefix:  prefix64,
+		Exclude: []netip.Addr{hostAddr.Addr(), gateway},
+		Manager: rp.mgr,
+		Logger:  quiet,
+		Ready:   -1,
+		Budget:  b,
+	})
+	require.NoError(t, err)
+	runPool(t, p)
+	return p
+}
+
 // TestDialerRetriesFromWarm: once the router stops answering new addresses,
 // a connection from a never-used one gets FirstTry, then is made from a warm
 // address and succeeds; the pool counts the retry and the overflow, lowers
@@ -97,16 +103,7 @@ func (rp *routerPair) dial(t *testing.T, dial func(ctx context.Context, network,
 // A held address (a session's) is replaced by a warm one the same way.
 func TestDialerRetriesFromWarm(t *testing.T) {
 	rp := newRouterPair(t)
-	p, err := NewPool(PoolConfig{
-		Prefix:  prefix64,
-		Exclude: []netip.Addr{hostAddr.Addr(), gateway},
-		Manager: rp.mgr,
-		Logger:  quiet,
-		Ready:   -1,
-		Budget:  Budget{Rate: 5, Burst: 20, Window: time.Minute},
-	})
-	require.NoError(t, err)
-	runPool(t, p)
+	p := routerPool(t, rp, Budget{Rate: 5, Burst: 20, Window: time.Minute})
 	d := &Dialer{Pool: p, Timeout: nstestGuard}
 
 	for range 3 { // warm addresses, which the router knows
@@ -175,16 +172,7 @@ func TestDialerNoRetryWithoutWarm(t *testing.T) {
 	require.NoError(t, err)
 	c.Close()
 	rp.forgetNew(t)
-	p, err := NewPool(PoolConfig{
-		Prefix:  prefix64,
-		Exclude: []netip.Addr{hostAddr.Addr(), gateway},
-		Manager: rp.mgr,
-		Logger:  quiet,
-		Ready:   -1,
-		Budget:  DefaultBudget,
-	})
-	require.NoError(t, err)
-	runPool(t, p)
+	p := routerPool(t, rp, DefaultBudget)
 	d := &Dialer{Pool: p, Timeout: 3 * time.Second}
 	_, took, err := rp.dial(t, d.DialContext)
 	require.Error(t, err)

@@ -593,6 +593,10 @@ func (p *Pool) retried() {
 // rate (Budget), and logs it at most once per overflowWarnEvery.
 func (p *Pool) overflowed() {
 	p.mu.Lock()
+	if p.budget == nil { // no warm address is compared without one
+		p.mu.Unlock()
+		return
+	}
 	now := p.now()
 	p.stats.Overflows++
 	cut := p.budget.cut(now)

@@ -158,7 +158,10 @@ func TestEgressAddrDeletedDuringTunnel(t *testing.T) {
 		_, ok := ctlAddrs(t, e)[egress]
 		return !ok
 	})
-	recs := e.ed.Log("egress address removed by somebody else: forgotten, its connections ended")
+	// The warning comes right after the address is forgotten, not before.
+	const warning = "egress address removed by somebody else: forgotten, its connections ended"
+	nstest.WaitFor(t, "the warning", func() bool { return len(e.ed.Log(warning)) > 0 })
+	recs := e.ed.Log(warning)
 	require.Len(t, recs, 1)
 	assert.Equal(t, egress.String(), recs[0]["addr"])
 
