@@ -45,7 +45,7 @@ func budgetPool(t *testing.T, m *fakeManager, b Budget, mod func(*PoolConfig)) (
 	return p, clock
 }
 
-func acquireN(t *testing.T, p *Pool, n int) []*Lease {
+func acquireN(t testing.TB, p *Pool, n int) []*Lease {
 	t.Helper()
 	var out []*Lease
 	for range n {
@@ -323,4 +323,34 @@ func TestBucketAdapt(t *testing.T) {
 		assert.True(t, b.take(t0.Add(30*time.Second)))
 	}
 	assert.Equal(t, 400*time.Millisecond, b.untilToken(t0.Add(30*time.Second)))
+}
+
+func BenchmarkPoolAcquireWarm(b *testing.B) {
+	// Past the budget: taking the warm address unused the longest and
+	// giving it back, with a fake kernel. No token is ever due (the
+	// clock stands still), so every lease is a reuse.
+	m := newFakeManager()
+	now := time.Unix(1_000_000, 0)
+	p, err := NewPool(PoolConfig{
+		Prefix:  netip.MustParsePrefix("2001:db8:1:2::/64"),
+		Manager: m,
+		Logger:  quiet,
+		Ready:   -1,
+		Budget:  Budget{Rate: 1, Burst: 100, Window: time.Minute},
+	})
+	require.NoError(b, err)
+	p.now = func() time.Time { return now }
+	p.budget = newBucket(p.cfg.Budget, now)
+	ctx := context.Background()
+	for _, l := range acquireN(b, p, 100) {
+		l.Release() // the warm set
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		l, err := p.Acquire(ctx)
+		if err != nil {
+			b.Fatal(err)
+		}
+		l.Release()
+	}
 }
