@@ -462,12 +462,12 @@ func (p *Pool) Acquire(ctx context.Context) (*Lease, error) {
 // It is called with p.mu held, and unlocks it.
 func (p *Pool) acquireFresh(ctx context.Context) (*Lease, error) {
 	l := &Lease{pool: p, fresh: true}
-	p.stats.Fresh++
 	if len(p.ready) > 0 {
 		a := p.ready[0]
 		p.ready = p.ready[1:]
 		p.setStateLocked(a, StateInUse)
 		p.live[a].lease, l.addr = l, a
+		p.stats.Fresh++
 		p.mu.Unlock()
 		p.kick()
 		return l, nil
@@ -477,6 +477,9 @@ func (p *Pool) acquireFresh(ctx context.Context) (*Lease, error) {
 	_, err := p.add(ctx, StateInUse, l)
 	p.mu.Lock()
 	p.claims--
+	if err == nil {
+		p.stats.Fresh++
+	}
 	p.mu.Unlock()
 	p.kick()
 	if err != nil {
