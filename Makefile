@@ -16,7 +16,7 @@ UNITPKGS = $(filter-out $(shell $(GO) list $(NSPKGS)),$(shell $(GO) list $(PKGS)
 # that what `make build` makes runs on any Linux server of its architecture.
 BUILD   := CGO_ENABLED=0 $(GO) build
 
-.PHONY: help build test unit demo bench bench-addrcost bench-smoke soak vet lint fmt clean
+.PHONY: help build test unit demo bench bench-addrcost bench-smoke soak fuzz fuzz-smoke vet lint fmt clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -26,10 +26,11 @@ build: ## build egressd, egressctl and the demo upstream into bin/, static (CGO_
 	$(BUILD) -o $(BIN)/egressctl ./cmd/egressctl
 	$(BUILD) -o $(BIN)/echo-upstream ./test/upstream
 
-test: vet ## vet, then every test (unit, then namespace integration a package at a time; root for the latter), then the benchmarks once each
+test: vet ## vet, then every test (unit, then namespace integration a package at a time; root for the latter), then the benchmarks once each and the fuzz targets briefly
 	$(GO) test $(TESTFLAGS) $(UNITPKGS)
 	$(GO) test $(TESTFLAGS) -p 1 $(NSPKGS)
 	$(MAKE) bench-smoke
+	$(MAKE) fuzz-smoke
 
 unit: ## the tests that need no root
 	$(GO) test -count=1 $(UNITPKGS)
@@ -51,6 +52,16 @@ soak: ## 64 clients of mixed HTTP, CONNECT and SOCKS5 for SOAKTIME (10m), printi
 
 bench-smoke: ## every benchmark once, so none of them rots
 	$(GO) test -short -run '^$$' -bench . -benchtime 1x ./netutil/ ./proxy/... ./test/
+
+# Fuzzing: test/fuzz.sh finds every `func FuzzXxx` (a new one needs no edit
+# here) and fuzzes each in turn; the seed corpora are testdata/fuzz/FuzzXxx/.
+FUZZTIME ?= 30s
+
+fuzz: ## every fuzz target for FUZZTIME each (default 30s): make fuzz FUZZTIME=10m
+	GO=$(GO) bash test/fuzz.sh $(FUZZTIME)
+
+fuzz-smoke: ## every fuzz target for 2s (no -race), so that CI runs each
+	GO=$(GO) bash test/fuzz.sh 2s
 
 vet: ## go vet and a gofmt check
 	$(GO) vet $(PKGS)

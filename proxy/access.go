@@ -170,8 +170,8 @@ func checkDest(host string, port uint16, ports *Ports, what, flag string) *Error
 
 // splitSessionUser splits a proxy user name USER-session-KEY, as clients send
 // it when users authenticate, into the user and the session key ("" if it
-// carries none). User names never contain "-session-" (auth.Parse refuses
-// them), so the first one starts the key.
+// carries none). User names never contain "-session-" nor end in
+// "-session" (auth.Parse refuses them), so the first one starts the key.
 func splitSessionUser(name string) (user, key string) {
 	user, key, _ = strings.Cut(name, auth.ReservedInfix)
 	return user, key

@@ -69,6 +69,9 @@ func (s *Server) serveConnect(w http.ResponseWriter, r *http.Request, x *exchang
 	upstream, err := s.dial(r.Context(), "tcp", addr)
 	if err != nil {
 		e := upstreamError(host, err)
+		if clientGone(r.Context(), err) {
+			e = errClientGone
+		}
 		if e.upstreamFault() {
 			s.logUpstreamError(r, addr, e)
 		}

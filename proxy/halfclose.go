@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"net"
 	"net/http"
 	"syscall"
@@ -47,6 +48,17 @@ func upstreamContext(r *http.Request) (ctx context.Context, release func()) {
 		stop()
 		cancel()
 	}
+}
+
+// errClientGone is the outcome of a request whose client reset or closed its
+// connection before the answer: nobody reads it, and the upstream is not to
+// blame (the access log says 499, as nginx does).
+var errClientGone = &Error{Status: statusClientClosed, Reason: "the client went away", Type: typeRequestError}
+
+// clientGone reports whether err is the cancellation of a request's
+// upstream work because its client went away (see upstreamContext).
+func clientGone(ctx context.Context, err error) bool {
+	return ctx.Err() != nil && errors.Is(err, context.Canceled)
 }
 
 // halfClosed reports whether the client of c sent FIN and nothing worse:

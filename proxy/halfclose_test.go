@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -69,7 +70,8 @@ func TestResetClientCancels(t *testing.T) {
 		}
 	}))
 	t.Cleanup(up.Close)
-	p := startProxy(t, nil)
+	var logs logBuffer
+	p := startProxy(t, nil, withLogger(slog.New(slog.NewTextHandler(&logs, nil))))
 	c, _ := p.raw(t)
 	_, err := io.WriteString(c, "GET "+up.URL+"/ HTTP/1.1\r\nHost: x\r\n\r\n")
 	require.NoError(t, err)
@@ -78,6 +80,12 @@ func TestResetClientCancels(t *testing.T) {
 	require.NoError(t, c.Close()) // a reset
 	require.Eventually(t, canceled.Load, 10*time.Second, 10*time.Millisecond, "the upstream request was not canceled")
 	require.Eventually(t, func() bool { return p.Active() == 0 }, 10*time.Second, 10*time.Millisecond)
+	// Logged as the client's going, not as the upstream's failure.
+	assert.Contains(t, logs.String(), `status=499`)
+	assert.Contains(t, logs.String(), `reason="the client went away"`)
+	ups := p.Upstreams()
+	require.Len(t, ups, 1)
+	assert.Zero(t, ups[0].Errors, "counted as an upstream error")
 }
 
 // A client's half-close while its request waits in the shaper's line does

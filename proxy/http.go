@@ -91,7 +91,9 @@ func (s *Server) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Re
 		}
 		e := upstreamError(r.URL.Hostname(), err)
 		st := stateFrom(r.Context())
-		if st != nil && st.clientBody != nil {
+		if clientGone(r.Context(), err) {
+			e = errClientGone
+		} else if st != nil && st.clientBody != nil {
 			// The client's body failed (stalled, malformed, cut short):
 			// that, not the upstream, is why the round trip failed.
 			if ce := st.clientBody.err.Load(); ce != nil {
@@ -554,7 +556,9 @@ func (c *headSniffer) sniff(b []byte) {
 		b = b[end:]
 		status, _, _ := bytes.Cut(head, []byte("\n"))
 		// Skip interim responses (100 Continue, 103 Early Hints); 101 is final.
-		if _, code, _ := bytes.Cut(status, []byte(" ")); len(code) >= 3 && code[0] == '1' && string(code[:3]) != "101" {
+		// The code may follow more than one space, as http.ReadResponse allows.
+		_, code, _ := bytes.Cut(status, []byte(" "))
+		if code = bytes.TrimLeft(code, " "); len(code) >= 3 && code[0] == '1' && string(code[:3]) != "101" {
 			continue
 		}
 		c.st.setConnection(connectionValues(head[len(status)+1:]))
@@ -578,7 +582,9 @@ func connectionValues(lines []byte) []string {
 		line = bytes.TrimSuffix(line, []byte("\r"))
 		if len(line) > 0 && (line[0] == ' ' || line[0] == '\t') {
 			if inConnection && len(vals) > 0 {
-				vals[len(vals)-1] += " " + string(bytes.TrimSpace(line))
+				// As textproto: joined by a space, leading ones trimmed.
+				v := &vals[len(vals)-1]
+				*v = strings.TrimLeft(*v+" "+string(bytes.Trim(line, " \t")), " ")
 			}
 			continue
 		}
@@ -587,7 +593,7 @@ func connectionValues(lines []byte) []string {
 		if !inConnection {
 			continue
 		}
-		value = bytes.TrimSpace(value)
+		value = bytes.Trim(value, " \t") // textproto trims no other space (U+00A0 is a value byte)
 		if vals == nil && string(value) == "close" && !moreConnection(lines) {
 			return closeOnly
 		}

@@ -30,6 +30,10 @@ import (
 // proxy user name USER-session-KEY carries a session key after it.
 const ReservedInfix = "-session-"
 
+// reservedEnd may not end a user name: USER-session-KEY would hold
+// ReservedInfix before the one that starts the key.
+const reservedEnd = "-session"
+
 // cacheSize bounds the remembered successful checks: far more than the
 // distinct user and password pairs a proxy's clients use, and about 64 KiB.
 const cacheSize = 1024
@@ -58,8 +62,8 @@ func ParseFile(path string) (*Users, error) {
 // Parse reads htpasswd lines "user:hash" from r, where hash is a bcrypt hash
 // ($2y$, $2a$ or $2b$), as `htpasswd -B` writes it. Blank lines and lines
 // starting with # are skipped. Any other hash type, a malformed line, a user
-// named twice or a user name containing ReservedInfix is an error that names
-// name:line.
+// named twice or a user name containing ReservedInfix or ending in
+// "-session" is an error that names name:line.
 func Parse(r io.Reader, name string) (*Users, error) {
 	u := &Users{hashes: make(map[string][]byte)}
 	_, _ = rand.Read(u.salt[:]) // never fails (crypto/rand)
@@ -94,8 +98,10 @@ func parseLine(line string) (user string, hash []byte, err error) {
 		return "", nil, errors.New("want user:hash")
 	case user == "":
 		return "", nil, errors.New("empty user name")
-	case strings.Contains(user, ReservedInfix):
-		return "", nil, fmt.Errorf("user %q: a user name must not contain %q (it starts a session key)", user, ReservedInfix)
+	case strings.Contains(user, ReservedInfix), strings.HasSuffix(user, reservedEnd):
+		// a-session-session-KEY would be user "a" with key "session-KEY".
+		return "", nil, fmt.Errorf("user %q: a user name must not contain %q nor end in %q (it starts a session key)",
+			user, ReservedInfix, reservedEnd)
 	}
 	if !strings.HasPrefix(h, "$2y$") && !strings.HasPrefix(h, "$2a$") && !strings.HasPrefix(h, "$2b$") {
 		return "", nil, fmt.Errorf("user %q: not a bcrypt hash (make one with htpasswd -B)", user)

@@ -80,6 +80,7 @@ func TestParseErrors(t *testing.T) {
 		{"trailing junk", "alice:" + good + "x\n", `users:1: user "alice": malformed bcrypt hash: 61 characters, want 60`},
 		{"duplicate", "alice:" + good + "\n\nalice:" + good + "\n", `users:3: user "alice" appears twice`},
 		{"reserved infix", "ci-session-1:" + good + "\n", `users:1: user "ci-session-1": a user name must not contain "-session-"`},
+		{"reserved ending", "ci-session:" + good + "\n", `users:1: user "ci-session": a user name must not contain "-session-" nor end in "-session"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -73,6 +73,9 @@ func ParseRule(s string) (Rule, error) {
 	if err != nil {
 		return bad("rate %q: %v", rateText, err)
 	}
+	if count/perSeconds(per) == 0 { // "0.000…1r/h": smaller than any float64
+		return bad("rate %q: too small", rateText)
+	}
 	r := Rule{
 		Host:  h,
 		Rate:  rate.Limit(count / perSeconds(per)),
@@ -245,14 +248,24 @@ func ruleHost(h string) (string, error) {
 		return "", errors.New(`'*' only as "*" or a leading "*."`)
 	}
 	h = strings.TrimSuffix(h, ".")
+	// An address with a zone (fe80::1%eth0) names an interface of this
+	// host, not an upstream; and a zone may end in a space or a dot, which
+	// the rule's String would not keep.
 	if ip, ok := strings.CutPrefix(h, "["); ok {
 		ip, ok = strings.CutSuffix(ip, "]")
-		if _, err := netip.ParseAddr(ip); !ok || err != nil {
+		a, err := netip.ParseAddr(ip)
+		switch {
+		case !ok || err != nil:
 			return "", errors.New("not an IP address in brackets")
+		case a.Zone() != "":
+			return "", errors.New("no zone allowed")
 		}
 		return ip, nil
 	}
-	if _, err := netip.ParseAddr(h); err == nil {
+	if a, err := netip.ParseAddr(h); err == nil {
+		if a.Zone() != "" {
+			return "", errors.New("no zone allowed")
+		}
 		return h, nil
 	}
 	if strings.Contains(h, ":") {

@@ -2,8 +2,11 @@ package socks5
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"io"
+	"net"
+	"net/netip"
 	"strconv"
 	"strings"
 	"testing"
@@ -153,45 +156,109 @@ func TestWrite(t *testing.T) {
 }
 
 // FuzzHandshake feeds arbitrary bytes through the whole server-side
-// handshake: greeting, credentials if offered, request. It must never panic,
-// and a request it accepts must give a dialable host:port.
+// handshake, as egressd reads it: greeting, credentials when user/password
+// is offered, request. Each reader must take exactly the message it returns
+// from the stream (what the client sends after it stays unread), the message
+// must encode back to those bytes, and its errors must be the documented
+// ones. An accepted request has a port from 1 to 65535, and a host that is
+// an unzoned address in canonical form (ATYP IPv4 or IPv6) or the name as
+// sent (ATYP domain; checking it is the server's part). The seeds are in
+// testdata/fuzz.
 func FuzzHandshake(f *testing.F) {
-	f.Add([]byte{5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1, 0, 80})
-	f.Add(cat([]byte{5, 2, 0, 2, 1, 9}, "session-k", []byte{1}, "x", []byte{5, 1, 0, 3, 13}, "upstream.test", []byte{1, 187}))
-	f.Add(cat([]byte{5, 1, 0, 5, 1, 0, 4}, []byte{15: 1}, []byte{0, 22}))
-	f.Add([]byte{5, 0})
-	f.Add([]byte{4, 1, 0, 80, 1, 2, 3, 4, 0})
-	f.Add([]byte{5, 1, 0, 5, 2, 0, 1, 0, 0, 0, 0, 0, 0})
-	f.Add([]byte{5, 1, 0, 5, 1, 0, 3, 0, 0, 80})
-	f.Add([]byte{5, 1, 0, 5, 1, 0, 9})
-	f.Add([]byte{5, 1, 2, 1, 0})
-	f.Add([]byte{5, 255})
 	f.Fuzz(func(t *testing.T, in []byte) {
 		r := bytes.NewReader(in)
+		read := func() int { return len(in) - r.Len() }
+
 		methods, err := ReadGreeting(r)
 		if err != nil {
+			requireErrorIs(t, err, ErrVersion, ErrNoMethods)
 			return
 		}
+		msg := cat([]byte{Version, byte(len(methods))}, methods)
+		if len(methods) == 0 || !bytes.Equal(in[:read()], msg) {
+			t.Fatalf("greeting %x read as methods %x", in[:read()], methods)
+		}
+
 		if bytes.IndexByte(methods, MethodUserPass) >= 0 {
-			if _, _, err := ReadUserPass(r); err != nil {
+			start := read()
+			user, pass, err := ReadUserPass(r)
+			if err != nil {
+				requireErrorIs(t, err, ErrVersion, ErrMalformed)
 				return
 			}
+			if user == "" || len(user) > 255 || len(pass) > 255 {
+				t.Fatalf("credentials %q:%q", user, pass)
+			}
+			msg := cat([]byte{UserPassVersion, byte(len(user))}, user, []byte{byte(len(pass))}, pass)
+			if !bytes.Equal(in[start:read()], msg) {
+				t.Fatalf("credentials %x read as %q:%q", in[start:read()], user, pass)
+			}
 		}
+
+		start := read()
 		q, err := ReadRequest(r)
 		if err != nil {
-			var re *RequestError
-			if errors.As(err, &re) && re.Reply == ReplySucceeded {
-				t.Fatalf("error %v with a success reply", err)
+			if re, ok := errors.AsType[*RequestError](err); ok {
+				if re.Reply == ReplySucceeded || re.Reply > ReplyAddrNotSupported {
+					t.Fatalf("error %v with reply %#02x", err, re.Reply)
+				}
+				return
 			}
+			requireErrorIs(t, err)
 			return
 		}
-		if q.Port == 0 || q.Host == "" {
-			t.Fatalf("accepted request %+v", q)
+		got := in[start:read()]
+		if q.Port == 0 {
+			t.Fatalf("accepted port 0: %+v", q)
 		}
-		if !strings.HasSuffix(q.Addr(), ":"+strconv.Itoa(int(q.Port))) {
-			t.Fatalf("Addr %q of %+v", q.Addr(), q)
+		// Addr splits back into the host and port, but for a name with
+		// brackets, which is passed on as sent (the server refuses it:
+		// it is neither an address nor a host name).
+		host, port, err := net.SplitHostPort(q.Addr())
+		if (err != nil || host != q.Host || port != strconv.Itoa(int(q.Port))) &&
+			!(q.Domain && strings.ContainsAny(q.Host, "[]")) {
+			t.Fatalf("Addr %q of %+v: %q, %q, %v", q.Addr(), q, host, port, err)
+		}
+		// Encode the request again, with the reserved byte as sent.
+		msg = []byte{Version, CmdConnect, got[2]}
+		if q.Domain {
+			if q.Host == "" || len(q.Host) > 255 {
+				t.Fatalf("accepted name %q", q.Host)
+			}
+			msg = append(append(msg, AtypDomain, byte(len(q.Host))), q.Host...)
+		} else {
+			ip, err := netip.ParseAddr(q.Host)
+			if err != nil || ip.Zone() != "" || ip.String() != q.Host || ip.Is4In6() {
+				t.Fatalf("accepted address %q: %v", q.Host, err)
+			}
+			switch atyp := got[3]; {
+			case atyp == AtypIPv4 && ip.Is4():
+				a := ip.As4()
+				msg = append(append(msg, AtypIPv4), a[:]...)
+			case atyp == AtypIPv6: // an IPv4-mapped address comes back unmapped
+				a := ip.As16()
+				msg = append(append(msg, AtypIPv6), a[:]...)
+			default:
+				t.Fatalf("ATYP %d read as %q", atyp, q.Host)
+			}
+		}
+		msg = binary.BigEndian.AppendUint16(msg, q.Port)
+		if !bytes.Equal(got, msg) {
+			t.Fatalf("request %x read as %+v, which encodes as %x", got, q, msg)
 		}
 	})
+}
+
+// requireErrorIs fails unless err is a short read (io.EOF or
+// io.ErrUnexpectedEOF, wrapped) or one of targets.
+func requireErrorIs(t *testing.T, err error, targets ...error) {
+	t.Helper()
+	for _, target := range append(targets, io.EOF, io.ErrUnexpectedEOF) {
+		if errors.Is(err, target) {
+			return
+		}
+	}
+	t.Fatalf("unexpected error %v", err)
 }
 
 func cat(parts ...any) []byte {
