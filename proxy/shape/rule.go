@@ -172,7 +172,11 @@ func ParseRate(s string) (float64, error) {
 	if err != nil {
 		return 0, err
 	}
-	return count / perSeconds(per), nil
+	r := count / perSeconds(per)
+	if r == 0 { // "0.000…1r/h": smaller than any float64
+		return 0, errors.New("too small")
+	}
+	return r, nil
 }
 
 // parseRate reads "60r/m" as 60 and 'm'.
