@@ -66,7 +66,7 @@ func TestLoadConfigBudget(t *testing.T) {
 		{name: "routed with max-addrs", args: []string{"-mode", "routed", "-max-addrs", "5000"}, want: netutil.Budget{}, maxAddrs: 5000, text: "5r/s,burst=96"},
 		{name: "zero rate", args: []string{"-new-addrs", "0r/s"}, err: `invalid value "0r/s" for flag -new-addrs: "0r/s": rate "0r/s": must be positive`},
 		{name: "no unit", args: []string{"-new-addrs", "5"}, err: `rate "5": want Nr/s, Nr/m or Nr/h`},
-		{name: "too small", args: []string{"-new-addrs", "0." + strings.Repeat("0", 400) + "1r/h"}, err: "too small"},
+		{name: "too small", args: []string{"-new-addrs", "0." + strings.Repeat("0", 320) + "1r/h"}, err: "too small"},
 		{name: "zero burst", args: []string{"-new-addrs", "5r/s,burst=0"}, err: "want RATE[,burst=N] with N a whole number of at least 1"},
 		{name: "bad option", args: []string{"-new-addrs", "5r/s,bust=3"}, err: "want RATE[,burst=N] with N a whole number of at least 1"},
 		{name: "too many", args: []string{"-new-addrs", "5r/s,burst=3,wait=1s"}, err: `"5r/s,burst=3,wait=1s": want RATE[,burst=N]`},
