@@ -42,21 +42,9 @@ func hostService(t *testing.T, tp *nstest.Topo) string {
 	addr := net.JoinHostPort(nstest.HostAddr.String(), "8080")
 	ln, err := tp.Host.Listen("tcp", addr)
 	require.NoError(t, err)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			io.WriteString(c, "ok\n")
-			c.Close()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		<-done
+	serveTCP(t, ln, func(c net.Conn) {
+		io.WriteString(c, "ok\n")
+		c.Close()
 	})
 	return addr
 }
