@@ -40,7 +40,7 @@ demo: build ## run egressd in throw-away namespaces and show each request leavin
 
 bench: ## the Go benchmarks, then egressd against no proxy, tinyproxy and Squid into bench/results/compare.* (root, about 30 min)
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./netutil/ ./proxy/...
-	$(GO) test -run '^$$' -bench . -benchtime 500x -count 3 ./test/
+	$(GO) test -run '^$$' -bench . -benchtime 5000x -count 3 ./test/
 	sh bench/install-deps.sh
 	$(GO) test -count=1 -timeout 90m -run TestCompare ./bench/compare -args -full -out $(CURDIR)/bench/results
 

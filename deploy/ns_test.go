@@ -357,7 +357,8 @@ func TestNixConfigRuns(t *testing.T) {
 			dial-timeout = "9s"; ipv4 = "deny"; pin = [ "2001:db8:1:2::99" ]; session-idle = "9m";
 			socks5 = "127.0.0.1:1081"; tunnel-idle = "4m"; allow-dest = [ "10.0.9.0/24" ];
 			connect-ports = [ 443 8443 ]; http-ports = "80,8080"; max-conns = 500;
-			max-conns-per-client = 50; max-addrs-per-client = 8; client-timeout = "20s"; };`,
+			max-conns-per-client = 50; max-addrs-per-client = 8; client-timeout = "20s";
+			new-addrs = "2r/s,burst=20"; neigh-window = "90s"; };`,
 		nstest.UpstreamName, filepath.Join(dir, "bob.htpasswd")))
 	var keys map[string]any
 	require.NoError(t, json.Unmarshal([]byte(next), &keys))

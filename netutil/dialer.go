@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"sync"
 	"syscall"
@@ -107,12 +108,21 @@ func (c *Conn) Egress() netip.Addr {
 // own address (IPv4Direct) rather than from a leased IPv6 address.
 func (c *Conn) DirectIPv4() bool { return c.lease == nil }
 
-// DialContext connects to address ("host:port") over IPv6 from a fresh
-// address. Names are resolved first, so that a name that does not resolve
-// costs no address; each AAAA record is tried in turn from the same source.
-// A host without AAAA records (or an IPv4 literal) is handled as d.IPv4
-// says; with IPv4Direct each of its A records is tried in turn. The network
-// "tcp6" never goes over IPv4.
+// DialContext connects to address ("host:port") over IPv6 from an address
+// leased for the connection (see Pool.Acquire: a never-used one within the
+// pool's Budget, else a warm one). Names are resolved first, so that a name
+// that does not resolve costs no address; each AAAA record is tried in turn
+// from the same source. A host without AAAA records (or an IPv4 literal) is
+// handled as d.IPv4 says; with IPv4Direct each of its A records is tried in
+// turn. The network "tcp6" never goes over IPv4.
+//
+// A connection from a never-used address, while warm addresses are there,
+// gets FirstTry; if it gets no answer in that time it is made again from a
+// warm address within the rest of the timeout, and if that one is answered
+// the pool takes it as the router's neighbour table overflowing (see
+// Budget). A ready address that left the interface (somebody deleted it)
+// before the pool heard of it costs one more try from another address, not
+// the client's request.
 func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
 	ips, port, v4, err := d.resolve(ctx, network, address)
 	if err != nil {
@@ -121,32 +131,83 @@ func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.
 	if v4 {
 		return d.dialIPv4(ctx, ips, port)
 	}
-	// A ready address that left the interface (somebody deleted it) before
-	// the pool heard of it costs one more try from another fresh address,
-	// not the client's request.
-	for retried := false; ; retried = true {
-		lease, err := d.Pool.Acquire(ctx)
-		if err != nil {
+	lease, err := d.Pool.Acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := d.dialLease(ctx, ips, port, lease, false, true)
+	if err == nil {
+		return conn, nil
+	}
+	lease.Release()
+	switch {
+	case errors.Is(err, errNoAnswer):
+		// The router may have dropped the answer for lack of a neighbour
+		// entry: the same connection from a warm address tells.
+		d.Pool.retried()
+		warm, werr := d.Pool.acquireWarm(ctx)
+		if werr != nil {
 			return nil, err
 		}
-		c, err := d.dialBound(ctx, ips, port, lease.Addr())
-		if err == nil {
-			conn := &Conn{TCPConn: c, lease: lease}
-			if lease.attach(conn) {
-				return conn, nil
-			}
-			conn.abort()
-			err = errLost
-		}
-		gone := addrGone(err)
-		if gone {
-			lease.vanished()
-		}
-		lease.Release()
-		if !gone || retried {
+		if conn, err = d.dialLease(ctx, ips, port, warm, false, false); err != nil {
+			warm.Release()
 			return nil, err
+		}
+		d.Pool.overflowed()
+		return conn, nil
+	case addrGone(err):
+		if lease, err = d.Pool.Acquire(ctx); err != nil {
+			return nil, err
+		}
+		if conn, err = d.dialLease(ctx, ips, port, lease, false, false); err != nil {
+			lease.Release()
+			return nil, err
+		}
+		return conn, nil
+	}
+	return nil, err
+}
+
+// errNoAnswer is wrapped by the error of a first try (FirstTry) from a
+// never-used address that got no answer: the caller may try again from a
+// warm address.
+var errNoAnswer = errors.New("no answer to a new address")
+
+// dialLease connects from lease's address: a connection of its own
+// (shared false), or one of many bound to a held lease. With adapt, a
+// never-used address while warm ones are there gets FirstTry only, and a
+// timeout in that time is an error wrapping errNoAnswer, after which the
+// lease is marked to be removed on release rather than kept warm.
+func (d *Dialer) dialLease(ctx context.Context, ips []netip.Addr, port uint16, lease *Lease, shared, adapt bool) (*Conn, error) {
+	dctx, short := ctx, false
+	if adapt && lease.Fresh() && d.Pool.warmFree() {
+		if deadline, ok := ctx.Deadline(); !ok || time.Until(deadline) > FirstTry {
+			var cancel context.CancelFunc
+			dctx, cancel = context.WithTimeout(ctx, FirstTry)
+			defer cancel()
+			short = true
 		}
 	}
+	c, err := d.dialBound(dctx, ips, port, lease.Addr())
+	if err != nil {
+		if addrGone(err) {
+			lease.vanished()
+		} else if short && ctx.Err() == nil && timedOut(err) {
+			// The first try's deadline passed (the socket's deadline may
+			// fire before dctx's timer: dctx.Err() can still be nil).
+			lease.unanswered()
+			err = fmt.Errorf("%w: %w", errNoAnswer, err)
+		}
+		return nil, err
+	}
+	lease.answered()
+	conn := &Conn{TCPConn: c, lease: lease, shared: shared}
+	if !lease.attach(conn) {
+		conn.abort()
+		lease.vanished()
+		return nil, errLost
+	}
+	return conn, nil
 }
 
 // DialFrom connects to address as DialContext does, but from the address of
@@ -159,6 +220,11 @@ func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.
 // host with no IPv6 address is handled as d.IPv4 says, without using the
 // lease.
 func (d *Dialer) DialFrom(ctx context.Context, network, address string, lease *Lease) (net.Conn, error) {
+	return d.dialFrom(ctx, network, address, lease, false)
+}
+
+// dialFrom is DialFrom, with adapt as dialLease takes it.
+func (d *Dialer) dialFrom(ctx context.Context, network, address string, lease *Lease, adapt bool) (net.Conn, error) {
 	ips, port, v4, err := d.resolve(ctx, network, address)
 	if err != nil {
 		return nil, err
@@ -172,28 +238,22 @@ func (d *Dialer) DialFrom(ctx context.Context, network, address string, lease *L
 	if err := lease.ref(); err != nil {
 		return nil, err
 	}
-	c, err := d.dialBound(ctx, ips, port, lease.Addr())
-	if err == nil {
-		conn := &Conn{TCPConn: c, lease: lease, shared: true}
-		if lease.attach(conn) {
-			return conn, nil
-		}
-		conn.abort()
-		err = errLost
+	conn, err := d.dialLease(ctx, ips, port, lease, true, adapt)
+	if err != nil {
+		lease.unref(nil)
+		return nil, err
 	}
-	if addrGone(err) {
-		lease.vanished()
-	}
-	lease.unref(nil)
-	return nil, err
+	return conn, nil
 }
 
-// Hold leases one fresh address from d.Pool for many connections, as a
-// proxy session or a client connection holds one: dial connects from it
+// Hold leases one address from d.Pool for many connections, as a proxy
+// session or a client connection holds one: dial connects from it
 // (DialFrom), and release gives it back once the connections still open
 // from it have closed. If the address leaves the interface, the connections
-// from it end and the next dial leases a fresh one to hold instead. It has
-// the shape of proxy.HoldFunc.
+// from it end and the next dial leases another to hold instead; if the
+// first connection from a never-used address gets no answer (see
+// DialContext), the holder takes a warm address instead. It has the shape of
+// proxy.HoldFunc.
 func (d *Dialer) Hold(ctx context.Context) (dial func(ctx context.Context, network, address string) (net.Conn, error), release func(), err error) {
 	lease, err := d.Pool.Acquire(ctx)
 	if err != nil {
@@ -366,6 +426,16 @@ func noSuchAddress(err error) bool {
 	}
 	addrErr, ok := errors.AsType[*net.AddrError](err)
 	return ok && addrErr.Err == "no suitable address found"
+}
+
+// timedOut reports whether a dial failed for lack of time: its deadline or
+// its context's passed.
+func timedOut(err error) bool {
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) {
+		return true
+	}
+	ne, ok := errors.AsType[net.Error](err)
+	return ok && ne.Timeout()
 }
 
 // freeBind sets IPV6_FREEBIND on a socket before it binds.

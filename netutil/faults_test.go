@@ -91,7 +91,7 @@ func addrStates(p *Pool) map[netip.Addr]AddrState {
 // removing it is forgotten in whatever state it was, never removed by the
 // pool again, and counted; a lease on it is lost.
 func TestPoolLostAddress(t *testing.T) {
-	for _, state := range []AddrState{StateReady, StateInUse, StateLingering} {
+	for _, state := range []AddrState{StateReady, StateInUse, StateWarm} {
 		t.Run(state.String(), func(t *testing.T) {
 			m := newFakeManager()
 			p := newTestPool(t, m, func(c *PoolConfig) { c.Ready = 2; c.Linger = time.Hour })
@@ -102,12 +102,12 @@ func TestPoolLostAddress(t *testing.T) {
 			switch state {
 			case StateReady:
 				a = p.Addrs()[0].Addr
-			case StateInUse, StateLingering:
+			case StateInUse, StateWarm:
 				var err error
 				lease, err = p.Acquire(ctx)
 				require.NoError(t, err)
 				a = lease.Addr()
-				if state == StateLingering {
+				if state == StateWarm {
 					lease.Release()
 				}
 			}

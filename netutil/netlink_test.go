@@ -69,6 +69,23 @@ func newTestNetns(t testing.TB) (netns.NsHandle, *netlink.Handle, *Netlink) {
 	return ns, h, mgr
 }
 
+// waitDAD waits until no address in h's namespace is tentative: while the
+// new link's link-local addresses are, connections on it fail now and then
+// with EHOSTUNREACH, and neighbour discovery stalls (measured).
+func waitDAD(t testing.TB, h *netlink.Handle) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		list, err := h.AddrList(nil, netlink.FAMILY_V6)
+		require.NoError(t, err)
+		for _, a := range list {
+			if a.Flags&unix.IFA_F_TENTATIVE != 0 {
+				return false
+			}
+		}
+		return true
+	}, nstestGuard, 20*time.Millisecond)
+}
+
 // inNetns runs fn on a thread inside ns: the sockets fn makes belong to ns
 // for their whole life.
 func inNetns(t testing.TB, ns netns.NsHandle, fn func()) {

@@ -46,10 +46,10 @@ const (
 	// in use are refreshed long before it ends; if egressd dies, the kernel
 	// removes what it left behind after at most this long.
 	DefaultLifetime = 10 * time.Minute
-	// DefaultLinger is how long a released address stays on the interface,
-	// so that the peer's last ACK and FIN still reach the closed socket
-	// instead of leaving the upstream retransmitting into the void. An
-	// address that lingers is removed at once when the pool needs its place.
+	// DefaultLinger is how long a released address stays on the interface
+	// without a Budget, so that the peer's last ACK and FIN still reach the
+	// closed socket instead of leaving the upstream retransmitting into the
+	// void. A warm address is removed at once when the pool needs its place.
 	DefaultLinger = time.Second
 )
 
@@ -62,16 +62,22 @@ type PoolConfig struct {
 	// egressd starts, and the pinned ones.
 	Exclude []netip.Addr
 	// Max bounds the addresses the pool has on the interface at once, in
-	// every state (ready, in use, lingering).
+	// every state (ready, in use, warm).
 	Max int
 	// Ready is how many unused addresses the refiller keeps added. Zero
 	// means DefaultReady; a negative value turns the refiller off.
 	Ready int
 	// Lifetime is the valid lifetime of every address.
 	Lifetime time.Duration
-	// Linger is how long a released address stays before it is removed.
-	// Zero means DefaultLinger; a negative value removes at once.
+	// Linger is how long a released address stays warm before it is
+	// removed when there is no Budget. Zero means DefaultLinger; a negative
+	// value removes at once.
 	Linger time.Duration
+	// Budget bounds the never-used addresses handed out, for the router's
+	// sake (see Budget); past it connections reuse warm addresses, which
+	// then stay for Budget.Window instead of Linger. The zero Budget is
+	// none: every lease gets a never-used address.
+	Budget Budget
 	// Manager does the kernel work. Required.
 	Manager AddrManager
 	// Logger gets warnings; slog.Default() when nil.
@@ -123,7 +129,7 @@ func (c *PoolConfig) validate() error {
 	case c.Manager == nil:
 		return errors.New("no address manager")
 	}
-	return nil
+	return c.Budget.validate()
 }
 
 // AddrState says what an address of the pool is doing.
@@ -136,8 +142,9 @@ const (
 	StateReady
 	// StateInUse: leased to a connection.
 	StateInUse
-	// StateLingering: its connection closed; it is removed shortly.
-	StateLingering
+	// StateWarm: used, and released; it stays on the interface, reusable
+	// past the Budget, until it has been unused for the window (or Linger).
+	StateWarm
 	// StateRemoving: the kernel is being asked to remove it.
 	StateRemoving
 )
@@ -150,8 +157,8 @@ func (s AddrState) String() string {
 		return "ready"
 	case StateInUse:
 		return "in-use"
-	case StateLingering:
-		return "lingering"
+	case StateWarm:
+		return "warm"
 	case StateRemoving:
 		return "removing"
 	}
@@ -172,10 +179,23 @@ type entry struct {
 
 // PoolStats is a snapshot of a pool's counters.
 type PoolStats struct {
-	Live      int // on the interface, in any state
-	Ready     int
-	InUse     int
-	Lingering int
+	Live  int // on the interface, in any state
+	Ready int
+	InUse int
+	Warm  int
+
+	// Fresh counts leases of never-used addresses, Reused those of warm
+	// ones, handed out past the Budget.
+	Fresh  uint64
+	Reused uint64
+	// Retries counts connections from a never-used address that got no
+	// answer within FirstTry and were tried again from a warm one;
+	// Overflows those of them that got an answer then, each taken as the
+	// router's neighbour table overflowing (the rate was lowered).
+	Retries   uint64
+	Overflows uint64
+	// Budget is the budget in force; nil without one.
+	Budget *BudgetStats
 
 	Added          uint64
 	Removed        uint64
@@ -209,7 +229,12 @@ type Pool struct {
 	live     map[netip.Addr]*entry
 	exclude  map[netip.Addr]struct{}
 	ready    []netip.Addr // oldest first
-	linger   []netip.Addr // in release order
+	warm     []netip.Addr // in release order: the least recently used first
+	keep     time.Duration
+	budget   *bucket       // nil without a Budget
+	claims   int           // leases of never-used addresses being added
+	avail    chan struct{} // closed, and replaced, when an Acquire waiting for the budget may go on
+	warnedAt time.Time     // of the last overflow warning
 	inflight sync.WaitGroup
 	count    [StateRemoving + 1]int // live addresses in each state
 	closed   bool
@@ -240,6 +265,12 @@ func NewPool(cfg PoolConfig) (*Pool, error) {
 		wake:    make(chan struct{}, 1),
 		live:    make(map[netip.Addr]*entry),
 		exclude: make(map[netip.Addr]struct{}, len(cfg.Exclude)),
+		keep:    cfg.Linger,
+		avail:   make(chan struct{}),
+	}
+	if !cfg.Budget.IsZero() {
+		p.budget = newBucket(cfg.Budget, p.now())
+		p.keep = cfg.Budget.Window
 	}
 	for _, a := range cfg.Exclude {
 		p.exclude[a.Unmap()] = struct{}{}
@@ -260,20 +291,47 @@ type Lease struct {
 	addr netip.Addr
 	once sync.Once
 
-	mu    sync.Mutex
-	conns int                // connections DialFrom bound to it, open or being dialed
-	own   *Conn              // DialContext's connection
-	open  map[*Conn]struct{} // DialFrom's open connections
-	done  bool               // Release was called
-	lost  bool               // the address left the interface
+	mu      sync.Mutex
+	conns   int                // connections DialFrom bound to it, open or being dialed
+	own     *Conn              // DialContext's connection
+	open    map[*Conn]struct{} // DialFrom's open connections
+	done    bool               // Release was called
+	lost    bool               // the address left the interface
+	fresh   bool               // never used before, and no connection from it has been answered yet
+	discard bool               // on release, remove the address rather than keep it warm
 }
 
 // Addr returns the leased address.
 func (l *Lease) Addr() netip.Addr { return l.addr }
 
-// Release ends the lease: the address lingers briefly and is then removed.
-// Connections DialFrom bound to it keep it until the last of them closes.
-// It is safe to call more than once.
+// Fresh reports whether the address was never used before this lease, and
+// no connection from it has been answered yet.
+func (l *Lease) Fresh() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.fresh
+}
+
+// answered records that a connection from l's address got an answer: the
+// router knows the address.
+func (l *Lease) answered() {
+	l.mu.Lock()
+	l.fresh = false
+	l.mu.Unlock()
+}
+
+// unanswered marks l's address as one the router never answered for: on
+// release it is removed instead of kept warm, where a later connection from
+// it would wait out its whole timeout.
+func (l *Lease) unanswered() {
+	l.mu.Lock()
+	l.discard = true
+	l.mu.Unlock()
+}
+
+// Release ends the lease: the address stays warm for a while and is then
+// removed (see Budget). Connections DialFrom bound to it keep it until the
+// last of them closes. It is safe to call more than once.
 func (l *Lease) Release() {
 	l.mu.Lock()
 	l.done = true
@@ -372,32 +430,190 @@ func (l *Lease) vanished() {
 	}
 }
 
-// Acquire leases a fresh address: a ready one if there is one, otherwise one
-// added now. Errors wrap ErrNoAddress; while the pool is suspended (the
-// uplink is down, say) it fails at once, saying why.
+// Acquire leases an address no other lease holds. Without a Budget it is
+// always a never-used one: a ready one if there is one, otherwise one added
+// now. With a Budget, a never-used one while the budget allows it, else the
+// warm address unused the longest; when there is neither, Acquire waits for
+// whichever comes first, until ctx is done. Errors wrap ErrNoAddress; while
+// the pool is suspended (the uplink is down, say) it fails at once, saying
+// why.
 func (p *Pool) Acquire(ctx context.Context) (*Lease, error) {
-	p.mu.Lock()
-	if err := p.unusableLocked(); err != nil {
-		p.mu.Unlock()
-		return nil, err
+	for {
+		p.mu.Lock()
+		if err := p.unusableLocked(); err != nil {
+			p.mu.Unlock()
+			return nil, err
+		}
+		now := p.now()
+		if p.budget == nil || p.freshAllowedLocked(now) {
+			return p.acquireFresh(ctx)
+		}
+		if l, ok := p.takeWarmLocked(); ok {
+			p.mu.Unlock()
+			return l, nil
+		}
+		if err := p.waitLocked(ctx, now, true); err != nil {
+			return nil, err
+		}
 	}
-	l := &Lease{pool: p}
+}
+
+// acquireFresh leases a never-used address: a ready one, or one added now.
+// It is called with p.mu held, and unlocks it.
+func (p *Pool) acquireFresh(ctx context.Context) (*Lease, error) {
+	l := &Lease{pool: p, fresh: true}
 	if len(p.ready) > 0 {
 		a := p.ready[0]
 		p.ready = p.ready[1:]
 		p.setStateLocked(a, StateInUse)
 		p.live[a].lease, l.addr = l, a
+		p.stats.Fresh++
 		p.mu.Unlock()
 		p.kick()
 		return l, nil
 	}
+	p.claims++
 	p.mu.Unlock()
 	_, err := p.add(ctx, StateInUse, l)
+	p.mu.Lock()
+	p.claims--
+	if err == nil {
+		p.stats.Fresh++
+	}
+	p.mu.Unlock()
 	p.kick()
 	if err != nil {
 		return nil, err
 	}
 	return l, nil
+}
+
+// freshAllowedLocked reports whether the budget lets a never-used address
+// be handed out now, and takes its token if so: fewer distinct addresses
+// than the cap were used within the window, and the bucket has a token.
+func (p *Pool) freshAllowedLocked(now time.Time) bool {
+	p.budget.advance(now)
+	return p.distinctLocked() < p.budget.cap() && p.budget.take(now)
+}
+
+// distinctLocked counts the addresses the router is taken to know: in use,
+// warm, and being added for a lease.
+func (p *Pool) distinctLocked() int {
+	return p.count[StateInUse] + p.count[StateWarm] + p.claims
+}
+
+// takeWarmLocked leases the warm address unused the longest, if there is
+// one.
+func (p *Pool) takeWarmLocked() (*Lease, bool) {
+	if len(p.warm) == 0 {
+		return nil, false
+	}
+	a := p.warm[0]
+	p.warm = p.warm[1:]
+	l := &Lease{pool: p, addr: a}
+	p.setStateLocked(a, StateInUse)
+	p.live[a].lease = l
+	p.stats.Reused++
+	return l, true
+}
+
+// waitLocked waits, with p.mu held (it unlocks it), until an address may be
+// handed out again: one is released or leaves the warm set, the pool's
+// state changes, or (with token set, while the cap leaves room) the next
+// token is due. When ctx is done first it returns why nothing could be had.
+func (p *Pool) waitLocked(ctx context.Context, now time.Time, token bool) error {
+	var timer <-chan time.Time
+	if token && p.distinctLocked() < p.budget.cap() {
+		t := time.NewTimer(p.budget.untilToken(now))
+		defer t.Stop()
+		timer = t.C
+	}
+	avail := p.avail
+	p.mu.Unlock()
+	select {
+	case <-avail:
+	case <-timer:
+	case <-ctx.Done():
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		if c := p.budget.cap(); p.distinctLocked() >= c {
+			return unavailable("all %d addresses the neighbour budget allows within %s are in use (-new-addrs, -neigh-window)", c, p.cfg.Budget.Window)
+		}
+		return unavailable("no new address allowed yet, and every warm one is in use (-new-addrs)")
+	}
+	return nil
+}
+
+// signalLocked wakes every Acquire waiting for the budget, to look again.
+func (p *Pool) signalLocked() {
+	close(p.avail)
+	p.avail = make(chan struct{})
+}
+
+// acquireWarm leases the warm address unused the longest, waiting for one
+// until ctx is done: the retry of a connection whose never-used address got
+// no answer.
+func (p *Pool) acquireWarm(ctx context.Context) (*Lease, error) {
+	for {
+		p.mu.Lock()
+		if err := p.unusableLocked(); err != nil {
+			p.mu.Unlock()
+			return nil, err
+		}
+		if l, ok := p.takeWarmLocked(); ok {
+			p.mu.Unlock()
+			return l, nil
+		}
+		if p.budget == nil {
+			p.mu.Unlock()
+			return nil, unavailable("no warm address to retry from")
+		}
+		if err := p.waitLocked(ctx, p.now(), false); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// warmFree reports whether a warm address waits to be reused: a retry from
+// one is possible.
+func (p *Pool) warmFree() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.budget != nil && len(p.warm) > 0
+}
+
+// retried counts a connection from a never-used address tried again from a
+// warm one.
+func (p *Pool) retried() {
+	p.mu.Lock()
+	p.stats.Retries++
+	p.mu.Unlock()
+}
+
+// overflowed records that a connection from a never-used address got no
+// answer while the same connection from a warm address did: the router
+// dropped the answer for lack of a neighbour entry. It counts it, lowers the
+// rate (Budget), and logs it at most once per overflowWarnEvery.
+func (p *Pool) overflowed() {
+	p.mu.Lock()
+	if p.budget == nil { // no warm address is compared without one
+		p.mu.Unlock()
+		return
+	}
+	now := p.now()
+	p.stats.Overflows++
+	cut := p.budget.cut(now)
+	st := p.budget.stats(now)
+	warn := p.warnedAt.IsZero() || now.Sub(p.warnedAt) >= overflowWarnEvery
+	if warn {
+		p.warnedAt = now
+	}
+	p.mu.Unlock()
+	if warn {
+		p.log.Warn("connections from new egress addresses get no answer while reused ones do: the router's neighbour table is likely full "+
+			"(Linux routers keep 1,024 entries by default); handing out fewer new addresses for a while (lower -new-addrs to keep it so)",
+			"new_addrs_per_second", st.Rate, "set_per_second", st.MaxRate, "cut", cut)
+	}
 }
 
 // unusableLocked says why the pool hands out nothing now, or nil.
@@ -432,6 +648,7 @@ func (p *Pool) suspend(key string, err error) bool {
 		return false
 	}
 	p.faults = append(p.faults, fault{key, err})
+	p.signalLocked() // Acquires waiting for the budget fail at once
 	return true
 }
 
@@ -473,7 +690,7 @@ func (p *Pool) forgetLocked(a netip.Addr) {
 
 // add draws an address, adds it to the interface and records it in state to,
 // held by l when that is StateInUse. At the limit it first removes the
-// address that has lingered longest. A failure to add is counted, and
+// warm address unused the longest. A failure to add is counted, and
 // logged once for each run of failures.
 func (p *Pool) add(ctx context.Context, to AddrState, l *Lease) (netip.Addr, error) {
 	for range maxDraws {
@@ -486,12 +703,12 @@ func (p *Pool) add(ctx context.Context, to AddrState, l *Lease) (netip.Addr, err
 			return netip.Addr{}, err
 		}
 		if len(p.live) >= p.cfg.Max {
-			if len(p.linger) == 0 {
+			if len(p.warm) == 0 {
 				p.mu.Unlock()
 				return netip.Addr{}, unavailable("all %d addresses are in use (-max-addrs)", p.cfg.Max)
 			}
-			victim := p.linger[0]
-			p.linger = p.linger[1:]
+			victim := p.warm[0]
+			p.warm = p.warm[1:]
 			p.setStateLocked(victim, StateRemoving)
 			p.inflight.Add(1)
 			p.mu.Unlock()
@@ -616,15 +833,24 @@ func (p *Pool) release(l *Lease) {
 		return
 	}
 	e.lease = nil
-	if p.cfg.Linger == 0 {
+	l.mu.Lock()
+	discard := l.discard
+	l.mu.Unlock()
+	if p.keep == 0 || discard {
 		p.setStateLocked(a, StateRemoving)
 		p.inflight.Add(1)
+		if p.budget != nil {
+			p.signalLocked()
+		}
 		p.mu.Unlock()
 		p.remove(a)
 		return
 	}
-	p.setStateLocked(a, StateLingering)
-	p.linger = append(p.linger, a)
+	p.setStateLocked(a, StateWarm)
+	p.warm = append(p.warm, a)
+	if p.budget != nil {
+		p.signalLocked()
+	}
 	p.mu.Unlock()
 	p.kick()
 }
@@ -633,7 +859,7 @@ func (p *Pool) release(l *Lease) {
 // (somebody deleted it, the kernel flushed it when the interface went down,
 // or a bind to it failed), and ends the connections bound to it. The pool
 // never removes it again. If l is not nil, a is forgotten only if l holds
-// it. It reports whether a was ready, in use or lingering; an address being
+// it. It reports whether a was ready, in use or warm; an address being
 // added or removed is the pool's own business and left alone.
 func (p *Pool) lost(a netip.Addr, l *Lease) bool {
 	p.mu.Lock()
@@ -646,8 +872,8 @@ func (p *Pool) lost(a netip.Addr, l *Lease) bool {
 	switch e.state {
 	case StateReady:
 		p.ready = slices.DeleteFunc(p.ready, func(x netip.Addr) bool { return x == a })
-	case StateLingering:
-		p.linger = slices.DeleteFunc(p.linger, func(x netip.Addr) bool { return x == a })
+	case StateWarm:
+		p.warm = slices.DeleteFunc(p.warm, func(x netip.Addr) bool { return x == a })
 	case StateInUse:
 	default:
 		p.mu.Unlock()
@@ -655,6 +881,9 @@ func (p *Pool) lost(a netip.Addr, l *Lease) bool {
 	}
 	p.forgetLocked(a)
 	p.stats.Lost++
+	if p.budget != nil {
+		p.signalLocked()
+	}
 	p.mu.Unlock()
 	if holder != nil {
 		holder.lose()
@@ -664,7 +893,7 @@ func (p *Pool) lost(a netip.Addr, l *Lease) bool {
 }
 
 // settled lists the addresses that the pool believes are on the interface
-// and is not adding or removing right now (ready, in use or lingering), with
+// and is not adding or removing right now (ready, in use or warm), with
 // when the kernel had added them.
 func (p *Pool) settled() []AddrInfo {
 	p.mu.Lock()
@@ -679,7 +908,7 @@ func (p *Pool) settled() []AddrInfo {
 }
 
 // settledSince returns when the kernel had added a, if a is ready, in use or
-// lingering.
+// warm.
 func (p *Pool) settledSince(a netip.Addr) (time.Time, bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -690,7 +919,7 @@ func (p *Pool) settledSince(a netip.Addr) (time.Time, bool) {
 }
 
 func isSettled(s AddrState) bool {
-	return s == StateReady || s == StateInUse || s == StateLingering
+	return s == StateReady || s == StateInUse || s == StateWarm
 }
 
 // avoid makes sure a is never drawn: somebody else put it on the host.
@@ -711,7 +940,8 @@ func (p *Pool) kick() {
 }
 
 // Run does the pool's background work until ctx is done: it keeps cfg.Ready
-// addresses added, removes released addresses once they have lingered, and
+// addresses added, removes warm addresses once they have gone unused long
+// enough, and
 // refreshes the lifetime of every address before it ends.
 func (p *Pool) Run(ctx context.Context) {
 	refresh := time.NewTicker(p.cfg.Lifetime / 4)
@@ -746,24 +976,28 @@ func (p *Pool) Run(ctx context.Context) {
 	}
 }
 
-// removeDue removes the addresses that have lingered long enough and returns
-// how long until the next one is due (0 if none lingers).
+// removeDue removes the warm addresses unused long enough (Budget.Window,
+// or Linger) and returns how long until the next one is due (0 if none is
+// warm).
 func (p *Pool) removeDue() time.Duration {
 	for {
 		p.mu.Lock()
-		if len(p.linger) == 0 || p.closed {
+		if len(p.warm) == 0 || p.closed {
 			p.mu.Unlock()
 			return 0
 		}
-		a := p.linger[0]
-		wait := p.live[a].since.Add(p.cfg.Linger).Sub(p.now())
+		a := p.warm[0]
+		wait := p.live[a].since.Add(p.keep).Sub(p.now())
 		if wait > 0 {
 			p.mu.Unlock()
 			return wait
 		}
-		p.linger = p.linger[1:]
+		p.warm = p.warm[1:]
 		p.setStateLocked(a, StateRemoving)
 		p.inflight.Add(1)
+		if p.budget != nil {
+			p.signalLocked() // the cap has room again
+		}
 		p.mu.Unlock()
 		p.remove(a)
 	}
@@ -793,7 +1027,7 @@ func (p *Pool) refreshOld() {
 	p.mu.Lock()
 	var due []netip.Addr
 	for a, e := range p.live {
-		if (e.state == StateReady || e.state == StateInUse || e.state == StateLingering) && e.refreshed.Before(cutoff) {
+		if isSettled(e.state) && e.refreshed.Before(cutoff) {
 			due = append(due, a)
 		}
 	}
@@ -818,6 +1052,7 @@ func (p *Pool) refreshOld() {
 func (p *Pool) Close() (int, error) {
 	p.mu.Lock()
 	p.closed = true
+	p.signalLocked() // Acquires waiting for the budget give up
 	p.mu.Unlock()
 	p.inflight.Wait()
 
@@ -826,7 +1061,7 @@ func (p *Pool) Close() (int, error) {
 	for a := range p.live {
 		all = append(all, a)
 	}
-	p.ready, p.linger = nil, nil
+	p.ready, p.warm = nil, nil
 	p.mu.Unlock()
 
 	var first error
@@ -850,7 +1085,11 @@ func (p *Pool) Stats() PoolStats {
 	s.Live = len(p.live)
 	s.Ready = p.count[StateReady]
 	s.InUse = p.count[StateInUse]
-	s.Lingering = p.count[StateLingering]
+	s.Warm = p.count[StateWarm]
+	if p.budget != nil {
+		b := p.budget.stats(p.now())
+		s.Budget = &b
+	}
 	return s
 }
 

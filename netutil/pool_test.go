@@ -171,13 +171,13 @@ func TestPoolLimit(t *testing.T) {
 	require.ErrorIs(t, err, ErrNoAddress)
 	assert.Contains(t, err.Error(), "all 2 addresses are in use")
 
-	// A released address lingers, but gives its place to a new one at once.
+	// A released address stays warm, but gives its place to a new one at once.
 	l1.Release()
 	l1.Release() // twice is harmless
-	assert.True(t, m.has(l1.Addr()), "a released address lingers")
+	assert.True(t, m.has(l1.Addr()), "a released address stays warm")
 	l3, err := p.Acquire(ctx)
 	require.NoError(t, err)
-	assert.False(t, m.has(l1.Addr()), "the lingering address made room")
+	assert.False(t, m.has(l1.Addr()), "the warm address made room")
 	assert.NotEqual(t, l1.Addr(), l3.Addr())
 	assert.NotEqual(t, l2.Addr(), l3.Addr())
 	assert.Equal(t, 2, m.count())
@@ -266,7 +266,7 @@ func TestPoolClose(t *testing.T) {
 	released, err := p.Acquire(ctx)
 	require.NoError(t, err)
 	released.Release()
-	require.Equal(t, 3, m.count(), "one ready, one in use, one lingering")
+	require.Equal(t, 3, m.count(), "one ready, one in use, one warm")
 
 	n, err := p.Close()
 	require.NoError(t, err)

@@ -408,18 +408,7 @@ func subset(sub, of []netip.Addr) bool {
 // caller sees no error.
 func TestDialerRetriesVanishedAddress(t *testing.T) {
 	ns, h, mgr := newTestNetns(t)
-	// While the new link's link-local addresses are tentative, connections
-	// on it fail now and then with EHOSTUNREACH (measured): wait for DAD.
-	require.Eventually(t, func() bool {
-		list, err := h.AddrList(nil, netlink.FAMILY_V6)
-		require.NoError(t, err)
-		for _, a := range list {
-			if a.Flags&unix.IFA_F_TENTATIVE != 0 {
-				return false
-			}
-		}
-		return true
-	}, nstestGuard, 20*time.Millisecond)
+	waitDAD(t, h)
 	p, err := NewPool(PoolConfig{
 		Prefix:  prefix64,
 		Exclude: []netip.Addr{hostAddr.Addr(), gateway},

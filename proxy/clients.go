@@ -34,12 +34,12 @@ type Limits struct {
 	MaxAddrsPerClient int
 }
 
-// Default limits. DefaultMaxAddrsPerClient is a quarter of
-// netutil.DefaultMaxAddrs: one client holding every address would deny
-// every other.
+// Default limits. DefaultMaxConnsPerClient and DefaultMaxAddrsPerClient
+// are a quarter of DefaultMaxConns and netutil.DefaultMaxAddrs: one client
+// holding every connection or address would deny every other.
 const (
 	DefaultMaxConns          = 16384
-	DefaultMaxConnsPerClient = 1024
+	DefaultMaxConnsPerClient = DefaultMaxConns / 4
 	DefaultMaxAddrsPerClient = netutil.DefaultMaxAddrs / 4
 )
 

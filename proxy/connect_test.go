@@ -6,7 +6,9 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -192,6 +194,23 @@ func TestConnectErrors(t *testing.T) {
 			assertCleanErrorBody(t, string(body))
 			assert.Equal(t, "example.test:443", p.dialer.lastAddr())
 		})
+	}
+}
+
+// TestConnectNoDescriptors: a tunnel whose upstream socket finds no file
+// descriptor left is egressd's own refusal: counted as fds_exhausted, not
+// as the upstream's error.
+func TestConnectNoDescriptors(t *testing.T) {
+	p := startProxy(t, nil)
+	p.dialer.fail = func(context.Context, string) error { return opError(os.NewSyscallError("socket", syscall.EMFILE)) }
+	_, _, resp := p.connect(t, "example.test:443", nil)
+	resp.Body.Close()
+	require.Equal(t, http.StatusServiceUnavailable, resp.StatusCode)
+	assert.Equal(t, `egressd; error=connection_limit_reached; details="egressd has run out of file descriptors: try again later"`,
+		resp.Header.Get("Proxy-Status"))
+	require.Eventually(t, func() bool { return p.ClientStats().Refused["fds_exhausted"] == 1 }, 5*time.Second, time.Millisecond)
+	for _, u := range p.Upstreams() {
+		assert.Zero(t, u.Errors, "not the upstream's fault")
 	}
 }
 

@@ -67,8 +67,9 @@ func clientRefusal(r stats.Refusal, status int, typ, format string, args ...any)
 }
 
 // upstreamFault reports whether e is an upstream failure (it has a cause),
-// rather than egressd's own refusal of the client.
-func (e *Error) upstreamFault() bool { return e.Err != nil }
+// rather than egressd's own refusal of the client, which may keep its cause
+// for the log too.
+func (e *Error) upstreamFault() bool { return e.Err != nil && e.refused == 0 }
 
 func (e *Error) Error() string {
 	if e.Err == nil {
@@ -140,6 +141,13 @@ func upstreamError(host string, err error) *Error {
 	}
 	if de, ok := errors.AsType[*netutil.DeniedError](err); ok {
 		return mk(http.StatusForbidden, typeDestProhibited, socks5.ReplyNotAllowed, "%s", deniedReason(host, de))
+	}
+	if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+		// No descriptor for the upstream socket: egressd's limit, which
+		// bounds open connections in routed mode, not the upstream's fault.
+		e := *errFDsExhausted
+		e.Err = err
+		return &e
 	}
 	switch {
 	case errors.Is(err, netutil.ErrNoAddress):

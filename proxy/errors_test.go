@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/egressd/egressd/netutil"
+	"github.com/egressd/egressd/proxy/stats"
 	"github.com/stretchr/testify/assert"
 )
 
@@ -32,6 +33,8 @@ func TestUpstreamError(t *testing.T) {
 		{"ipv4 denied", fmt.Errorf("dialing h.test:80: %w", netutil.ErrNoIPv6), 502, "h.test has no IPv6 address"},
 		{"no such host", &net.DNSError{Err: "no such host", Name: "h.test", IsNotFound: true}, 502, "cannot resolve h.test: no such host"},
 		{"already mapped", fmt.Errorf("x: %w", own), http.StatusTeapot, "mine"},
+		{"no file descriptors", opError(os.NewSyscallError("socket", syscall.EMFILE)), 503, "egressd has run out of file descriptors: try again later"},
+		{"no file descriptors system-wide", opError(os.NewSyscallError("socket", syscall.ENFILE)), 503, "egressd has run out of file descriptors: try again later"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -42,6 +45,10 @@ func TestUpstreamError(t *testing.T) {
 			assert.True(t, errors.Is(e, tt.err) || errors.Is(tt.err, e), "the cause stays reachable")
 		})
 	}
+	e := upstreamError("h.test", opError(syscall.EMFILE))
+	assert.False(t, e.upstreamFault(), "running out of descriptors is egressd's limit, not the upstream's fault")
+	assert.Equal(t, stats.RefusedFDsExhausted, e.refused)
+	assert.Equal(t, typeConnLimit, e.Type)
 }
 
 func TestErrorText(t *testing.T) {

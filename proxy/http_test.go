@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -434,6 +435,13 @@ var errorCases = []struct {
 		fail:   func(context.Context, string) error { return opError(errBoom) },
 		status: http.StatusBadGateway,
 		text:   "upstream example.test failed",
+	},
+	{
+		// What bounds routed mode's open connections.
+		name:   "no file descriptors",
+		fail:   func(context.Context, string) error { return opError(os.NewSyscallError("socket", syscall.EMFILE)) },
+		status: http.StatusServiceUnavailable,
+		text:   "egressd has run out of file descriptors: try again later",
 	},
 }
 

@@ -205,6 +205,7 @@ func TestSOCKS5DialErrors(t *testing.T) {
 		"refused":             socks5.ReplyConnectionRefused,
 		"unreachable":         socks5.ReplyHostUnreachable,
 		"other":               socks5.ReplyGeneralFailure,
+		"no file descriptors": socks5.ReplyGeneralFailure,
 	}
 	cases := append(errorCases[:len(errorCases):len(errorCases)],
 		struct {

@@ -89,9 +89,13 @@ func TestUplinkDownUp(t *testing.T) {
 		assert.Equal(t, "no fresh egress address available: uplink "+e.tp.HostLink+" is down", strings.TrimSpace(body))
 		code, _ = curlBody(t, e.tp.Host, proxyAddr, "--cacert", e.up.CAFile, e.up.HTTPSURL)
 		assert.Equal(t, "503", code, "CONNECT")
-		assert.True(t, slices.ContainsFunc(e.ed.Log("upstream failed"), func(rec map[string]string) bool {
-			return rec["status"] == "503" && strings.Contains(rec["err"], "uplink "+e.tp.HostLink+" is down")
-		}), "the log says why")
+		// egressd logs before it answers, but its stderr reaches the test
+		// through a pipe: the line may come a moment after the answer.
+		nstest.WaitFor(t, "the log to say why", func() bool {
+			return slices.ContainsFunc(e.ed.Log("upstream failed"), func(rec map[string]string) bool {
+				return rec["status"] == "503" && strings.Contains(rec["err"], "uplink "+e.tp.HostLink+" is down")
+			})
+		})
 	}
 
 	t.Run("carrier lost", func(t *testing.T) {
@@ -158,7 +162,10 @@ func TestEgressAddrDeletedDuringTunnel(t *testing.T) {
 		_, ok := ctlAddrs(t, e)[egress]
 		return !ok
 	})
-	recs := e.ed.Log("egress address removed by somebody else: forgotten, its connections ended")
+	// The warning comes right after the address is forgotten, not before.
+	const warning = "egress address removed by somebody else: forgotten, its connections ended"
+	nstest.WaitFor(t, "the warning", func() bool { return len(e.ed.Log(warning)) > 0 })
+	recs := e.ed.Log(warning)
 	require.Len(t, recs, 1)
 	assert.Equal(t, egress.String(), recs[0]["addr"])
 

@@ -70,6 +70,10 @@ type Sample struct {
 	Tunnels   int64   `json:"tunnels,omitempty"`
 	PssKiB    float64 `json:"pss_kib_per_tunnel,omitempty"`
 	FDsPerTun float64 `json:"fds_per_tunnel,omitempty"`
+	// RouterNeigh is the peak of R's neighbour entries for an on-link
+	// system's prefix, sampled every second over the run: what its
+	// addresses cost the router.
+	RouterNeigh int `json:"router_neigh_peak,omitempty"`
 	// Note carries the first error texts of a run that had errors.
 	Note string `json:"note,omitempty"`
 }
@@ -96,12 +100,14 @@ type Rotation struct {
 }
 
 // Tick is one sample of egressd's /stats: seconds since the start, live
-// addresses, and the added and removed totals.
+// addresses, the added and removed totals, and R's neighbour entries for
+// the prefix.
 type Tick struct {
-	T       float64 `json:"t"`
-	Live    int     `json:"live"`
-	Added   uint64  `json:"added"`
-	Removed uint64  `json:"removed"`
+	T           float64 `json:"t"`
+	Live        int     `json:"live"`
+	Added       uint64  `json:"added"`
+	Removed     uint64  `json:"removed"`
+	RouterNeigh int     `json:"router_neigh"`
 }
 
 // Window is the address adds of one interval and their cost, from the
@@ -150,7 +156,10 @@ type Summary struct {
 	Tunnels                int64
 	Runs                   int
 	Errors                 int64
-	Notes                  []string
+	// RouterNeigh is the highest peak of R's neighbour entries over the
+	// runs (on-link systems).
+	RouterNeigh int
+	Notes       []string
 }
 
 // Summarize returns the medians of sc per system, in r.Systems' order,
@@ -181,6 +190,7 @@ func (r *Results) Summarize(sc Scenario) []Summary {
 		}
 		for _, s := range ss {
 			sum.Errors += s.Errors
+			sum.RouterNeigh = max(sum.RouterNeigh, s.RouterNeigh)
 			if s.Note != "" && !slices.Contains(sum.Notes, s.Note) {
 				sum.Notes = append(sum.Notes, s.Note)
 			}

@@ -31,7 +31,6 @@ const addHistogram = "egress_address_add_duration_seconds"
 // sampled every second and its add-latency histogram every window.
 func (b *bench) rotation(s *system) *Rotation {
 	t := b.t
-	defer b.flushNeighbours()
 	admin := adminClient(s.proc.Admin)
 	// The harness leaves -max-addrs at its default.
 	r := &Rotation{Rate: b.p.rotateRate, MaxAddrs: netutil.DefaultMaxAddrs}
@@ -65,7 +64,11 @@ func (b *bench) rotation(s *system) *Rotation {
 			return
 		}
 		el := now.Sub(start).Seconds()
-		r.Ticks = append(r.Ticks, Tick{T: el, Live: st.Addresses.Live, Added: st.Addresses.Added, Removed: st.Addresses.Removed})
+		neigh, err := b.tp.RouterNeighbours(s.onLink)
+		if err != nil {
+			r.Note = err.Error()
+		}
+		r.Ticks = append(r.Ticks, Tick{T: el, Live: st.Addresses.Live, Added: st.Addresses.Added, Removed: st.Addresses.Removed, RouterNeigh: neigh})
 		if !window {
 			return
 		}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -28,7 +29,7 @@ type loadResult struct {
 
 // takesPart reports whether s is measured in sc.
 func (b *bench) takesPart(sc Scenario, s *system) bool {
-	return sc != Idle || (s.proc != nil && !s.churn)
+	return sc != Idle || (s.proc != nil && !s.perRequest)
 }
 
 // measure runs scenario sc once against s.
@@ -36,18 +37,10 @@ func (b *bench) measure(sc Scenario, s *system, run int) (Sample, bool) {
 	if !b.takesPart(sc, s) {
 		return Sample{}, false
 	}
-	if s.onLink {
-		defer b.flushNeighbours()
-	}
 	if sc == Idle {
 		return b.idle(s, run), true
 	}
-	// A fresh on-link address per request: a burst of a fixed count, not a
-	// timed run (see constraintNotes).
 	length := []string{"-d", b.p.duration.String()}
-	if s.churn {
-		length = []string{"-n", strconv.Itoa(b.p.burst)}
-	}
 	args := append([]string{"-mode", "small", "-c", strconv.Itoa(b.p.smallC)}, length...)
 	switch sc {
 	case Tunnel:
@@ -55,9 +48,10 @@ func (b *bench) measure(sc Scenario, s *system, run int) (Sample, bool) {
 	case Download:
 		args = []string{"-mode", "download", "-bytes", strconv.FormatInt(b.p.downloadBytes, 10), "-timeout", "10m"}
 	}
+	neigh := b.watchNeighbours(s)
 	cpu0 := procCPU(s)
 	lr, err := b.runLoad(s, args, b.p.duration+10*time.Minute)
-	sample := Sample{Scenario: sc.ID, System: s.name, Run: run, ProxyCPUms: procCPU(s) - cpu0}
+	sample := Sample{Scenario: sc.ID, System: s.name, Run: run, ProxyCPUms: procCPU(s) - cpu0, RouterNeigh: neigh()}
 	if err != nil {
 		sample.Errors, sample.Note = 1, err.Error()
 		return sample, true
@@ -150,10 +144,15 @@ func (b *bench) waitSettled(s *system, fds int) {
 	}
 }
 
-// flushNeighbours empties R's neighbour cache on the link, so that one
-// on-link run's entries do not crowd the next.
-func (b *bench) flushNeighbours() {
-	b.tp.Router.Run(b.t, "ip", "-6", "neigh", "flush", "dev", b.tp.RouterLink)
+// watchNeighbours samples R's neighbour entries for an on-link system's
+// prefix every second until the returned function is called, which gives
+// their peak (0 for the others).
+func (b *bench) watchNeighbours(s *system) (peak func() int) {
+	if !s.onLink.IsValid() {
+		return func() int { return 0 }
+	}
+	stop := b.tp.WatchNeighbours(s.onLink, time.Second)
+	return func() int { return slices.Max(stop()) }
 }
 
 // procCPU is the process's user plus system CPU time in milliseconds, 0

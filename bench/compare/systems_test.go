@@ -22,13 +22,14 @@ type system struct {
 	name string
 	// session makes the load generator send a session key per worker.
 	session bool
-	// onLink: egressd adds addresses on H's link, so R's neighbour cache is
-	// flushed after every run.
-	onLink bool
-	// churn: a fresh on-link address per connection. Tunnel runs are
-	// count-bounded bursts and (d) leaves it out: its tunnels would need more
-	// addresses than -max-addrs and R's neighbour table hold.
-	churn bool
+	// onLink is the prefix of an egressd that adds addresses on H's link,
+	// whose entries in R's neighbour table every run samples; invalid for
+	// the others.
+	onLink netip.Prefix
+	// perRequest: an on-link address per connection, from the neighbour
+	// budget. (d) leaves it out: its tunnels would need more distinct
+	// addresses than the budget allows at once (396 by default).
+	perRequest bool
 	// proc is the proxy's process, nil for direct; addr its listening
 	// address.
 	proc *nstest.Process
@@ -50,9 +51,6 @@ var (
 	sessionPrefix = netip.MustParsePrefix("2001:db8:1:2:2::/80")
 	routedPrefix  = netip.MustParsePrefix("2001:db8:5:5::/64")
 )
-
-// routedMaxAddrs is egressd-routed's -max-addrs.
-const routedMaxAddrs = 16384
 
 // squidAddrs are the 10 static addresses of squid-random10, on H's link.
 func squidAddrs() []netip.Addr {
@@ -83,13 +81,12 @@ func (b *bench) startSystems() []*system {
 		b.waitPort(&s)
 		systems = append(systems, &s)
 	}
-	egressd(EgressdOnLink, 3101, system{onLink: true, churn: true}, "-rotate", "request", "-prefix", onLinkPrefix.String())
+	egressd(EgressdOnLink, 3101, system{onLink: onLinkPrefix, perRequest: true}, "-rotate", "request", "-prefix", onLinkPrefix.String())
 	b.tp.Router.Run(t, "ip", "-6", "route", "add", routedPrefix.String(), "via", nstest.HostAddr.String(), "dev", b.tp.RouterLink)
-	// In routed mode an address costs the kernel nothing; (d) needs one
-	// per tunnel, more than the default -max-addrs.
-	egressd(EgressdRouted, 3102, system{}, "-mode", "routed", "-rotate", "request", "-prefix", routedPrefix.String(),
-		"-max-addrs", strconv.Itoa(routedMaxAddrs))
-	egressd(EgressdSession, 3103, system{onLink: true, session: true}, "-rotate", "session", "-prefix", sessionPrefix.String())
+	// In routed mode an address costs the kernel nothing: no -max-addrs by
+	// default, and (d) takes one per tunnel.
+	egressd(EgressdRouted, 3102, system{}, "-mode", "routed", "-rotate", "request", "-prefix", routedPrefix.String())
+	egressd(EgressdSession, 3103, system{onLink: sessionPrefix, session: true}, "-rotate", "session", "-prefix", sessionPrefix.String())
 
 	if b.have("tinyproxy") {
 		systems = append(systems, b.startTinyproxy(3104))

@@ -17,7 +17,7 @@ import (
 const addrsUsage = `Usage: egressctl [-admin ADDR] addrs [-json]
 
 Lists the egress addresses egressd holds on its interface, oldest first,
-with their state: adding, ready, in-use, lingering or removing.
+with their state: adding, ready, in-use, warm or removing.
 
 Flags:
   -json   print the JSON document egressd sends

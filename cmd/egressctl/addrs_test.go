@@ -19,7 +19,7 @@ func TestAddrsTable(t *testing.T) {
 			assert.Empty(t, r.stderr)
 			assert.Equal(t, [][]string{
 				{"ADDRESS", "STATE", "AGE"},
-				{"2001:db8::3", "lingering", "2h00m"},
+				{"2001:db8::3", "warm", "2h00m"},
 				{"2001:db8::2", "in-use", "1m30s"},
 				{"2001:db8::1", "ready", "2.00s"}, // same age: by address, numerically
 				{"2001:db8::10", "ready", "2.00s"},

@@ -39,8 +39,9 @@ func cannedStats() stats.Stats {
 		Totals:        stats.SumTotals(ups),
 		Upstreams:     ups,
 		Addresses: stats.AddressStats{
-			Live: 9, Ready: 4, InUse: 3, Lingering: 2,
-			Added: 1000, Removed: 991, AddFailures: 1, RemoveFailures: 2,
+			Live: 9, Ready: 4, InUse: 3, Warm: 2, Fresh: 600, Reused: 400, Retries: 3, Overflows: 1,
+			Budget: &stats.Budget{Rate: 2.5, MaxRate: 5, Burst: 96, Cap: 246, WindowSeconds: 60},
+			Added:  1000, Removed: 991, AddFailures: 1, RemoveFailures: 2,
 			AddLatency: stats.Quantiles{P50: 0.0004, P90: 0.00072, P99: 0.000792},
 		},
 		Clients: stats.ClientStats{
@@ -56,7 +57,7 @@ func cannedAddrs() []stats.Addr {
 	return []stats.Addr{
 		{Addr: "2001:db8::10", State: "ready", Since: t0.Add(-2 * time.Second), AgeSeconds: 2},
 		{Addr: "2001:db8::2", State: "in-use", Since: t0.Add(-90 * time.Second), AgeSeconds: 90},
-		{Addr: "2001:db8::3", State: "lingering", Since: t0.Add(-2 * time.Hour), AgeSeconds: 7200},
+		{Addr: "2001:db8::3", State: "warm", Since: t0.Add(-2 * time.Hour), AgeSeconds: 7200},
 		{Addr: "2001:db8::1", State: "ready", Since: t0.Add(-2 * time.Second), AgeSeconds: 2},
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -29,6 +30,16 @@ in line; 429-OURS answered 429 by egressd; 429-UPSTREAM answered 429 (or 503
 with Retry-After) by the upstream; ERRORS 502/503/504 from egressd and
 aborted responses; UP client to upstream; DOWN upstream to client; P50, P99
 request duration (for tunnels, the time to open them).
+
+Address columns: LIVE on the interface; READY added and unused; IN-USE bound
+by a connection; WARM used and released within the neighbour window, reused
+past the budget; FRESH and REUSED how many were handed out never used before
+and warm. The budget line gives the new addresses a second allowed now
+(-new-addrs), the burst, the most distinct addresses used within the window
+(-neigh-window), and the connections from a new address that got no answer
+and were made again from a warm one: retries, and overflows when the retry
+worked (the router's neighbour table is full; the rate is lowered for a
+while).
 
 Flags:
   -json             print the JSON document egressd sends
@@ -142,11 +153,35 @@ func writeStats(w io.Writer, s *stats.Stats) error {
 
 	a := s.Addresses
 	fmt.Fprintln(tw)
-	fmt.Fprintln(tw, "ADDRESSES\tLIVE\tREADY\tIN-USE\tLINGERING\tADDED\tREMOVED\tADD-FAILURES\tREMOVE-FAILURES\tLOST\tADD-P50\tADD-P99")
-	fmt.Fprintf(tw, "pool\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\n",
-		a.Live, a.Ready, a.InUse, a.Lingering, a.Added, a.Removed, a.AddFailures, a.RemoveFailures, a.Lost,
+	fmt.Fprintln(tw, "ADDRESSES\tLIVE\tREADY\tIN-USE\tWARM\tFRESH\tREUSED\tADDED\tREMOVED\tADD-FAILURES\tREMOVE-FAILURES\tLOST\tADD-P50\tADD-P99")
+	fmt.Fprintf(tw, "pool\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\n",
+		a.Live, a.Ready, a.InUse, a.Warm, a.Fresh, a.Reused, a.Added, a.Removed, a.AddFailures, a.RemoveFailures, a.Lost,
 		humanLatency(a.AddLatency.P50), humanLatency(a.AddLatency.P99))
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	_, err := fmt.Fprintf(w, "\nbudget: %s\n", budgetLine(&a))
+	return err
+}
+
+// budgetLine says what the neighbour budget in force is, and how often a
+// new address got no answer.
+func budgetLine(a *stats.AddressStats) string {
+	b := a.Budget
+	if b == nil {
+		return "none (routed mode): every connection leaves from a never-used address"
+	}
+	rate := fmt.Sprintf("%s new addresses/s", humanRate(b.Rate))
+	if b.Rate < b.MaxRate {
+		rate += fmt.Sprintf(" (lowered from %s after the router overflowed)", humanRate(b.MaxRate))
+	}
+	return fmt.Sprintf("%s, burst %d, at most %d distinct within %s; %d retries from a warm address, %d overflows",
+		rate, b.Burst, b.Cap, humanDuration(b.WindowSeconds), a.Retries, a.Overflows)
+}
+
+// humanRate prints a rate to three significant digits: 5, 2.5, 0.156.
+func humanRate(r float64) string {
+	return strconv.FormatFloat(r, 'g', 3, 64)
 }
 
 // clientsLine says what the clients section holds: the connections open,

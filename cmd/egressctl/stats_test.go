@@ -80,9 +80,11 @@ func TestStatsTable(t *testing.T) {
 			}, table(t, r.stdout, "UPSTREAM"))
 
 			assert.Equal(t, [][]string{
-				{"ADDRESSES", "LIVE", "READY", "IN-USE", "LINGERING", "ADDED", "REMOVED", "ADD-FAILURES", "REMOVE-FAILURES", "LOST", "ADD-P50", "ADD-P99"},
-				{"pool", "9", "4", "3", "2", "1000", "991", "1", "2", "0", "400µs", "792µs"},
+				{"ADDRESSES", "LIVE", "READY", "IN-USE", "WARM", "FRESH", "REUSED", "ADDED", "REMOVED", "ADD-FAILURES", "REMOVE-FAILURES", "LOST", "ADD-P50", "ADD-P99"},
+				{"pool", "9", "4", "3", "2", "600", "400", "1000", "991", "1", "2", "0", "400µs", "792µs"},
 			}, table(t, r.stdout, "ADDRESSES"))
+			assert.Contains(t, r.stdout, "\nbudget: 2.5 new addresses/s (lowered from 5 after the router overflowed), burst 96, "+
+				"at most 246 distinct within 1m00s; 3 retries from a warm address, 1 overflows\n")
 		})
 	}
 }
@@ -93,7 +95,15 @@ func TestStatsTableEmpty(t *testing.T) {
 	assert.Contains(t, out.String(), "egressd up 0s: 0 requests")
 	assert.Contains(t, out.String(), "\nclients: 0 connections open, 0 accept errors; refused: none\n")
 	assert.Contains(t, out.String(), "No upstream has been used yet.")
-	assert.Equal(t, []string{"pool", "0", "0", "0", "0", "0", "0", "0", "0", "0", "-", "-"}, table(t, out.String(), "ADDRESSES")[1])
+	assert.Equal(t, []string{"pool", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "-", "-"}, table(t, out.String(), "ADDRESSES")[1])
+	assert.Contains(t, out.String(), "\nbudget: none (routed mode): every connection leaves from a never-used address\n")
+}
+
+func TestBudgetLine(t *testing.T) {
+	a := stats.AddressStats{Budget: &stats.Budget{Rate: 5, MaxRate: 5, Burst: 96, Cap: 396, WindowSeconds: 60}}
+	assert.Equal(t, "5 new addresses/s, burst 96, at most 396 distinct within 1m00s; 0 retries from a warm address, 0 overflows", budgetLine(&a))
+	a.Budget.Rate = 5.0 / 32
+	assert.Contains(t, budgetLine(&a), "0.156 new addresses/s (lowered from 5 ")
 }
 
 func TestStatsJSON(t *testing.T) {

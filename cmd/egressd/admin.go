@@ -84,7 +84,12 @@ func (s *statsSource) Stats() *stats.Stats {
 			Live:                ps.Live,
 			Ready:               ps.Ready,
 			InUse:               ps.InUse,
-			Lingering:           ps.Lingering,
+			Warm:                ps.Warm,
+			Fresh:               ps.Fresh,
+			Reused:              ps.Reused,
+			Retries:             ps.Retries,
+			Overflows:           ps.Overflows,
+			Budget:              budgetStats(ps.Budget),
 			Added:               ps.Added,
 			Removed:             ps.Removed,
 			AddFailures:         ps.AddFailures,
@@ -95,6 +100,15 @@ func (s *statsSource) Stats() *stats.Stats {
 		},
 		Clients: s.srv.ClientStats(),
 	}
+}
+
+// budgetStats is the pool's budget in force as /stats has it; nil without
+// one (routed mode).
+func budgetStats(b *netutil.BudgetStats) *stats.Budget {
+	if b == nil {
+		return nil
+	}
+	return &stats.Budget{Rate: b.Rate, MaxRate: b.MaxRate, Burst: b.Burst, Cap: b.Cap, WindowSeconds: b.Window.Seconds()}
 }
 
 func (s *statsSource) Addrs() []stats.Addr {

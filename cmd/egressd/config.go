@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -41,8 +42,15 @@ type Config struct {
 	Prefix netip.Prefix
 	// Pin lists addresses never used for egress, never removed.
 	Pin []netip.Addr
-	// MaxAddrs bounds the live egress addresses.
+	// MaxAddrs bounds the live egress addresses; 0 means
+	// netutil.DefaultMaxAddrs on-link and no bound in routed mode, where an
+	// address costs nothing (see maxAddrs).
 	MaxAddrs int
+	// NewAddrs is on-link mode's budget of never-used addresses, a rate and
+	// a burst; NeighWindow how long the router is taken to remember an
+	// address after its last use (see netutil.Budget).
+	NewAddrs    NewAddrs
+	NeighWindow time.Duration
 	// Ready is how many egress addresses are kept added and unused.
 	Ready int
 	// Grace is how long a shutdown waits for requests and tunnels in flight.
@@ -77,10 +85,12 @@ type Config struct {
 	// reach; HTTPPorts those of plain HTTP requests (see proxy.Ports).
 	ConnectPorts, HTTPPorts *proxy.Ports
 	// MaxConns bounds the open client connections, HTTP and SOCKS5
-	// together; MaxConnsPerClient those from one client address.
+	// together; MaxConnsPerClient those from one client address, 0 meaning
+	// MaxConns/4 (see limits).
 	MaxConns, MaxConnsPerClient int
 	// MaxAddrsPerClient bounds the egress addresses one client address
-	// holds at once; 0 means MaxAddrs/4, at least 1 (see limits).
+	// holds at once; 0 means a quarter of the live addresses' bound, none
+	// when there is none (see limits).
 	MaxAddrsPerClient int
 	// ClientTimeout bounds how long a client may take to send its request
 	// head, and how long it may stall while sending a body or reading a
@@ -105,7 +115,8 @@ func defaultConfig() Config {
 	return Config{
 		Listen:       []string{"127.0.0.1:3128"},
 		Mode:         modeOnLink,
-		MaxAddrs:     netutil.DefaultMaxAddrs,
+		NewAddrs:     defaultNewAddrs,
+		NeighWindow:  netutil.DefaultBudget.Window,
 		Ready:        netutil.DefaultReady,
 		Grace:        30 * time.Second,
 		TunnelIdle:   5 * time.Minute,
@@ -118,9 +129,8 @@ func defaultConfig() Config {
 		Admin:        defaultAdmin,
 		LogLevel:     slog.LevelInfo,
 
-		MaxConns:          proxy.DefaultMaxConns,
-		MaxConnsPerClient: proxy.DefaultMaxConnsPerClient,
-		ClientTimeout:     proxy.DefaultClientTimeout,
+		MaxConns:      proxy.DefaultMaxConns,
+		ClientTimeout: proxy.DefaultClientTimeout,
 	}
 }
 
@@ -136,7 +146,9 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs.StringVar(&cfg.Interface, "interface", cfg.Interface, "`NAME` of the interface to add egress addresses to (default: the interface of the IPv6 default route)")
 	fs.Var(prefixValue{&cfg.Prefix}, "prefix", "`CIDR` to draw egress addresses from (default: the /64 of the interface's first global address)")
 	fs.Var(&listValue[netip.Addr]{p: &cfg.Pin, parse: netip.ParseAddr}, "pin", "`ADDR` never to use for egress nor remove; repeatable")
-	fs.Var(intValue{&cfg.MaxAddrs, 1}, "max-addrs", "`N`: most egress addresses live at once")
+	fs.Var(intValue{&cfg.MaxAddrs, 1}, "max-addrs", "`N`: most egress addresses live at once (default: 1024 on-link, none in routed mode)")
+	fs.Var(&newAddrsValue{&cfg.NewAddrs}, "new-addrs", "`RATE[,burst=N]`: never-used egress addresses handed out, on-link; RATE is Nr/s, Nr/m or Nr/h, burst defaults to 96; past it connections reuse warm addresses (the router keeps a neighbour entry per address)")
+	fs.Var(durationValue{&cfg.NeighWindow}, "neigh-window", "`DURATION` the router remembers an egress address after its last use, on-link: warm addresses are reused within it and removed after it")
 	fs.Var(intValue{&cfg.Ready, 0}, "ready", "`N` egress addresses kept added and ready")
 	fs.Var(durationValue{&cfg.Grace}, "grace", "`DURATION` a shutdown waits for requests and tunnels in flight")
 	fs.Var(durationValue{&cfg.TunnelIdle}, "tunnel-idle", "`DURATION` after which a CONNECT tunnel with no traffic is closed")
@@ -151,8 +163,8 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs.Var(&portsValue{p: &cfg.ConnectPorts}, "connect-ports", "`PORTS` CONNECT and SOCKS5 tunnels may reach: ports and ranges, comma-separated; repeatable")
 	fs.Var(&portsValue{p: &cfg.HTTPPorts}, "http-ports", "`PORTS` plain HTTP requests may reach; a range never covers a port of other protocols (25, 22, 6379, ...), naming it alone does; repeatable")
 	fs.Var(intValue{&cfg.MaxConns, 1}, "max-conns", "`N`: most client connections open at once, HTTP and SOCKS5 together; past it a new one gets 503")
-	fs.Var(intValue{&cfg.MaxConnsPerClient, 1}, "max-conns-per-client", "`N`: most connections open from one client address (all of a host's loopback clients are one); past it 503")
-	fs.Var(intValue{&cfg.MaxAddrsPerClient, 1}, "max-addrs-per-client", "`N`: most egress addresses one client address holds at once: its requests and tunnels in flight, its sessions, its connections' addresses; past it 503 (default: max-addrs/4, at least 1)")
+	fs.Var(intValue{&cfg.MaxConnsPerClient, 1}, "max-conns-per-client", "`N`: most connections open from one client address (all of a host's loopback clients are one); past it 503 (default: max-conns/4)")
+	fs.Var(intValue{&cfg.MaxAddrsPerClient, 1}, "max-addrs-per-client", "`N`: most egress addresses one client address holds at once: its requests and tunnels in flight, its sessions, its connections' addresses; past it 503 (default: max-addrs/4, at least 1; none in routed mode without -max-addrs)")
 	fs.Var(durationValue{&cfg.ClientTimeout}, "client-timeout", "`DURATION` a client may take to send its request head, and may stall while sending a body (then 408) or reading a response (then it is cut off)")
 	fs.StringVar(&cfg.Admin, "admin", cfg.Admin, "`ADDR` of the admin API: a unix socket path or host:port; empty turns it off")
 	fs.Var(levelValue{&cfg.LogLevel}, "log-level", "`LEVEL`: debug, info, warn or error")
@@ -289,8 +301,10 @@ func (c *Config) Validate() error {
 		return errors.New("listen: give at least one address")
 	case c.SOCKS5 != "" && slices.Contains(c.Listen, c.SOCKS5):
 		return fmt.Errorf("socks5 %s: also a listen address", c.SOCKS5)
-	case c.Ready > c.MaxAddrs:
-		return fmt.Errorf("ready %d: must not exceed max-addrs %d", c.Ready, c.MaxAddrs)
+	case c.Ready > c.maxAddrs():
+		return fmt.Errorf("ready %d: must not exceed max-addrs %d", c.Ready, c.maxAddrs())
+	case c.NeighWindow <= 0:
+		return fmt.Errorf("neigh-window %s: must be positive", c.NeighWindow)
 	case c.TunnelIdle <= 0:
 		return fmt.Errorf("tunnel-idle %s: must be positive", c.TunnelIdle)
 	case c.DialTimeout <= 0:
@@ -326,15 +340,59 @@ func (c *Config) Validate() error {
 	return nil
 }
 
-// limits are the proxy's client limits: -max-addrs-per-client defaults to a
-// quarter of -max-addrs, so that one client holding all it may still leaves
-// three quarters to the others.
+// noCap is a limit that never binds.
+const noCap = math.MaxInt
+
+// maxAddrs is the bound of the live egress addresses: -max-addrs, or by
+// default netutil.DefaultMaxAddrs on-link, where each address costs the
+// kernel work, and none in routed mode, where an address costs nothing and
+// open connections are bounded by the file descriptors alone.
+func (c *Config) maxAddrs() int {
+	switch {
+	case c.MaxAddrs > 0:
+		return c.MaxAddrs
+	case c.Mode == modeRouted:
+		return noCap
+	}
+	return netutil.DefaultMaxAddrs
+}
+
+// maxSessions bounds the sessions open at once (-rotate session): each holds
+// a transport of its own, so routed mode keeps the on-link bound unless
+// -max-addrs says otherwise.
+func (c *Config) maxSessions() int {
+	if c.MaxAddrs > 0 {
+		return c.MaxAddrs
+	}
+	return netutil.DefaultMaxAddrs
+}
+
+// budget is on-link mode's neighbour budget; routed mode has none.
+func (c *Config) budget() netutil.Budget {
+	if c.Mode == modeRouted {
+		return netutil.Budget{}
+	}
+	return netutil.Budget{Rate: c.NewAddrs.Rate, Burst: c.NewAddrs.Burst, Window: c.NeighWindow}
+}
+
+// limits are the proxy's client limits. -max-conns-per-client defaults to a
+// quarter of -max-conns, and -max-addrs-per-client to a quarter of the live
+// addresses' bound, so that one client holding all it may still leaves
+// three quarters to the others; with no bound (routed mode) it has none
+// either.
 func (c *Config) limits() proxy.Limits {
 	perClient := c.MaxAddrsPerClient
 	if perClient == 0 {
-		perClient = max(c.MaxAddrs/4, 1)
+		perClient = noCap
+		if n := c.maxAddrs(); n != noCap {
+			perClient = max(n/4, 1)
+		}
 	}
-	return proxy.Limits{MaxConns: c.MaxConns, MaxConnsPerClient: c.MaxConnsPerClient, MaxAddrsPerClient: perClient}
+	perConns := c.MaxConnsPerClient
+	if perConns == 0 {
+		perConns = max(c.MaxConns/4, 1)
+	}
+	return proxy.Limits{MaxConns: c.MaxConns, MaxConnsPerClient: perConns, MaxAddrsPerClient: perClient}
 }
 
 // anywhere is every address, IPv4 and IPv6.
@@ -538,8 +596,10 @@ type intValue struct {
 	min int
 }
 
+// String is empty for 0, which for these flags means a default derived from
+// others (the usage says which), so that -h does not call it "default 0".
 func (v intValue) String() string {
-	if v.p == nil {
+	if v.p == nil || *v.p == 0 {
 		return ""
 	}
 	return strconv.Itoa(*v.p)
@@ -552,6 +612,64 @@ func (v intValue) Set(s string) error {
 	}
 	if n < v.min {
 		return fmt.Errorf("%d: must be at least %d", n, v.min)
+	}
+	*v.p = n
+	return nil
+}
+
+// NewAddrs is -new-addrs: the rate and burst of never-used addresses.
+type NewAddrs struct {
+	Rate  float64 // a second
+	Burst int
+	text  string // the rate as written: "5r/s"
+}
+
+func (n NewAddrs) String() string {
+	return fmt.Sprintf("%s,burst=%d", n.text, n.Burst)
+}
+
+// defaultNewAddrs is netutil.DefaultBudget's rate and burst.
+var defaultNewAddrs = NewAddrs{Rate: netutil.DefaultBudget.Rate, Burst: netutil.DefaultBudget.Burst,
+	text: strconv.FormatFloat(netutil.DefaultBudget.Rate, 'f', -1, 64) + "r/s"}
+
+// parseNewAddrs reads RATE[,burst=N], RATE as a -limit rule writes it; the
+// burst defaults to the default budget's.
+func parseNewAddrs(s string) (NewAddrs, error) {
+	parts := strings.Split(s, ",")
+	text := strings.TrimSpace(parts[0])
+	r, err := shape.ParseRate(text)
+	if err != nil {
+		return NewAddrs{}, fmt.Errorf("%q: rate %q: %v", s, text, err)
+	}
+	n := NewAddrs{Rate: r, Burst: netutil.DefaultBudget.Burst, text: text}
+	switch len(parts) {
+	case 1:
+	case 2:
+		v, ok := strings.CutPrefix(strings.TrimSpace(parts[1]), "burst=")
+		b, err := strconv.Atoi(strings.TrimSpace(v))
+		if !ok || err != nil || b < 1 {
+			return NewAddrs{}, fmt.Errorf("%q: want RATE[,burst=N] with N a whole number of at least 1", s)
+		}
+		n.Burst = b
+	default:
+		return NewAddrs{}, fmt.Errorf("%q: want RATE[,burst=N]", s)
+	}
+	return n, nil
+}
+
+type newAddrsValue struct{ p *NewAddrs }
+
+func (v *newAddrsValue) String() string {
+	if v == nil || v.p == nil || v.p.text == "" {
+		return ""
+	}
+	return v.p.String()
+}
+
+func (v *newAddrsValue) Set(s string) error {
+	n, err := parseNewAddrs(s)
+	if err != nil {
+		return err
 	}
 	*v.p = n
 	return nil

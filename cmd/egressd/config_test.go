@@ -38,8 +38,54 @@ func TestLoadConfigDefaults(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, defaultConfig(), cfg)
 	assert.Equal(t, []string{"127.0.0.1:3128"}, cfg.Listen, "not an open proxy by default")
-	assert.Equal(t, 1024, cfg.MaxAddrs)
+	assert.Equal(t, 1024, cfg.maxAddrs())
+	assert.Equal(t, netutil.DefaultBudget, cfg.budget())
 	assert.Equal(t, netutil.IPv4Direct, cfg.IPv4)
+}
+
+// TestLoadConfigBudget: -new-addrs and -neigh-window from flags and the
+// file, in the same syntax as a -limit rule's rate and burst; routed mode
+// has no budget and no bound on live addresses unless -max-addrs says so.
+func TestLoadConfigBudget(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		args     []string
+		file     string
+		want     netutil.Budget
+		maxAddrs int
+		text     string // -new-addrs as the flag prints it
+		err      string
+	}{
+		{name: "defaults", want: netutil.Budget{Rate: 5, Burst: 96, Window: time.Minute}, maxAddrs: 1024, text: "5r/s,burst=96"},
+		{name: "flags", args: []string{"-new-addrs", "120r/m,burst=10", "-neigh-window", "30s"},
+			want: netutil.Budget{Rate: 2, Burst: 10, Window: 30 * time.Second}, maxAddrs: 1024, text: "120r/m,burst=10"},
+		{name: "burst left out", args: []string{"-new-addrs", "0.5r/s"}, want: netutil.Budget{Rate: 0.5, Burst: 96, Window: time.Minute}, maxAddrs: 1024, text: "0.5r/s,burst=96"},
+		{name: "file", file: "new-addrs: 3600r/h, burst=200\nneigh-window: 2m\nmax-addrs: 2000\n",
+			want: netutil.Budget{Rate: 1, Burst: 200, Window: 2 * time.Minute}, maxAddrs: 2000, text: "3600r/h,burst=200"},
+		{name: "routed", args: []string{"-mode", "routed", "-new-addrs", "1r/s"}, want: netutil.Budget{}, maxAddrs: noCap, text: "1r/s,burst=96"},
+		{name: "routed with max-addrs", args: []string{"-mode", "routed", "-max-addrs", "5000"}, want: netutil.Budget{}, maxAddrs: 5000, text: "5r/s,burst=96"},
+		{name: "zero rate", args: []string{"-new-addrs", "0r/s"}, err: `invalid value "0r/s" for flag -new-addrs: "0r/s": rate "0r/s": must be positive`},
+		{name: "no unit", args: []string{"-new-addrs", "5"}, err: `rate "5": want Nr/s, Nr/m or Nr/h`},
+		{name: "too small", args: []string{"-new-addrs", "0." + strings.Repeat("0", 320) + "1r/h"}, err: "too small"},
+		{name: "zero burst", args: []string{"-new-addrs", "5r/s,burst=0"}, err: "want RATE[,burst=N] with N a whole number of at least 1"},
+		{name: "bad option", args: []string{"-new-addrs", "5r/s,bust=3"}, err: "want RATE[,burst=N] with N a whole number of at least 1"},
+		{name: "too many", args: []string{"-new-addrs", "5r/s,burst=3,wait=1s"}, err: `"5r/s,burst=3,wait=1s": want RATE[,burst=N]`},
+		{name: "zero window", args: []string{"-neigh-window", "0s"}, err: "neigh-window 0s: must be positive"},
+		{name: "file bad", file: "new-addrs: fast\n", err: `line 1: key "new-addrs": "fast": rate "fast"`},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := loadConfig(withFile(t, tt.args, tt.file))
+			if tt.err != "" {
+				require.Error(t, err)
+				assert.Contains(t, err.Error(), tt.err)
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, tt.want, cfg.budget())
+			assert.Equal(t, tt.maxAddrs, cfg.maxAddrs())
+			assert.Equal(t, tt.text, cfg.NewAddrs.String())
+		})
+	}
 }
 
 func TestLoadConfigIPv4(t *testing.T) {
@@ -305,7 +351,7 @@ func TestEmptyConfigFile(t *testing.T) {
 func TestUsageListsEveryFlag(t *testing.T) {
 	var names []string
 	flagSet(&Config{}).VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
-	assert.Equal(t, strings.Fields("admin allow allow-dest auth-file client-timeout config connect-ports dial-timeout grace http-ports interface ipv4 limit listen log-level max-addrs max-addrs-per-client max-conns max-conns-per-client mode pin prefix ready rotate session-idle socks5 tunnel-idle"), names)
+	assert.Equal(t, strings.Fields("admin allow allow-dest auth-file client-timeout config connect-ports dial-timeout grace http-ports interface ipv4 limit listen log-level max-addrs max-addrs-per-client max-conns max-conns-per-client mode neigh-window new-addrs pin prefix ready rotate session-idle socks5 tunnel-idle"), names)
 }
 
 // TestLoadConfigDest: the destination settings from flags and the file,
@@ -409,15 +455,18 @@ func TestLoadConfigLimits(t *testing.T) {
 		want    proxy.Limits
 		timeout time.Duration
 	}{
-		{name: "defaults", want: proxy.Limits{MaxConns: 16384, MaxConnsPerClient: 1024, MaxAddrsPerClient: 256}, timeout: 30 * time.Second},
-		{name: "a quarter of max-addrs", args: []string{"-max-addrs", "100"}, want: proxy.Limits{MaxConns: 16384, MaxConnsPerClient: 1024, MaxAddrsPerClient: 25}, timeout: 30 * time.Second},
-		{name: "at least 1", args: []string{"-max-addrs", "3", "-ready", "1"}, want: proxy.Limits{MaxConns: 16384, MaxConnsPerClient: 1024, MaxAddrsPerClient: 1}, timeout: 30 * time.Second},
+		{name: "defaults", want: proxy.Limits{MaxConns: 16384, MaxConnsPerClient: 4096, MaxAddrsPerClient: 256}, timeout: 30 * time.Second},
+		{name: "a quarter of max-addrs", args: []string{"-max-addrs", "100"}, want: proxy.Limits{MaxConns: 16384, MaxConnsPerClient: 4096, MaxAddrsPerClient: 25}, timeout: 30 * time.Second},
+		{name: "at least 1", args: []string{"-max-addrs", "3", "-ready", "1"}, want: proxy.Limits{MaxConns: 16384, MaxConnsPerClient: 4096, MaxAddrsPerClient: 1}, timeout: 30 * time.Second},
+		{name: "routed: no address cap", args: []string{"-mode", "routed"}, want: proxy.Limits{MaxConns: 16384, MaxConnsPerClient: 4096, MaxAddrsPerClient: noCap}, timeout: 30 * time.Second},
+		{name: "routed with max-addrs", args: []string{"-mode", "routed", "-max-addrs", "2000"}, want: proxy.Limits{MaxConns: 16384, MaxConnsPerClient: 4096, MaxAddrsPerClient: 500}, timeout: 30 * time.Second},
+		{name: "a quarter of max-conns", args: []string{"-max-conns", "100"}, want: proxy.Limits{MaxConns: 100, MaxConnsPerClient: 25, MaxAddrsPerClient: 256}, timeout: 30 * time.Second},
 		{name: "flags", args: []string{"-max-conns", "500", "-max-conns-per-client", "50", "-max-addrs-per-client", "7", "-client-timeout", "5s"},
 			want: proxy.Limits{MaxConns: 500, MaxConnsPerClient: 50, MaxAddrsPerClient: 7}, timeout: 5 * time.Second},
 		{name: "file", file: "max-conns: 600\nmax-conns-per-client: 60\nmax-addrs-per-client: 8\nclient-timeout: 1m\n",
 			want: proxy.Limits{MaxConns: 600, MaxConnsPerClient: 60, MaxAddrsPerClient: 8}, timeout: time.Minute},
 		{name: "json", file: `{"max-conns":700,"client-timeout":"2s"}`,
-			want: proxy.Limits{MaxConns: 700, MaxConnsPerClient: 1024, MaxAddrsPerClient: 256}, timeout: 2 * time.Second},
+			want: proxy.Limits{MaxConns: 700, MaxConnsPerClient: 175, MaxAddrsPerClient: 256}, timeout: 2 * time.Second},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg, err := loadConfig(withFile(t, tt.args, tt.file))

@@ -77,39 +77,47 @@ func configFile(t *testing.T, cfg Config) []byte {
 		return out
 	}
 	keys := map[string]any{
-		"listen":               cfg.Listen,
-		"socks5":               cfg.SOCKS5,
-		"mode":                 cfg.Mode,
-		"interface":            cfg.Interface,
-		"pin":                  strs(len(cfg.Pin), func(i int) string { return cfg.Pin[i].String() }),
-		"max-addrs":            cfg.MaxAddrs,
-		"ready":                cfg.Ready,
-		"grace":                cfg.Grace.String(),
-		"tunnel-idle":          cfg.TunnelIdle.String(),
-		"dial-timeout":         cfg.DialTimeout.String(),
-		"rotate":               string(cfg.Rotate),
-		"session-idle":         cfg.SessionIdle.String(),
-		"ipv4":                 string(cfg.IPv4),
-		"limit":                strs(len(cfg.Limits), func(i int) string { return cfg.Limits[i].String() }),
-		"allow":                strs(len(cfg.Allow), func(i int) string { return cfg.Allow[i].String() }),
-		"auth-file":            cfg.AuthFile,
-		"admin":                cfg.Admin,
-		"log-level":            levelValue{&cfg.LogLevel}.String(),
-		"allow-dest":           strs(len(cfg.AllowDest), func(i int) string { return cfg.AllowDest[i].String() }),
-		"connect-ports":        portsKey(cfg.ConnectPorts),
-		"http-ports":           portsKey(cfg.HTTPPorts),
-		"max-conns":            cfg.MaxConns,
-		"max-conns-per-client": cfg.MaxConnsPerClient,
-		"client-timeout":       cfg.ClientTimeout.String(),
+		"listen":         cfg.Listen,
+		"socks5":         cfg.SOCKS5,
+		"mode":           cfg.Mode,
+		"interface":      cfg.Interface,
+		"pin":            strs(len(cfg.Pin), func(i int) string { return cfg.Pin[i].String() }),
+		"ready":          cfg.Ready,
+		"grace":          cfg.Grace.String(),
+		"tunnel-idle":    cfg.TunnelIdle.String(),
+		"dial-timeout":   cfg.DialTimeout.String(),
+		"rotate":         string(cfg.Rotate),
+		"session-idle":   cfg.SessionIdle.String(),
+		"ipv4":           string(cfg.IPv4),
+		"limit":          strs(len(cfg.Limits), func(i int) string { return cfg.Limits[i].String() }),
+		"allow":          strs(len(cfg.Allow), func(i int) string { return cfg.Allow[i].String() }),
+		"auth-file":      cfg.AuthFile,
+		"admin":          cfg.Admin,
+		"log-level":      levelValue{&cfg.LogLevel}.String(),
+		"allow-dest":     strs(len(cfg.AllowDest), func(i int) string { return cfg.AllowDest[i].String() }),
+		"connect-ports":  portsKey(cfg.ConnectPorts),
+		"http-ports":     portsKey(cfg.HTTPPorts),
+		"max-conns":      cfg.MaxConns,
+		"client-timeout": cfg.ClientTimeout.String(),
+		"new-addrs":      cfg.NewAddrs.String(),
+		"neigh-window":   cfg.NeighWindow.String(),
 	}
-	if cfg.MaxAddrsPerClient != 0 { // 0: derived from max-addrs
-		keys["max-addrs-per-client"] = cfg.MaxAddrsPerClient
+	// 0: derived from the mode or another key; the file cannot say 0.
+	derived := map[string]int{"max-addrs": cfg.MaxAddrs, "max-addrs-per-client": cfg.MaxAddrsPerClient,
+		"max-conns-per-client": cfg.MaxConnsPerClient}
+	for k, v := range derived {
+		if v != 0 {
+			keys[k] = v
+		}
 	}
 	if cfg.Prefix.IsValid() {
 		keys["prefix"] = cfg.Prefix.String()
 	}
 	flagSet(new(Config)).VisitAll(func(f *flag.Flag) {
-		if _, ok := keys[f.Name]; !ok && f.Name != "config" && f.Name != "prefix" && f.Name != "max-addrs-per-client" {
+		if _, ok := derived[f.Name]; ok {
+			return
+		}
+		if _, ok := keys[f.Name]; !ok && f.Name != "config" && f.Name != "prefix" {
 			t.Fatalf("configFile does not write key %q", f.Name)
 		}
 	})

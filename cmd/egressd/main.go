@@ -24,6 +24,7 @@ import (
 	"os"
 	"os/signal"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -193,9 +194,11 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 	}
 	exclude := append(slices.Clone(cfg.Pin), hostAddrs...)
 
-	// On-link mode adds every address to the interface and keeps a few
-	// ready; routed mode adds none, so there is nothing to keep ready or to
-	// linger over.
+	// On-link mode adds every address to the interface, keeps a few ready,
+	// and spends never-used ones within the router's neighbour budget,
+	// reusing warm ones past it; routed mode adds none, so there is nothing
+	// to keep ready or warm, and no budget: the router learns no neighbour
+	// per address.
 	var am netutil.AddrManager = mgr
 	ready, linger := readyOrOff(cfg.Ready), time.Duration(0)
 	if routed {
@@ -205,9 +208,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 	pool, err := netutil.NewPool(netutil.PoolConfig{
 		Prefix:     prefix,
 		Exclude:    exclude,
-		Max:        cfg.MaxAddrs,
+		Max:        cfg.maxAddrs(),
 		Ready:      ready,
 		Linger:     linger,
+		Budget:     cfg.budget(),
 		Manager:    am,
 		Logger:     log,
 		ObserveAdd: addLatency.Observe,
@@ -235,7 +239,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 			return dialer.Hold(ctx)
 		},
 		SessionIdle:   cfg.SessionIdle,
-		MaxSessions:   cfg.MaxAddrs,
+		MaxSessions:   cfg.maxSessions(),
 		ClientTimeout: cfg.ClientTimeout,
 		Limits:        cfg.limits(),
 	})
@@ -291,8 +295,8 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 	// Warnings once it runs: a start that fails says only why.
 	warnWeakHashes(log, cfg.AuthFile, lv.access.Users)
 	checkFileLimit(log, cfg.MaxConns)
-	log.Info("egressd ready", "mode", cfg.Mode, "interface", ifname, "prefix", prefix, "max_addrs", cfg.MaxAddrs, "rotate", cfg.Rotate,
-		"allow", allowList(cfg.allowed()), "auth", cfg.AuthFile != "")
+	log.Info("egressd ready", "mode", cfg.Mode, "interface", ifname, "prefix", prefix, "max_addrs", maxAddrsAttr(cfg.maxAddrs()),
+		"new_addrs", budgetAttr(cfg.budget()), "rotate", cfg.Rotate, "allow", allowList(cfg.allowed()), "auth", cfg.AuthFile != "")
 	if err := notify.send("READY=1", "STATUS=serving"); err != nil {
 		log.Warn("telling systemd egressd is ready", "err", err)
 	}
@@ -360,6 +364,22 @@ serve:
 	s := pool.Stats()
 	log.Info("stopped", "removed", removed, "added_total", s.Added, "removed_total", s.Removed)
 	return runErr
+}
+
+// maxAddrsAttr is the bound of live addresses as the startup line shows it.
+func maxAddrsAttr(n int) string {
+	if n == noCap {
+		return "none"
+	}
+	return strconv.Itoa(n)
+}
+
+// budgetAttr is the neighbour budget as the startup line shows it.
+func budgetAttr(b netutil.Budget) string {
+	if b.IsZero() {
+		return "no budget (routed)"
+	}
+	return fmt.Sprintf("%gr/s,burst=%d within %s (at most %d distinct)", b.Rate, b.Burst, b.Window, b.Cap())
 }
 
 // allowList is an allow list as the startup line shows it.

@@ -173,7 +173,7 @@ func TestReload(t *testing.T) {
 
 	// The client limits apply at once; -max-addrs-per-client's default
 	// follows the running -max-addrs, not the file's.
-	assert.Equal(t, proxy.Limits{MaxConns: 16384, MaxConnsPerClient: 1024, MaxAddrsPerClient: 256}, srv.Limits())
+	assert.Equal(t, proxy.Limits{MaxConns: 16384, MaxConnsPerClient: 4096, MaxAddrsPerClient: 256}, srv.Limits())
 	write(file, changed+"max-conns: 100\nmax-conns-per-client: 5\n")
 	msg, err = reload()
 	require.NoError(t, err)

@@ -164,6 +164,21 @@ func (r Rule) validate() (Rule, error) {
 	return r, nil
 }
 
+// ParseRate reads a rate as a rule writes it, Nr/s, Nr/m or Nr/h, and
+// returns it in events a second. Its errors say what is wrong, without the
+// text: the caller names the flag.
+func ParseRate(s string) (float64, error) {
+	count, per, err := parseRate(strings.TrimSpace(s))
+	if err != nil {
+		return 0, err
+	}
+	r := count / perSeconds(per)
+	if r == 0 { // "0.000…1r/h": smaller than any float64
+		return 0, errors.New("too small")
+	}
+	return r, nil
+}
+
 // parseRate reads "60r/m" as 60 and 'm'.
 func parseRate(s string) (float64, byte, error) {
 	num, unit, ok := strings.Cut(s, "r/")

@@ -40,6 +40,16 @@ func plainFamily(name, typ, help string, value func(*Stats) string) family {
 	}}
 }
 
+// budgetFamily writes one sample without labels, or none without a budget
+// (routed mode).
+func budgetFamily(name, help string, value func(*Budget) string) family {
+	return family{Family{name, "gauge", help}, func(p *promWriter, s *Stats) {
+		if b := s.Addresses.Budget; b != nil {
+			p.sample(name, "", value(b))
+		}
+	}}
+}
+
 var families = []family{
 	upstreamFamily("egress_upstream_requests_total", "counter",
 		"Requests and CONNECT tunnels to the upstream host that reached the shaper.",
@@ -89,9 +99,36 @@ var families = []family{
 	plainFamily("egress_address_in_use", "gauge",
 		"Egress addresses bound by an open connection.",
 		func(s *Stats) string { return fmtInt(int64(s.Addresses.InUse)) }),
-	plainFamily("egress_address_lingering", "gauge",
-		"Egress addresses used and waiting to be removed.",
-		func(s *Stats) string { return fmtInt(int64(s.Addresses.Lingering)) }),
+	plainFamily("egress_address_warm", "gauge",
+		"Egress addresses used within the neighbour window and released: reused past the budget, removed once unused for the window.",
+		func(s *Stats) string { return fmtInt(int64(s.Addresses.Warm)) }),
+	plainFamily("egress_address_fresh_total", "counter",
+		"Egress addresses handed out never used before.",
+		func(s *Stats) string { return fmtUint(s.Addresses.Fresh) }),
+	plainFamily("egress_address_reused_total", "counter",
+		"Warm egress addresses handed out again, past the new-address budget.",
+		func(s *Stats) string { return fmtUint(s.Addresses.Reused) }),
+	plainFamily("egress_address_retries_total", "counter",
+		"Connections from a never-used egress address that got no answer at first and were made again from a warm one.",
+		func(s *Stats) string { return fmtUint(s.Addresses.Retries) }),
+	plainFamily("egress_address_overflows_total", "counter",
+		"Retries from a warm address that worked: the router's neighbour table taken as full, and the new-address rate lowered.",
+		func(s *Stats) string { return fmtUint(s.Addresses.Overflows) }),
+	budgetFamily("egress_address_budget_rate",
+		"Never-used egress addresses a second the budget allows now (-new-addrs; lower for a while after an overflow).",
+		func(b *Budget) string { return fmtFloat(b.Rate) }),
+	budgetFamily("egress_address_budget_max_rate",
+		"Never-used egress addresses a second set by -new-addrs.",
+		func(b *Budget) string { return fmtFloat(b.MaxRate) }),
+	budgetFamily("egress_address_budget_burst",
+		"Never-used egress addresses the budget allows at once beyond its rate (-new-addrs burst).",
+		func(b *Budget) string { return fmtInt(int64(b.Burst)) }),
+	budgetFamily("egress_address_budget_cap",
+		"Most distinct egress addresses used within the neighbour window that still let a never-used one be handed out.",
+		func(b *Budget) string { return fmtInt(int64(b.Cap)) }),
+	budgetFamily("egress_address_budget_window_seconds",
+		"How long the router is taken to remember an egress address after its last use (-neigh-window).",
+		func(b *Budget) string { return fmtFloat(b.WindowSeconds) }),
 	plainFamily("egress_address_added_total", "counter",
 		"Egress addresses added to the interface.",
 		func(s *Stats) string { return fmtUint(s.Addresses.Added) }),

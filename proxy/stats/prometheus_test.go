@@ -145,7 +145,16 @@ func TestWritePrometheusValues(t *testing.T) {
 	assert.Equal(t, 9.0, plain("egress_address_live").GetGauge().GetValue())
 	assert.Equal(t, 4.0, plain("egress_address_ready").GetGauge().GetValue())
 	assert.Equal(t, 3.0, plain("egress_address_in_use").GetGauge().GetValue())
-	assert.Equal(t, 2.0, plain("egress_address_lingering").GetGauge().GetValue())
+	assert.Equal(t, 2.0, plain("egress_address_warm").GetGauge().GetValue())
+	assert.Equal(t, 600.0, plain("egress_address_fresh_total").GetCounter().GetValue())
+	assert.Equal(t, 400.0, plain("egress_address_reused_total").GetCounter().GetValue())
+	assert.Equal(t, 3.0, plain("egress_address_retries_total").GetCounter().GetValue())
+	assert.Equal(t, 1.0, plain("egress_address_overflows_total").GetCounter().GetValue())
+	assert.Equal(t, 2.5, plain("egress_address_budget_rate").GetGauge().GetValue())
+	assert.Equal(t, 5.0, plain("egress_address_budget_max_rate").GetGauge().GetValue())
+	assert.Equal(t, 96.0, plain("egress_address_budget_burst").GetGauge().GetValue())
+	assert.Equal(t, 246.0, plain("egress_address_budget_cap").GetGauge().GetValue())
+	assert.Equal(t, 60.0, plain("egress_address_budget_window_seconds").GetGauge().GetValue())
 	assert.Equal(t, 1000.0, plain("egress_address_added_total").GetCounter().GetValue())
 	assert.Equal(t, 991.0, plain("egress_address_removed_total").GetCounter().GetValue())
 	assert.Equal(t, 1.0, plain("egress_address_add_failures_total").GetCounter().GetValue())
@@ -237,6 +246,8 @@ func TestWritePrometheusEmpty(t *testing.T) {
 	assert.Contains(t, text, "# TYPE egress_upstream_requests_total counter\n")
 	assert.Equal(t, 1.7e9, mfs["egress_start_time_seconds"].GetMetric()[0].GetGauge().GetValue())
 	assert.Equal(t, uint64(0), mfs["egress_address_add_duration_seconds"].GetMetric()[0].GetHistogram().GetSampleCount())
+	assert.NotContains(t, mfs, "egress_address_budget_rate", "no budget (routed mode): no sample")
+	assert.Contains(t, text, "# TYPE egress_address_budget_rate gauge\n")
 }
 
 type failWriter struct{}

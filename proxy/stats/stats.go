@@ -79,10 +79,26 @@ type UpstreamStats struct {
 
 // AddressStats describes the pool of egress addresses.
 type AddressStats struct {
-	Live      int `json:"live"`      // on the interface now, in any state
-	Ready     int `json:"ready"`     // added, not yet used
-	InUse     int `json:"in_use"`    // bound by an open connection
-	Lingering int `json:"lingering"` // used, waiting to be removed
+	Live  int `json:"live"`   // on the interface now, in any state
+	Ready int `json:"ready"`  // added, not yet used
+	InUse int `json:"in_use"` // bound by an open connection
+	// Warm addresses were used and released within the neighbour window:
+	// reused past the budget, removed once unused for the window.
+	Warm int `json:"warm"`
+
+	// Fresh counts addresses handed out never used before, Reused warm
+	// ones handed out again past the budget.
+	Fresh  uint64 `json:"fresh"`
+	Reused uint64 `json:"reused"`
+	// Retries counts connections from a never-used address that got no
+	// answer at first and were made again from a warm address; Overflows
+	// those of them that worked then: the router's neighbour table taken
+	// as full, and the new-address rate lowered.
+	Retries   uint64 `json:"retries"`
+	Overflows uint64 `json:"overflows"`
+	// Budget is the neighbour budget in force (on-link mode); nil without
+	// one (routed mode).
+	Budget *Budget `json:"budget,omitempty"`
 
 	Added          uint64 `json:"added"`
 	Removed        uint64 `json:"removed"`
@@ -98,10 +114,24 @@ type AddressStats struct {
 	AddLatencyHistogram HistogramSnapshot `json:"-"`
 }
 
+// Budget is the neighbour budget in force: how many never-used addresses
+// egressd hands out (see -new-addrs and -neigh-window).
+type Budget struct {
+	// Rate is the never-used addresses a second allowed now; MaxRate the
+	// rate set, which Rate is below for a while after an overflow.
+	Rate    float64 `json:"rate"`
+	MaxRate float64 `json:"max_rate"`
+	Burst   int     `json:"burst"`
+	// Cap is the most distinct addresses used within the window that still
+	// let a never-used one be handed out: Burst + Rate x Window.
+	Cap           int     `json:"cap"`
+	WindowSeconds float64 `json:"window_seconds"`
+}
+
 // Addr is one element of the JSON array of GET /addrs.
 type Addr struct {
 	Addr       string    `json:"addr"`
-	State      string    `json:"state"` // ready, in-use, lingering, adding, removing
+	State      string    `json:"state"` // ready, in-use, warm, adding, removing
 	Since      time.Time `json:"since"`
 	AgeSeconds float64   `json:"age_seconds"`
 }

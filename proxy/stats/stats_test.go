@@ -60,8 +60,10 @@ func sampleStats(t testing.TB) *Stats {
 		Totals:        SumTotals(ups),
 		Upstreams:     ups,
 		Addresses: AddressStats{
-			Live: 9, Ready: 4, InUse: 3, Lingering: 2,
-			Added: 1000, Removed: 991, AddFailures: 1, RemoveFailures: 2,
+			Live: 9, Ready: 4, InUse: 3, Warm: 2,
+			Fresh: 600, Reused: 400, Retries: 3, Overflows: 1,
+			Budget: &Budget{Rate: 2.5, MaxRate: 5, Burst: 96, Cap: 246, WindowSeconds: 60},
+			Added:  1000, Removed: 991, AddFailures: 1, RemoveFailures: 2,
 			AddLatency:          addSnap.Quantiles(),
 			AddLatencyHistogram: addSnap,
 		},
@@ -89,7 +91,7 @@ func TestJSONGolden(t *testing.T) {
 		{"stats", sampleStats(t)},
 		{"addrs", []Addr{
 			{Addr: "2001:db8::1", State: "in-use", Since: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC), AgeSeconds: 12.5},
-			{Addr: "2001:db8::2", State: "lingering", Since: time.Date(2025, 3, 1, 12, 0, 1, 0, time.UTC), AgeSeconds: 11.5},
+			{Addr: "2001:db8::2", State: "warm", Since: time.Date(2025, 3, 1, 12, 0, 1, 0, time.UTC), AgeSeconds: 11.5},
 		}},
 	}
 	for _, tt := range tests {

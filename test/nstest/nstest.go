@@ -215,6 +215,7 @@ type Topo struct {
 
 	nlMu sync.Mutex
 	nl   *netlink.Handle // in H
+	rnl  *netlink.Handle // in R, opened by RouterNeighbours
 }
 
 var counter atomic.Int64
@@ -277,17 +278,12 @@ func New(t testing.TB) *Topo {
 		mustIP(t, args...)
 	}
 
-	// On-link rotation makes R learn a neighbour entry for every egress
-	// address, and the kernel's table is one for all namespaces (1,024
-	// entries, resizable only in the machine's own namespace). An entry
-	// can only be collected once it went stale, 15 to 45 s after it was
-	// confirmed by default: that caps sustained churn at about 34 new
-	// addresses a second (measured: at 50/s the table stays full). R's link
-	// lets entries go stale after about a second instead, as a router with
-	// a short reachable time would, so that the tests and benchmarks can
-	// rotate at 100 new addresses a second (measured: 4,000 requests, no
-	// overflow). A provider's router has a table of its own size.
-	tp.Router.Run(t, "sysctl", "-qw", "net.ipv6.neigh."+tp.RouterLink+".base_reachable_time_ms=1000")
+	// R keeps the kernel's default neighbour settings (reachable time 30 s,
+	// entries collected once unused for 60 s), as real routers do: on-link
+	// rotation makes R learn a neighbour entry for every egress address, in
+	// a table of 1,024 entries that every namespace of the machine shares,
+	// and egressd's neighbour budget (-new-addrs) is what keeps it from
+	// filling. Tests never tune it.
 
 	// Names inside H only: `ip netns exec` bind-mounts these over /etc/hosts
 	// and /etc/resolv.conf. The resolver points at H's own loopback, where
@@ -340,6 +336,64 @@ func (tp *Topo) HostAddrs() ([]netlink.Addr, error) {
 	return addrs, nil
 }
 
+// RouterNeighbours counts R's neighbour entries on its link for addresses
+// of prefix, in any state: what egressd's on-link addresses cost the router.
+func (tp *Topo) RouterNeighbours(prefix netip.Prefix) (int, error) {
+	tp.nlMu.Lock()
+	defer tp.nlMu.Unlock()
+	if tp.rnl == nil {
+		h, err := netlink.NewHandleAt(tp.Router.handle)
+		if err != nil {
+			return 0, fmt.Errorf("opening netlink in %s: %w", tp.Router.Name, err)
+		}
+		tp.rnl = h
+	}
+	link, err := tp.rnl.LinkByName(tp.RouterLink)
+	if err != nil {
+		return 0, fmt.Errorf("finding %s in %s: %w", tp.RouterLink, tp.Router.Name, err)
+	}
+	neighs, err := tp.rnl.NeighList(link.Attrs().Index, netlink.FAMILY_V6)
+	if err != nil {
+		return 0, fmt.Errorf("listing neighbours of %s in %s: %w", tp.RouterLink, tp.Router.Name, err)
+	}
+	n := 0
+	for _, nb := range neighs {
+		if a, ok := netip.AddrFromSlice(nb.IP); ok && prefix.Contains(a.Unmap()) {
+			n++
+		}
+	}
+	return n, nil
+}
+
+// WatchNeighbours samples RouterNeighbours(prefix) every interval, from now
+// until stop is called, which returns the samples (a failed one is -1).
+func (tp *Topo) WatchNeighbours(prefix netip.Prefix, interval time.Duration) (stop func() []int) {
+	done := make(chan struct{})
+	out := make(chan []int, 1)
+	go func() {
+		var samples []int
+		tick := time.NewTicker(interval)
+		defer tick.Stop()
+		for {
+			n, err := tp.RouterNeighbours(prefix)
+			if err != nil {
+				n = -1
+			}
+			samples = append(samples, n)
+			select {
+			case <-done:
+				out <- samples
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	return func() []int {
+		close(done)
+		return <-out
+	}
+}
+
 // AddrOf is the address of a netlink.Addr as a netip.Addr.
 func AddrOf(a netlink.Addr) netip.Addr {
 	ip, _ := netip.AddrFromSlice(a.IP)
@@ -354,11 +408,13 @@ func PrefixLen(a netlink.Addr) int {
 
 func (tp *Topo) remove() error {
 	var errs []error
-	if tp.nl != nil {
-		tp.nlMu.Lock()
-		tp.nl.Close()
-		tp.nlMu.Unlock()
+	tp.nlMu.Lock()
+	for _, h := range []*netlink.Handle{tp.nl, tp.rnl} {
+		if h != nil {
+			h.Close()
+		}
 	}
+	tp.nlMu.Unlock()
 	for _, ns := range []*NS{tp.Host, tp.Router} {
 		if ns.handle >= 0 {
 			ns.handle.Close()
