@@ -22,13 +22,15 @@ func cannedStats() stats.Stats {
 	ups := []stats.UpstreamStats{
 		{
 			Upstream: "api.example.com", Rule: "*.example.com",
-			Requests: 120, InFlight: 3, Waiting: 2, WaitSeconds: 2.5,
-			Rejected: 4, Throttled: 1, Errors: 2,
-			BytesUp: 1 << 20, BytesDown: 3*(1<<20) + 300<<10,
+			Counters: stats.Counters{
+				Requests: 120, InFlight: 3, Waiting: 2, WaitSeconds: 2.5,
+				Rejected: 4, Throttled: 1, Errors: 2,
+				BytesUp: 1 << 20, BytesDown: 3*(1<<20) + 300<<10,
+			},
 			Latency: stats.Quantiles{P50: 0.000155, P90: 0.000199, P99: 104.8576},
 		},
 		{
-			Upstream: "tab\there.test", Requests: 1, IPv4: 1, BytesDown: 10,
+			Upstream: "tab\there.test", Counters: stats.Counters{Requests: 1, IPv4: 1, BytesDown: 10},
 			Latency: stats.Quantiles{P50: 0.0024, P90: 0.00304, P99: 0.003184},
 		},
 		{Upstream: "idle.test"},

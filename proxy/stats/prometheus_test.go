@@ -216,7 +216,7 @@ func TestWritePrometheusLabelEscaping(t *testing.T) {
 	}
 	s := &Stats{}
 	for i, h := range hosts {
-		s.Upstreams = append(s.Upstreams, UpstreamStats{Upstream: h, Requests: uint64(i + 1)})
+		s.Upstreams = append(s.Upstreams, UpstreamStats{Upstream: h, Counters: Counters{Requests: uint64(i + 1)}})
 	}
 	mfs := parse(t, write(t, s))
 	got := byUpstream(t, mfs["egress_upstream_requests_total"])
@@ -232,7 +232,7 @@ func TestWritePrometheusLabelEscaping(t *testing.T) {
 func TestWritePrometheusInvalidUTF8(t *testing.T) {
 	// The Registry keeps such hosts out, but a Stats built otherwise must
 	// still produce an exposition Prometheus accepts.
-	s := &Stats{Upstreams: []UpstreamStats{{Upstream: "bad\xff\xfehost", Requests: 1}}}
+	s := &Stats{Upstreams: []UpstreamStats{{Upstream: "bad\xff\xfehost", Counters: Counters{Requests: 1}}}}
 	got := byUpstream(t, parse(t, write(t, s))["egress_upstream_requests_total"])
 	assert.Contains(t, got, "bad\uFFFDhost")
 }
