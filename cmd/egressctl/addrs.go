@@ -11,6 +11,7 @@ import (
 	"slices"
 	"text/tabwriter"
 
+	"github.com/egressd/egressd/internal/admin"
 	"github.com/egressd/egressd/proxy/stats"
 )
 
@@ -25,8 +26,12 @@ Flags:
 
 // addrsCommand is egressctl addrs.
 type addrsCommand struct {
-	admin  *adminClient
+	admin  *admin.Client
 	stdout io.Writer
+}
+
+func newAddrsCommand(c *admin.Client, stdout io.Writer, _ bool) command {
+	return &addrsCommand{admin: c, stdout: stdout}
 }
 
 func (c *addrsCommand) Run(ctx context.Context, args []string) error {
@@ -35,7 +40,7 @@ func (c *addrsCommand) Run(ctx context.Context, args []string) error {
 	if ok, err := parseFlags(fs, args, addrsUsage, c.stdout); !ok {
 		return err
 	}
-	body, err := c.admin.get(ctx, "/addrs")
+	body, err := c.admin.Get(ctx, "/addrs")
 	if err != nil {
 		return err
 	}
@@ -44,7 +49,7 @@ func (c *addrsCommand) Run(ctx context.Context, args []string) error {
 	}
 	var addrs []stats.Addr
 	if err := json.Unmarshal(body, &addrs); err != nil {
-		return fmt.Errorf("decoding /addrs from egressd at %s: %w", c.admin.admin, err)
+		return fmt.Errorf("decoding /addrs from egressd at %s: %w", c.admin.Addr(), err)
 	}
 	return writeAddrs(c.stdout, addrs)
 }

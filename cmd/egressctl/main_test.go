@@ -225,32 +225,3 @@ func TestNotOK(t *testing.T) {
 	r = egressctl(t, "-admin", admin, "nosuch")
 	assert.Equal(t, 2, r.code)
 }
-
-func TestAdminAddress(t *testing.T) {
-	tests := []struct {
-		admin string
-		tcp   bool
-		base  string
-	}{
-		{"/run/egressd/admin.sock", false, "http://egressd"},
-		{"./admin.sock", false, "http://egressd"},
-		{"admin.sock", false, "http://egressd"},
-		{"./odd:name.sock", false, "http://egressd"},
-		{"/tmp/odd:name.sock", false, "http://egressd"},
-		{"127.0.0.1:9090", true, "http://127.0.0.1:9090"},
-		{"[::1]:9090", true, "http://[::1]:9090"},
-		{"localhost:9090", true, "http://localhost:9090"},
-		{"http://localhost:9090/", true, "http://localhost:9090"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.admin, func(t *testing.T) {
-			c, err := newAdminClient(tt.admin)
-			require.NoError(t, err)
-			assert.Equal(t, tt.tcp, isTCP(tt.admin))
-			assert.Equal(t, tt.base, c.base)
-			tr := c.hc.Transport.(*http.Transport)
-			assert.Nil(t, tr.Proxy, "never through HTTP(S)_PROXY, which may be egressd itself")
-			assert.Equal(t, !tt.tcp, tr.DialContext != nil)
-		})
-	}
-}

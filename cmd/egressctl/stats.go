@@ -13,6 +13,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/egressd/egressd/internal/admin"
 	"github.com/egressd/egressd/proxy/stats"
 )
 
@@ -51,10 +52,14 @@ const clearScreen = "\x1b[H\x1b[2J"
 
 // statsCommand is egressctl stats.
 type statsCommand struct {
-	admin    *adminClient
+	admin    *admin.Client
 	stdout   io.Writer
 	terminal bool             // stdout is a terminal: clear it between frames
 	now      func() time.Time // for the watch header; time.Now if nil
+}
+
+func newStatsCommand(c *admin.Client, stdout io.Writer, terminal bool) command {
+	return &statsCommand{admin: c, stdout: stdout, terminal: terminal}
 }
 
 func (c *statsCommand) Run(ctx context.Context, args []string) error {
@@ -115,7 +120,7 @@ func (c *statsCommand) watch(ctx context.Context, d time.Duration, asJSON bool) 
 
 // frame fetches /stats once and writes it to w.
 func (c *statsCommand) frame(ctx context.Context, w io.Writer, asJSON bool) error {
-	body, err := c.admin.get(ctx, "/stats")
+	body, err := c.admin.Get(ctx, "/stats")
 	if err != nil {
 		return err
 	}
@@ -124,7 +129,7 @@ func (c *statsCommand) frame(ctx context.Context, w io.Writer, asJSON bool) erro
 	}
 	var s stats.Stats
 	if err := json.Unmarshal(body, &s); err != nil {
-		return fmt.Errorf("decoding /stats from egressd at %s: %w", c.admin.admin, err)
+		return fmt.Errorf("decoding /stats from egressd at %s: %w", c.admin.Addr(), err)
 	}
 	return writeStats(w, &s)
 }

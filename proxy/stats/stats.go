@@ -1,7 +1,8 @@
 // Package stats is egressd's per-upstream accounting: live counters that the
-// proxy updates on its hot path (Upstream, Histogram), the JSON documents the
-// admin API serves and egressctl decodes (Stats, Addr), and their Prometheus
-// text exposition (WritePrometheus, Series).
+// proxy updates on its hot path (Upstream, Histogram), and the JSON documents the
+// admin API serves and egressctl decodes (Stats, Addr). Their Prometheus
+// exposition is package promstats', which this package does not import, so
+// that decoding the documents does not link client_golang.
 //
 // The counters are atomics, so the proxy never takes a lock to count, and
 // Registry.Upstream does not allocate for a host it has seen. Series are
