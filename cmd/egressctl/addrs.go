@@ -11,7 +11,6 @@ import (
 	"slices"
 	"text/tabwriter"
 
-	"github.com/egressd/egressd/internal/admin"
 	"github.com/egressd/egressd/proxy/stats"
 )
 
@@ -25,14 +24,7 @@ Flags:
 `
 
 // addrsCommand is egressctl addrs.
-type addrsCommand struct {
-	admin  *admin.Client
-	stdout io.Writer
-}
-
-func newAddrsCommand(c *admin.Client, stdout io.Writer, _ bool) command {
-	return &addrsCommand{admin: c, stdout: stdout}
-}
+type addrsCommand struct{ env }
 
 func (c *addrsCommand) Run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("addrs", flag.ContinueOnError)

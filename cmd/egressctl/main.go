@@ -26,17 +26,6 @@ func main() {
 	os.Exit(report(os.Stderr, err))
 }
 
-// command is one of egressctl's commands, each in a file of its own.
-type command interface {
-	Run(ctx context.Context, args []string) error
-}
-
-var commands = map[string]func(c *admin.Client, stdout io.Writer, terminal bool) command{
-	"stats":  newStatsCommand,
-	"addrs":  newAddrsCommand,
-	"reload": newReloadCommand,
-}
-
 // run parses the global flags and runs the command they name. It prints
 // usage to stdout when asked for it; errors are left to report.
 func run(ctx context.Context, args []string, stdout io.Writer, terminal bool) error {
@@ -65,5 +54,5 @@ func run(ctx context.Context, args []string, stdout io.Writer, terminal bool) er
 	case *addr == "":
 		return usageError{"", "-admin is empty: give egressd's admin socket path or host:port"}
 	}
-	return newCmd(admin.NewClient(*addr), stdout, terminal).Run(ctx, fs.Args()[1:])
+	return newCmd(env{admin.NewClient(*addr), stdout, terminal}).Run(ctx, fs.Args()[1:])
 }

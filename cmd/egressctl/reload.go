@@ -4,9 +4,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"io"
-
-	"github.com/egressd/egressd/internal/admin"
 )
 
 const reloadUsage = `Usage: egressctl [-admin ADDR] reload
@@ -22,14 +19,7 @@ Prints one line: what changed, or why egressd refused the new configuration
 `
 
 // reloadCommand is egressctl reload.
-type reloadCommand struct {
-	admin  *admin.Client
-	stdout io.Writer
-}
-
-func newReloadCommand(c *admin.Client, stdout io.Writer, _ bool) command {
-	return &reloadCommand{admin: c, stdout: stdout}
-}
+type reloadCommand struct{ env }
 
 func (c *reloadCommand) Run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("reload", flag.ContinueOnError)

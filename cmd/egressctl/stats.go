@@ -13,7 +13,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/egressd/egressd/internal/admin"
 	"github.com/egressd/egressd/proxy/stats"
 )
 
@@ -52,14 +51,8 @@ const clearScreen = "\x1b[H\x1b[2J"
 
 // statsCommand is egressctl stats.
 type statsCommand struct {
-	admin    *admin.Client
-	stdout   io.Writer
-	terminal bool             // stdout is a terminal: clear it between frames
-	now      func() time.Time // for the watch header; time.Now if nil
-}
-
-func newStatsCommand(c *admin.Client, stdout io.Writer, terminal bool) command {
-	return &statsCommand{admin: c, stdout: stdout, terminal: terminal}
+	env                  // with terminal set, the screen is cleared between frames
+	now func() time.Time // for the watch header; time.Now if nil
 }
 
 func (c *statsCommand) Run(ctx context.Context, args []string) error {

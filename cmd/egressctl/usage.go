@@ -2,7 +2,6 @@ package main
 
 import (
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"strings"
@@ -58,21 +57,4 @@ func (e usageError) Error() string {
 		return e.msg + " (run 'egressctl -h' for usage)"
 	}
 	return e.cmd + ": " + e.msg + " (run 'egressctl " + e.cmd + " -h' for usage)"
-}
-
-// parseFlags parses the flags of command cmd, printing help to stdout for
-// -h. It reports whether the command should go on.
-func parseFlags(fs *flag.FlagSet, args []string, help string, stdout io.Writer) (bool, error) {
-	fs.SetOutput(io.Discard)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			_, err = io.WriteString(stdout, help)
-			return false, err
-		}
-		return false, usageError{fs.Name(), err.Error()}
-	}
-	if fs.NArg() > 0 {
-		return false, usageError{fs.Name(), fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
-	}
-	return true, nil
 }
