@@ -11,6 +11,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"html"
 	"io"
@@ -208,7 +209,7 @@ func serveDeltaProfile(w http.ResponseWriter, r *http.Request, p *pprof.Profile,
 	select {
 	case <-r.Context().Done():
 		err := r.Context().Err()
-		if err == context.DeadlineExceeded {
+		if errors.Is(err, context.DeadlineExceeded) {
 			pprofError(w, http.StatusRequestTimeout, err.Error())
 		} else {
 			pprofError(w, http.StatusInternalServerError, err.Error())
