@@ -24,10 +24,7 @@ Flags:
 `
 
 // addrsCommand is egressctl addrs.
-type addrsCommand struct {
-	admin  *adminClient
-	stdout io.Writer
-}
+type addrsCommand struct{ env }
 
 func (c *addrsCommand) Run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("addrs", flag.ContinueOnError)
@@ -35,7 +32,7 @@ func (c *addrsCommand) Run(ctx context.Context, args []string) error {
 	if ok, err := parseFlags(fs, args, addrsUsage, c.stdout); !ok {
 		return err
 	}
-	body, err := c.admin.get(ctx, "/addrs")
+	body, err := c.admin.Get(ctx, "/addrs")
 	if err != nil {
 		return err
 	}
@@ -44,7 +41,7 @@ func (c *addrsCommand) Run(ctx context.Context, args []string) error {
 	}
 	var addrs []stats.Addr
 	if err := json.Unmarshal(body, &addrs); err != nil {
-		return fmt.Errorf("decoding /addrs from egressd at %s: %w", c.admin.admin, err)
+		return fmt.Errorf("decoding /addrs from egressd at %s: %w", c.admin.Addr(), err)
 	}
 	return writeAddrs(c.stdout, addrs)
 }

@@ -1,8 +1,12 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
+	"io"
 	"math"
+	"os"
 	"strconv"
 	"strings"
 	"unicode"
@@ -93,4 +97,23 @@ func cell(s string) string {
 	}
 	q := strconv.QuoteToGraphic(s)
 	return q[1 : len(q)-1]
+}
+
+// writeIndented writes the JSON document b indented, as received otherwise.
+func writeIndented(w io.Writer, b []byte) error {
+	var buf bytes.Buffer
+	// TrimSpace: Indent keeps the newline a json.Encoder ends with.
+	if err := json.Indent(&buf, bytes.TrimSpace(b), "", "  "); err != nil {
+		return fmt.Errorf("egressd sent invalid JSON: %w", err)
+	}
+	buf.WriteByte('\n')
+	_, err := w.Write(buf.Bytes())
+	return err
+}
+
+// isTerminal reports whether f is a terminal: a character device. Of the
+// others, only /dev/null is common, where clearing the screen is harmless.
+func isTerminal(f *os.File) bool {
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }

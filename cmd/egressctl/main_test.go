@@ -22,13 +22,15 @@ func cannedStats() stats.Stats {
 	ups := []stats.UpstreamStats{
 		{
 			Upstream: "api.example.com", Rule: "*.example.com",
-			Requests: 120, InFlight: 3, Waiting: 2, WaitSeconds: 2.5,
-			Rejected: 4, Throttled: 1, Errors: 2,
-			BytesUp: 1 << 20, BytesDown: 3*(1<<20) + 300<<10,
+			Counters: stats.Counters{
+				Requests: 120, InFlight: 3, Waiting: 2, WaitSeconds: 2.5,
+				Rejected: 4, Throttled: 1, Errors: 2,
+				BytesUp: 1 << 20, BytesDown: 3*(1<<20) + 300<<10,
+			},
 			Latency: stats.Quantiles{P50: 0.000155, P90: 0.000199, P99: 104.8576},
 		},
 		{
-			Upstream: "tab\there.test", Requests: 1, IPv4: 1, BytesDown: 10,
+			Upstream: "tab\there.test", Counters: stats.Counters{Requests: 1, IPv4: 1, BytesDown: 10},
 			Latency: stats.Quantiles{P50: 0.0024, P90: 0.00304, P99: 0.003184},
 		},
 		{Upstream: "idle.test"},
@@ -222,33 +224,4 @@ func TestNotOK(t *testing.T) {
 
 	r = egressctl(t, "-admin", admin, "nosuch")
 	assert.Equal(t, 2, r.code)
-}
-
-func TestAdminAddress(t *testing.T) {
-	tests := []struct {
-		admin string
-		tcp   bool
-		base  string
-	}{
-		{"/run/egressd/admin.sock", false, "http://egressd"},
-		{"./admin.sock", false, "http://egressd"},
-		{"admin.sock", false, "http://egressd"},
-		{"./odd:name.sock", false, "http://egressd"},
-		{"/tmp/odd:name.sock", false, "http://egressd"},
-		{"127.0.0.1:9090", true, "http://127.0.0.1:9090"},
-		{"[::1]:9090", true, "http://[::1]:9090"},
-		{"localhost:9090", true, "http://localhost:9090"},
-		{"http://localhost:9090/", true, "http://localhost:9090"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.admin, func(t *testing.T) {
-			c, err := newAdminClient(tt.admin)
-			require.NoError(t, err)
-			assert.Equal(t, tt.tcp, isTCP(tt.admin))
-			assert.Equal(t, tt.base, c.base)
-			tr := c.hc.Transport.(*http.Transport)
-			assert.Nil(t, tr.Proxy, "never through HTTP(S)_PROXY, which may be egressd itself")
-			assert.Equal(t, !tt.tcp, tr.DialContext != nil)
-		})
-	}
 }

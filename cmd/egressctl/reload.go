@@ -2,14 +2,8 @@ package main
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
-	"io"
-	"net/http"
-
-	"github.com/egressd/egressd/proxy"
 )
 
 const reloadUsage = `Usage: egressctl [-admin ADDR] reload
@@ -25,30 +19,17 @@ Prints one line: what changed, or why egressd refused the new configuration
 `
 
 // reloadCommand is egressctl reload.
-type reloadCommand struct {
-	admin  *adminClient
-	stdout io.Writer
-}
+type reloadCommand struct{ env }
 
 func (c *reloadCommand) Run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("reload", flag.ContinueOnError)
 	if ok, err := parseFlags(fs, args, reloadUsage, c.stdout); !ok {
 		return err
 	}
-	_, body, err := c.admin.do(ctx, http.MethodPost, "/reload", http.StatusUnprocessableEntity)
+	msg, err := c.admin.Reload(ctx)
 	if err != nil {
 		return err
 	}
-	var res proxy.ReloadResult
-	if err := json.Unmarshal(body, &res); err != nil {
-		return fmt.Errorf("decoding /reload from egressd at %s: %w", c.admin.admin, err)
-	}
-	if !res.OK {
-		if res.Error == "" {
-			res.Error = "reload refused"
-		}
-		return errors.New(res.Error)
-	}
-	_, err = fmt.Fprintln(c.stdout, res.Message)
+	_, err = fmt.Fprintln(c.stdout, msg)
 	return err
 }

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egressd/egressd/proxy"
+	"github.com/egressd/egressd/internal/admin"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -28,7 +28,7 @@ func TestReload(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "admin.sock")
 	ln, err := net.Listen("unix", sock)
 	require.NoError(t, err)
-	srv := &http.Server{Handler: proxy.AdminHandler(nil, reload), ReadHeaderTimeout: 5 * time.Second}
+	srv := &http.Server{Handler: admin.NewHandler(admin.Config{Reload: reload}), ReadHeaderTimeout: 5 * time.Second}
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 
@@ -53,7 +53,7 @@ func TestReload(t *testing.T) {
 	// An egressd without reload (an older one) answers 405 or 404.
 	ln2, err := net.Listen("unix", filepath.Join(t.TempDir(), "old.sock"))
 	require.NoError(t, err)
-	old := &http.Server{Handler: proxy.AdminHandler(nil, nil), ReadHeaderTimeout: 5 * time.Second}
+	old := &http.Server{Handler: admin.NewHandler(admin.Config{}), ReadHeaderTimeout: 5 * time.Second}
 	go old.Serve(ln2)
 	t.Cleanup(func() { old.Close() })
 	r = egressctl(t, "-admin", ln2.Addr().String(), "reload")

@@ -51,10 +51,8 @@ const clearScreen = "\x1b[H\x1b[2J"
 
 // statsCommand is egressctl stats.
 type statsCommand struct {
-	admin    *adminClient
-	stdout   io.Writer
-	terminal bool             // stdout is a terminal: clear it between frames
-	now      func() time.Time // for the watch header; time.Now if nil
+	env                  // with terminal set, the screen is cleared between frames
+	now func() time.Time // for the watch header; time.Now if nil
 }
 
 func (c *statsCommand) Run(ctx context.Context, args []string) error {
@@ -115,7 +113,7 @@ func (c *statsCommand) watch(ctx context.Context, d time.Duration, asJSON bool) 
 
 // frame fetches /stats once and writes it to w.
 func (c *statsCommand) frame(ctx context.Context, w io.Writer, asJSON bool) error {
-	body, err := c.admin.get(ctx, "/stats")
+	body, err := c.admin.Get(ctx, "/stats")
 	if err != nil {
 		return err
 	}
@@ -124,7 +122,7 @@ func (c *statsCommand) frame(ctx context.Context, w io.Writer, asJSON bool) erro
 	}
 	var s stats.Stats
 	if err := json.Unmarshal(body, &s); err != nil {
-		return fmt.Errorf("decoding /stats from egressd at %s: %w", c.admin.admin, err)
+		return fmt.Errorf("decoding /stats from egressd at %s: %w", c.admin.Addr(), err)
 	}
 	return writeStats(w, &s)
 }

@@ -1,65 +1,16 @@
 package main
 
 import (
-	"errors"
-	"fmt"
-	"net"
-	"os"
-	"path/filepath"
+	"net/http"
 	"slices"
-	"strings"
-	"syscall"
 	"time"
 
+	"github.com/egressd/egressd/internal/admin"
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy"
 	"github.com/egressd/egressd/proxy/stats"
-	"golang.org/x/sys/unix"
+	"github.com/egressd/egressd/proxy/stats/promstats"
 )
-
-// defaultAdmin is where the admin API listens unless -admin says otherwise;
-// systemd's RuntimeDirectory=egressd makes the directory.
-const defaultAdmin = "/run/egressd/admin.sock"
-
-// isUnixAdmin reports whether an -admin value names a unix socket (a path)
-// rather than host:port.
-func isUnixAdmin(addr string) bool {
-	return strings.HasPrefix(addr, "/") || strings.HasPrefix(addr, ".") || !strings.Contains(addr, ":")
-}
-
-// listenAdmin opens the admin listener: a unix socket of mode 0600 (its
-// directory is made if missing), or a TCP address. A socket left by an
-// egressd that was killed is replaced; one that answers belongs to an
-// egressd that still runs, and is an error.
-func listenAdmin(addr string) (net.Listener, error) {
-	if !isUnixAdmin(addr) {
-		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			return nil, fmt.Errorf("admin listener %s: %w", addr, unwrapOp(err))
-		}
-		return ln, nil
-	}
-	if err := os.MkdirAll(filepath.Dir(addr), 0o755); err != nil {
-		return nil, fmt.Errorf("admin socket %s: %w", addr, err)
-	}
-	if c, err := net.DialTimeout("unix", addr, time.Second); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("admin socket %s is in use: another egressd runs (give this one its own -admin)", addr)
-	} else if errors.Is(err, syscall.ECONNREFUSED) {
-		if err := os.Remove(addr); err != nil {
-			return nil, fmt.Errorf("admin socket %s: removing the stale socket: %w", addr, err)
-		}
-	}
-	// The umask makes the socket 0600 from its creation on, with no window
-	// in which others could connect. Nothing else creates files now.
-	old := unix.Umask(0o177)
-	ln, err := net.Listen("unix", addr)
-	unix.Umask(old)
-	if err != nil {
-		return nil, fmt.Errorf("admin socket %s: %w", addr, unwrapOp(err))
-	}
-	return ln, nil
-}
 
 // statsSource assembles what the admin API reports.
 type statsSource struct {
@@ -69,7 +20,15 @@ type statsSource struct {
 	addLatency *stats.Histogram
 }
 
-var _ proxy.StatsSource = (*statsSource)(nil)
+// adminHandler is the admin API over s; reload serves POST /reload.
+func (s *statsSource) adminHandler(reload func() (string, error)) http.Handler {
+	return admin.NewHandler(admin.Config{
+		Stats:   s.Stats,
+		Addrs:   s.Addrs,
+		Metrics: promstats.Handler(s.Stats),
+		Reload:  reload,
+	})
+}
 
 func (s *statsSource) Stats() *stats.Stats {
 	ups := s.srv.Upstreams()

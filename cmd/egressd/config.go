@@ -16,6 +16,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/egressd/egressd/internal/admin"
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy"
 	"github.com/egressd/egressd/proxy/shape"
@@ -126,7 +127,7 @@ func defaultConfig() Config {
 		IPv4:         netutil.IPv4Direct,
 		ConnectPorts: proxy.MustParsePorts(proxy.DefaultConnectPorts),
 		HTTPPorts:    proxy.MustParsePorts(proxy.DefaultHTTPPorts),
-		Admin:        defaultAdmin,
+		Admin:        admin.DefaultAddr,
 		LogLevel:     slog.LevelInfo,
 
 		MaxConns:      proxy.DefaultMaxConns,
@@ -315,7 +316,7 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("client-timeout %s: must be positive", c.ClientTimeout)
 	case c.IPv4 != netutil.IPv4Direct && c.IPv4 != netutil.IPv4Deny:
 		return fmt.Errorf("ipv4 %q: must be direct or deny", c.IPv4)
-	case c.Admin != "" && !isUnixAdmin(c.Admin) && !isLoopback(c.Admin):
+	case c.Admin != "" && !admin.IsUnix(c.Admin) && !isLoopback(c.Admin):
 		return fmt.Errorf("admin %s is not a loopback address: the admin API has no authentication, so it listens on a unix socket (a path) or a loopback host:port only", c.Admin)
 	}
 	if _, err := shape.New(shape.Config{Rules: c.Limits}); err != nil {

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egressd/egressd/internal/admin"
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy"
 	"github.com/stretchr/testify/assert"
@@ -375,9 +376,9 @@ func TestLoadConfigDest(t *testing.T) {
 		{name: "file lists", file: "connect-ports: [443, 8443]\nhttp-ports: \"80,8000-8999\"\nallow-dest: [10.0.0.0/8]\nadmin: \"[::1]:9090\"\n",
 			connect: "443,8443", http: "80,8000-8999", allowDest: []string{"10.0.0.0/8"}, admin: "[::1]:9090"},
 		{name: "json", file: `{"connect-ports":[443,5222],"allow-dest":["100.64.0.0/10"]}`,
-			connect: "443,5222", http: "80,443,1024-65535", allowDest: []string{"100.64.0.0/10"}, admin: defaultAdmin},
+			connect: "443,5222", http: "80,443,1024-65535", allowDest: []string{"100.64.0.0/10"}, admin: admin.DefaultAddr},
 		{name: "flag over file", file: "connect-ports: [443, 8443]\n", args: []string{"-connect-ports", "443"},
-			connect: "443", http: "80,443,1024-65535", admin: defaultAdmin},
+			connect: "443", http: "80,443,1024-65535", admin: admin.DefaultAddr},
 		{name: "admin path", args: []string{"-admin", "/tmp/egressd.sock"}, connect: "443,80", http: "80,443,1024-65535", admin: "/tmp/egressd.sock"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {

@@ -29,6 +29,7 @@ import (
 	"syscall"
 	"time"
 
+	adminapi "github.com/egressd/egressd/internal/admin"
 	"github.com/egressd/egressd/internal/version"
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy"
@@ -172,7 +173,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 	}
 	var adminLn net.Listener
 	if cfg.Admin != "" {
-		if adminLn, err = listenAdmin(cfg.Admin); err != nil {
+		if adminLn, err = adminapi.Listen(cfg.Admin); err != nil {
 			return err
 		}
 		defer adminLn.Close()
@@ -251,7 +252,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 	var admin *http.Server
 	if adminLn != nil {
 		src := &statsSource{started: time.Now(), srv: srv, pool: pool, addLatency: addLatency}
-		admin = &http.Server{Handler: proxy.AdminHandler(src, rl.Reload), ReadHeaderTimeout: 10 * time.Second}
+		admin = &http.Server{Handler: src.adminHandler(rl.Reload), ReadHeaderTimeout: 10 * time.Second}
 		go func() {
 			if err := admin.Serve(adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				log.Error("admin API stopped", "err", err)

@@ -1,15 +1,19 @@
-package stats
+package stats_test
 
 import (
-	"bytes"
-	"errors"
+	"io"
 	"math"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/egressd/egressd/proxy/stats"
+	"github.com/egressd/egressd/proxy/stats/promstats"
+	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -26,11 +30,27 @@ func parse(t *testing.T, text string) map[string]*dto.MetricFamily {
 	return mfs
 }
 
-func write(t *testing.T, s *Stats) string {
+// write returns what GET /metrics serves for s.
+func write(t *testing.T, s *stats.Stats) string {
 	t.Helper()
-	var buf bytes.Buffer
-	require.NoError(t, WritePrometheus(&buf, s))
-	return buf.String()
+	code, body := scrape(t, s)
+	require.Equal(t, http.StatusOK, code, body)
+	return body
+}
+
+// scrape is GET /metrics of promstats.Handler over s, asked as curl asks:
+// without Accept.
+func scrape(t testing.TB, s *stats.Stats) (int, string) {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	req := httptest.NewRequest(http.MethodGet, "/metrics", nil)
+	promstats.Handler(func() *stats.Stats { return s }).ServeHTTP(rec, req)
+	b, err := io.ReadAll(rec.Result().Body)
+	require.NoError(t, err)
+	if rec.Code == http.StatusOK {
+		require.True(t, strings.HasPrefix(rec.Header().Get("Content-Type"), "text/plain; version=0.0.4; charset=utf-8"), rec.Header().Get("Content-Type"))
+	}
+	return rec.Code, string(b)
 }
 
 // byUpstream returns the metrics of mf keyed by their upstream label.
@@ -50,7 +70,7 @@ func byUpstream(t *testing.T, mf *dto.MetricFamily) map[string]*dto.Metric {
 
 func TestSeriesNames(t *testing.T) {
 	seen := map[string]bool{}
-	for _, f := range Series {
+	for _, f := range promstats.Series {
 		assert.True(t, strings.HasPrefix(f.Name, "egress_"), f.Name)
 		assert.True(t, model.LegacyValidation.IsValidMetricName(f.Name), f.Name)
 		assert.False(t, seen[f.Name], "duplicate %s", f.Name)
@@ -67,14 +87,14 @@ func TestSeriesNames(t *testing.T) {
 	}
 }
 
-func TestWritePrometheusFamilies(t *testing.T) {
-	mfs := parse(t, write(t, sampleStats(t)))
+func TestExpositionFamilies(t *testing.T) {
+	mfs := parse(t, write(t, stats.SampleStats(t)))
 
 	var got, want []string
 	for name := range mfs {
 		got = append(got, name)
 	}
-	for _, f := range Series {
+	for _, f := range promstats.Series {
 		want = append(want, f.Name)
 		mf := mfs[f.Name]
 		if !assert.NotNil(t, mf, f.Name) {
@@ -85,11 +105,11 @@ func TestWritePrometheusFamilies(t *testing.T) {
 	}
 	slices.Sort(got)
 	slices.Sort(want)
-	assert.Equal(t, want, got, "WritePrometheus emits exactly Series")
+	assert.Equal(t, want, got, "the exposition has exactly promstats.Series")
 }
 
-func TestWritePrometheusValues(t *testing.T) {
-	s := sampleStats(t)
+func TestExpositionValues(t *testing.T) {
+	s := stats.SampleStats(t)
 	mfs := parse(t, write(t, s))
 	const api, odd = "api.example.com", "we\"ird\\host\n"
 
@@ -173,7 +193,7 @@ func TestWritePrometheusValues(t *testing.T) {
 		require.Equal(t, "reason", m.GetLabel()[0].GetName())
 		refused[m.GetLabel()[0].GetValue()] = m.GetCounter().GetValue()
 	}
-	assert.Len(t, refused, len(Refusals), "a series per reason, zeros included")
+	assert.Len(t, refused, len(stats.Refusals), "a series per reason, zeros included")
 	assert.Equal(t, 1.0, refused["max_conns_per_client"])
 	assert.Equal(t, 2.0, refused["login_throttled"])
 	assert.Equal(t, 0.0, refused["header_timeout"])
@@ -182,10 +202,10 @@ func TestWritePrometheusValues(t *testing.T) {
 	assert.Equal(t, float64(s.Started.Unix())+0.5, plain("egress_start_time_seconds").GetGauge().GetValue())
 }
 
-func TestWritePrometheusText(t *testing.T) {
+func TestExpositionText(t *testing.T) {
 	// What a person reading /metrics sees: HELP before TYPE before the
 	// samples, and the buckets.
-	text := write(t, sampleStats(t))
+	text := write(t, stats.SampleStats(t))
 	assert.Contains(t, text, "# HELP egress_upstream_requests_total Requests and CONNECT tunnels")
 	assert.Contains(t, text, "# TYPE egress_upstream_requests_total counter\n"+
 		`egress_upstream_requests_total{upstream="api.example.com"} 120`+"\n"+
@@ -198,7 +218,7 @@ func TestWritePrometheusText(t *testing.T) {
 	assert.NotContains(t, text, "2001:db8", "never labelled by address")
 }
 
-func TestWritePrometheusLabelEscaping(t *testing.T) {
+func TestExpositionLabelEscaping(t *testing.T) {
 	hosts := []string{
 		`quo"te`,
 		`back\slash`,
@@ -214,9 +234,9 @@ func TestWritePrometheusLabelEscaping(t *testing.T) {
 		"[2001:db8::1]",
 		"#comment",
 	}
-	s := &Stats{}
+	s := &stats.Stats{}
 	for i, h := range hosts {
-		s.Upstreams = append(s.Upstreams, UpstreamStats{Upstream: h, Requests: uint64(i + 1)})
+		s.Upstreams = append(s.Upstreams, stats.UpstreamStats{Upstream: h, Counters: stats.Counters{Requests: uint64(i + 1)}})
 	}
 	mfs := parse(t, write(t, s))
 	got := byUpstream(t, mfs["egress_upstream_requests_total"])
@@ -229,49 +249,65 @@ func TestWritePrometheusLabelEscaping(t *testing.T) {
 	}
 }
 
-func TestWritePrometheusInvalidUTF8(t *testing.T) {
+func TestExpositionInvalidUTF8(t *testing.T) {
 	// The Registry keeps such hosts out, but a Stats built otherwise must
 	// still produce an exposition Prometheus accepts.
-	s := &Stats{Upstreams: []UpstreamStats{{Upstream: "bad\xff\xfehost", Requests: 1}}}
+	s := &stats.Stats{Upstreams: []stats.UpstreamStats{{Upstream: "bad\xff\xfehost", Counters: stats.Counters{Requests: 1}}}}
 	got := byUpstream(t, parse(t, write(t, s))["egress_upstream_requests_total"])
 	assert.Contains(t, got, "bad\uFFFDhost")
 }
 
-func TestWritePrometheusEmpty(t *testing.T) {
+func TestExpositionEmpty(t *testing.T) {
 	// No upstreams, and histograms without buckets as in a Stats decoded
-	// from JSON: still valid.
-	text := write(t, &Stats{Started: time.Unix(1700000000, 0)})
+	// from JSON: still valid. A family without samples is left out whole:
+	// the text format has no family without samples.
+	text := write(t, &stats.Stats{Started: time.Unix(1700000000, 0)})
 	mfs := parse(t, text)
 	assert.NotContains(t, mfs, "egress_upstream_requests_total")
-	assert.Contains(t, text, "# TYPE egress_upstream_requests_total counter\n")
+	assert.NotContains(t, text, "egress_upstream_requests_total")
 	assert.Equal(t, 1.7e9, mfs["egress_start_time_seconds"].GetMetric()[0].GetGauge().GetValue())
 	assert.Equal(t, uint64(0), mfs["egress_address_add_duration_seconds"].GetMetric()[0].GetHistogram().GetSampleCount())
 	assert.NotContains(t, mfs, "egress_address_budget_rate", "no budget (routed mode): no sample")
-	assert.Contains(t, text, "# TYPE egress_address_budget_rate gauge\n")
+	assert.NotContains(t, text, "egress_address_budget_rate")
 }
 
-type failWriter struct{}
-
-func (failWriter) Write([]byte) (int, error) { return 0, errors.New("disk on fire") }
-
-func TestWritePrometheusError(t *testing.T) {
-	err := WritePrometheus(failWriter{}, sampleStats(t))
-	assert.EqualError(t, err, "disk on fire")
+func TestExpositionError(t *testing.T) {
+	// Two samples of one series make no valid exposition: a 500 saying
+	// why, not a page Prometheus would reject.
+	s := &stats.Stats{Upstreams: []stats.UpstreamStats{{Upstream: "twice.example"}, {Upstream: "twice.example"}}}
+	code, body := scrape(t, s)
+	assert.Equal(t, http.StatusInternalServerError, code)
+	assert.Contains(t, body, "twice.example")
 }
 
-func BenchmarkWritePrometheus(b *testing.B) {
-	r := NewRegistry(100)
+func TestCollectorPedantic(t *testing.T) {
+	// Every sample matches a described family; collecting twice registers
+	// nothing new and yields the same families.
+	reg := prometheus.NewPedanticRegistry()
+	require.NoError(t, reg.Register(promstats.NewCollector(func() *stats.Stats { return stats.SampleStats(t) })))
+	first, err := reg.Gather()
+	require.NoError(t, err)
+	second, err := reg.Gather()
+	require.NoError(t, err)
+	assert.Len(t, first, len(promstats.Series))
+	assert.Len(t, second, len(first))
+}
+
+func BenchmarkExposition(b *testing.B) {
+	r := stats.NewRegistry(100)
 	for i := range 100 {
 		u := r.Upstream(strings.Repeat("x", i%7)+".example.com"+string(rune('a'+i%26))+string(rune('a'+i/26)), "")
 		u.Latency.Observe(time.Duration(i) * time.Millisecond)
 	}
-	s := &Stats{Upstreams: r.Snapshot()}
-	var buf bytes.Buffer
+	s := &stats.Stats{Upstreams: r.Snapshot()}
+	h := promstats.Handler(func() *stats.Stats { return s })
+	req := httptest.NewRequest(http.MethodGet, "/metrics", nil)
 	b.ReportAllocs()
 	for b.Loop() {
-		buf.Reset()
-		if err := WritePrometheus(&buf, s); err != nil {
-			b.Fatal(err)
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		if rec.Code != http.StatusOK {
+			b.Fatal(rec.Body.String())
 		}
 	}
 }
@@ -280,7 +316,7 @@ func BenchmarkWritePrometheus(b *testing.B) {
 func TestReadmeListsEverySeries(t *testing.T) {
 	readme, err := os.ReadFile("../../README.md")
 	require.NoError(t, err)
-	for _, f := range Series {
+	for _, f := range promstats.Series {
 		assert.Contains(t, string(readme), "`"+f.Name+"`", "README.md does not list %s", f.Name)
 	}
 }

@@ -55,18 +55,20 @@ func (u *Upstream) setRule(rule string) {
 func (u *Upstream) Stats() UpstreamStats {
 	h := u.Latency.Snapshot()
 	return UpstreamStats{
-		Upstream:         u.Name,
-		Rule:             u.Rule(),
-		Requests:         u.Requests.Load(),
-		IPv4:             u.IPv4.Load(),
-		InFlight:         u.InFlight.Load(),
-		Waiting:          u.Waiting.Load(),
-		WaitSeconds:      time.Duration(u.WaitNanos.Load()).Seconds(),
-		Rejected:         u.Rejected.Load(),
-		Throttled:        u.Throttled.Load(),
-		Errors:           u.Errors.Load(),
-		BytesUp:          u.BytesUp.Load(),
-		BytesDown:        u.BytesDown.Load(),
+		Upstream: u.Name,
+		Rule:     u.Rule(),
+		Counters: Counters{
+			Requests:    u.Requests.Load(),
+			IPv4:        u.IPv4.Load(),
+			InFlight:    u.InFlight.Load(),
+			Waiting:     u.Waiting.Load(),
+			WaitSeconds: time.Duration(u.WaitNanos.Load()).Seconds(),
+			Rejected:    u.Rejected.Load(),
+			Throttled:   u.Throttled.Load(),
+			Errors:      u.Errors.Load(),
+			BytesUp:     u.BytesUp.Load(),
+			BytesDown:   u.BytesDown.Load(),
+		},
 		Latency:          h.Quantiles(),
 		LatencyHistogram: h,
 	}

@@ -1,7 +1,8 @@
 // Package stats is egressd's per-upstream accounting: live counters that the
-// proxy updates on its hot path (Upstream, Histogram), the JSON documents the
-// admin API serves and egressctl decodes (Stats, Addr), and their Prometheus
-// text exposition (WritePrometheus, Series).
+// proxy updates on its hot path (Upstream, Histogram), and the JSON documents the
+// admin API serves and egressctl decodes (Stats, Addr). Their Prometheus
+// exposition is package promstats', which this package does not import, so
+// that decoding the documents does not link client_golang.
 //
 // The counters are atomics, so the proxy never takes a lock to count, and
 // Registry.Upstream does not allocate for a host it has seen. Series are
@@ -18,14 +19,16 @@ import (
 type Stats struct {
 	Started       time.Time       `json:"started"`
 	UptimeSeconds float64         `json:"uptime_seconds"`
-	Totals        Totals          `json:"totals"`
+	Totals        Counters        `json:"totals"`
 	Upstreams     []UpstreamStats `json:"upstreams"`
 	Addresses     AddressStats    `json:"addresses"`
 	Clients       ClientStats     `json:"clients"`
 }
 
-// Totals are the counters of all upstreams added up.
-type Totals struct {
+// Counters are what egressd counts per upstream (see Upstream for what each
+// counts): one upstream's in UpstreamStats, all upstreams' added up in
+// Stats.Totals.
+type Counters struct {
 	Requests    uint64  `json:"requests"`
 	IPv4        uint64  `json:"ipv4"`
 	InFlight    int64   `json:"in_flight"`
@@ -39,8 +42,8 @@ type Totals struct {
 }
 
 // SumTotals adds up the counters of ups.
-func SumTotals(ups []UpstreamStats) Totals {
-	var t Totals
+func SumTotals(ups []UpstreamStats) Counters {
+	var t Counters
 	for _, u := range ups {
 		t.Requests += u.Requests
 		t.IPv4 += u.IPv4
@@ -56,22 +59,13 @@ func SumTotals(ups []UpstreamStats) Totals {
 	return t
 }
 
-// UpstreamStats is a snapshot of one Upstream. See Upstream for what each
-// counter counts.
+// UpstreamStats is a snapshot of one Upstream. In its JSON the counters sit
+// beside upstream and rule, not in an object of their own.
 type UpstreamStats struct {
-	Upstream    string    `json:"upstream"`
-	Rule        string    `json:"rule,omitempty"`
-	Requests    uint64    `json:"requests"`
-	IPv4        uint64    `json:"ipv4"`
-	InFlight    int64     `json:"in_flight"`
-	Waiting     int64     `json:"waiting"`
-	WaitSeconds float64   `json:"wait_seconds"`
-	Rejected    uint64    `json:"rejected"`
-	Throttled   uint64    `json:"throttled"`
-	Errors      uint64    `json:"errors"`
-	BytesUp     uint64    `json:"bytes_up"`
-	BytesDown   uint64    `json:"bytes_down"`
-	Latency     Quantiles `json:"latency_seconds"`
+	Upstream string `json:"upstream"`
+	Rule     string `json:"rule,omitempty"`
+	Counters
+	Latency Quantiles `json:"latency_seconds"`
 	// LatencyHistogram feeds the Prometheus histogram; it is not part of
 	// the JSON, so it is empty in a Stats decoded from it.
 	LatencyHistogram HistogramSnapshot `json:"-"`

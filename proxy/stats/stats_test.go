@@ -72,12 +72,12 @@ func sampleStats(t testing.TB) *Stats {
 }
 
 func TestSumTotals(t *testing.T) {
-	assert.Equal(t, Totals{}, SumTotals(nil))
+	assert.Equal(t, Counters{}, SumTotals(nil))
 	got := SumTotals([]UpstreamStats{
-		{Requests: 1, IPv4: 1, InFlight: 2, Waiting: 3, WaitSeconds: 0.5, Rejected: 4, Throttled: 5, Errors: 6, BytesUp: 7, BytesDown: 8},
-		{Requests: 10, IPv4: 2, InFlight: -1, Waiting: 30, WaitSeconds: 1.25, Rejected: 40, Throttled: 50, Errors: 60, BytesUp: 70, BytesDown: 80},
+		{Counters: Counters{Requests: 1, IPv4: 1, InFlight: 2, Waiting: 3, WaitSeconds: 0.5, Rejected: 4, Throttled: 5, Errors: 6, BytesUp: 7, BytesDown: 8}},
+		{Counters: Counters{Requests: 10, IPv4: 2, InFlight: -1, Waiting: 30, WaitSeconds: 1.25, Rejected: 40, Throttled: 50, Errors: 60, BytesUp: 70, BytesDown: 80}},
 	})
-	assert.Equal(t, Totals{
+	assert.Equal(t, Counters{
 		Requests: 11, IPv4: 3, InFlight: 1, Waiting: 33, WaitSeconds: 1.75, Rejected: 44,
 		Throttled: 55, Errors: 66, BytesUp: 77, BytesDown: 88,
 	}, got)

@@ -1,0 +1,4 @@
+package stats
+
+// SampleStats is sampleStats for the tests of package stats_test.
+var SampleStats = sampleStats
