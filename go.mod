@@ -4,7 +4,6 @@ go 1.26.0
 
 require (
 	github.com/elazarl/goproxy v1.9.3
-	github.com/google/pprof v0.0.0-20261105003125-4bf881d7fb0b
 	github.com/prometheus/client_golang v1.25.0
 	github.com/prometheus/client_model v0.6.3
 	github.com/prometheus/common v0.73.1
