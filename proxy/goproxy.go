@@ -381,7 +381,7 @@ func (s *Server) dialHTTP(ctx context.Context, network, addr string) (net.Conn, 
 // on response headers.
 const maxSniff = 1 << 20
 
-// headSniffer records in the request state the Connection header of the
+// headSniffer records in the request's fwdState the Connection header of the
 // final response head read from an upstream connection, before the
 // transport parses it. Go's client deletes a response's Connection header
 // when it contains "close", which every response to our transport's

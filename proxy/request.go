@@ -51,7 +51,7 @@ type request struct {
 	// Admission.
 	access     *Access // the same rules for the whole request, across a reload
 	user       string  // the proxy user, when users authenticate; never a password
-	sessionKey string  // RotateSession: the session asked for, "" for none
+	sessionKey string  // the session key the client asked for, "" for none (RotateSession uses it)
 
 	// The target.
 	host string // host:port the client asked for, for the log

@@ -112,8 +112,8 @@ func (s *Server) holdForConn(ctx context.Context, c net.Conn) context.Context {
 // connState follows each client connection: a connection that went idle
 // readies for its next request head, a hijacked one is the tunnel's (see
 // clientConn). With RotateConnection it gives a connection's address back
-// when it closes; a hijacked connection (a tunnel) is left to its handler:
-// see ServeHTTP.
+// when it closes; the request that hijacked a connection (a tunnel, a
+// WebSocket relay) gives it back when it ends (see record).
 func (s *Server) connState(c net.Conn, state http.ConnState) {
 	if cc, ok := c.(*clientConn); ok {
 		switch state {
