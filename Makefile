@@ -15,8 +15,10 @@ UNITPKGS = $(filter-out $(shell $(GO) list $(NSPKGS)),$(shell $(GO) list $(PKGS)
 # Static binaries (no cgo: no libc to link, no glibc version to require), so
 # that what `make build` makes runs on any Linux server of its architecture.
 BUILD   := CGO_ENABLED=0 $(GO) build
+# The staticcheck that make lint runs; make tools installs it.
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: help build test unit demo bench bench-addrcost bench-smoke soak fuzz fuzz-smoke vet lint fmt clean
+.PHONY: help build test unit demo bench bench-addrcost bench-smoke soak fuzz fuzz-smoke vet lint tools fmt clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -67,8 +69,13 @@ vet: ## go vet and a gofmt check
 	$(GO) vet $(PKGS)
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
 
-lint: vet ## vet plus staticcheck when it is installed
-	@if command -v staticcheck >/dev/null; then staticcheck $(PKGS); else echo "staticcheck not installed; ran go vet only"; fi
+lint: vet ## vet, then staticcheck (make tools installs it)
+	@PATH="$$PATH:$$($(GO) env GOPATH)/bin"; \
+	if ! command -v staticcheck >/dev/null; then echo "lint: staticcheck is not installed: run make tools"; exit 1; fi; \
+	staticcheck $(PKGS)
+
+tools: ## install the linter make lint runs (staticcheck, from the Go module proxy) into $(go env GOPATH)/bin
+	$(GO) install $(STATICCHECK)
 
 fmt: ## gofmt the tree
 	gofmt -w $$(git ls-files '*.go')

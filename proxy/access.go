@@ -6,7 +6,6 @@ import (
 	"net/http"
 	"net/netip"
 	"slices"
-	"strconv"
 	"strings"
 
 	"github.com/egressd/egressd/netutil"
@@ -104,17 +103,18 @@ func (a *Access) admitsConn(remote net.Addr) bool {
 	return ok && a.admits(ta.AddrPort().Addr())
 }
 
-// authorize checks an HTTP or CONNECT request against the access rules. It
-// returns the authenticated user (only when users authenticate), the session
-// key the proxy user name carries, if any, and ok. When not ok it has
-// answered the client: 403, 407 with a Basic challenge, or 429 with
-// Retry-After for an address that failed to log in too often (see
-// loginGuard).
-func (s *Server) authorize(w http.ResponseWriter, r *http.Request, rec *record, a *Access) (user, key string, ok bool) {
+// authorize checks an HTTP or CONNECT request against the access rules of
+// x. It records the authenticated user in x (only when users authenticate),
+// and returns the session key the proxy user name carries, if any, and ok.
+// When not ok it has answered the client: 403, 407 with a Basic challenge,
+// or 429 with Retry-After for an address that failed to log in too often
+// (see loginGuard).
+func (s *Server) authorize(w http.ResponseWriter, r *http.Request, x *request) (key string, ok bool) {
+	a := x.access
 	ap, err := netip.ParseAddrPort(r.RemoteAddr)
 	if err != nil || !a.admits(ap.Addr()) {
-		refuse(w, rec, errNotAllowed, true)
-		return "", "", false
+		refuse(w, x, errNotAllowed, true)
+		return "", false
 	}
 	name, pass, hasCreds := proxyCredentials(r.Header)
 	// Whatever the answer, the credentials go no further than this.
@@ -123,31 +123,27 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, rec *record, 
 		if hasCreds {
 			key, _ = sessionFromUser(name)
 		}
-		return "", key, true
+		return key, true
 	}
 	e := errAuthRequired
 	if hasCreds {
-		user, key = splitSessionUser(name)
-		res, retry := s.login(r.Context(), ap.Addr(), a.Users, user, pass)
+		x.user, key = splitSessionUser(name)
+		res, retry := s.login(r.Context(), ap.Addr(), a.Users, x.user, pass)
 		switch res {
 		case loginOK:
-			return user, key, true
+			return key, true
 		case loginThrottled:
-			rec.user = user
-			w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds(retry)))
-			refuse(w, rec, errLoginThrottled(retry), r.Method == http.MethodConnect)
-			return "", "", false
+			refuse(w, x, errLoginThrottled(retry), r.Method == http.MethodConnect)
+			return "", false
 		case loginGone:
-			rec.user = user
-			rec.status = statusClientClosed
-			return "", "", false
+			x.status = statusClientClosed
+			return "", false
 		}
-		rec.user = user
 		e = errLoginFailed
 	}
 	w.Header().Set("Proxy-Authenticate", `Basic realm="`+Realm+`"`)
-	refuse(w, rec, e, r.Method == http.MethodConnect)
-	return "", "", false
+	refuse(w, x, e, r.Method == http.MethodConnect)
+	return "", false
 }
 
 // checkDest refuses a destination host and port before anything is spent on
@@ -159,7 +155,7 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, rec *record, 
 func checkDest(host string, port uint16, ports *Ports, what, flag string) *Error {
 	if strings.Contains(host, "%") {
 		if ip, err := netip.ParseAddr(host); err == nil {
-			return upstreamError(host, &netutil.DeniedError{Addr: ip, Reason: "a zoned address (a zone names an interface of the proxy host)"})
+			return classify(host, &netutil.DeniedError{Addr: ip, Reason: "a zoned address (a zone names an interface of the proxy host)"})
 		}
 	}
 	if !ports.Contains(port) {

@@ -24,7 +24,7 @@ func TestHotPathAllocs(t *testing.T) {
 	require.NoError(t, err)
 	connect.URL.Scheme, connect.URL.Path = "", "" // as the server parses "CONNECT example.test:443"
 
-	var st reqState
+	var st fwdState
 	sniffer := headSniffer{st: &st}
 	h := make(http.Header, 8)
 

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/egressd/egressd/proxy/relay"
 	"github.com/egressd/egressd/proxy/stats"
 )
 
@@ -71,7 +72,7 @@ func bodyError(err error, timeout time.Duration) *Error {
 	case isTimeout(err):
 		return clientRefusal(stats.RefusedBodyTimeout, http.StatusRequestTimeout, typeRequestError,
 			"request body stalled for %v (-client-timeout)", timeout)
-	case errors.Is(err, io.ErrUnexpectedEOF) || isClosedConn(err):
+	case errors.Is(err, io.ErrUnexpectedEOF) || relay.IsClosed(err):
 		return clientRefusal(stats.RefusedBadBody, http.StatusBadRequest, typeRequestError,
 			"request body ended early (shorter than its Content-Length, or its chunks)")
 	}
@@ -142,12 +143,4 @@ func (b *clientBody) settle() {
 		}
 		time.Sleep(time.Millisecond)
 	}
-}
-
-// stateBody returns the client body of a request state, if any.
-func stateBody(st *reqState) *clientBody {
-	if st == nil {
-		return nil
-	}
-	return st.clientBody
 }

@@ -136,7 +136,8 @@ func (l *clientListener) isClosed() bool {
 // descriptors or memory running out), as http.Server judges it.
 func temporary(err error) bool {
 	ne, ok := err.(net.Error)
-	return ok && ne.Temporary() //nolint:staticcheck // what http.Server checks: EMFILE, ENFILE, ...
+	//lint:ignore SA1019 what http.Server checks, for EMFILE, ENFILE, ...
+	return ok && ne.Temporary()
 }
 
 // errFDsExhausted answers the connection accepted with the spare
@@ -212,18 +213,12 @@ func (s *Server) refuseConn(c net.Conn, e *Error, socks bool) {
 // logRefusedConn writes the access log line of a connection refused before
 // any request was read.
 func (s *Server) logRefusedConn(c net.Conn, socks bool, e *Error, n int, start time.Time) {
-	rec := record{status: e.Status, reason: e.Reason, down: int64(n), own: int64(n)}
-	method := "-"
-	var extra []slog.Attr
 	if socks {
-		method = "SOCKS5"
-		extra = append(extra, slog.Int("socks_reply", int(e.socksReply())))
+		s.logRefused(c.RemoteAddr().String(), "SOCKS5", e, n, start, slog.Int("socks_reply", int(e.socksReply())))
+		return
 	}
-	s.logRecord(c.RemoteAddr().String(), method, &rec, &noState, time.Since(start), extra...)
+	s.logRefused(c.RemoteAddr().String(), "-", e, n, start)
 }
-
-// noState is the request state of a line logged before any request began.
-var noState reqState
 
 // rawResponse is e as a whole HTTP/1.1 response that closes the
 // connection, for answers written straight to a connection.
@@ -351,8 +346,7 @@ func (c *clientConn) Read(p []byte) (int, error) {
 // (its method, if a token could be read), and counts its refusal.
 func (c *clientConn) logHead(e *Error, n int) {
 	c.s.clientStats.Refuse(e.refused)
-	rec := record{status: e.Status, reason: e.Reason, down: int64(n), own: int64(n)}
-	c.s.logRecord(c.RemoteAddr().String(), headMethod(c.head), &rec, &noState, time.Since(c.headStart))
+	c.s.logRefused(c.RemoteAddr().String(), headMethod(c.head), e, n, c.headStart)
 }
 
 func (c *clientConn) Write(p []byte) (int, error) {

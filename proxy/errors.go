@@ -4,32 +4,41 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy/socks5"
 	"github.com/egressd/egressd/proxy/stats"
 )
 
-// Error is a refusal or an upstream failure as a client should see it: an
-// HTTP status, a one-line reason that names only what the client asked for
-// (never an egress address), and the error type of RFC 9209 that the
-// Proxy-Status header carries. Err keeps the full cause, addresses included,
-// for the operator's log; it is never sent to the client.
+// Error is a refusal or an upstream failure as a client should see it, in
+// every protocol: an HTTP status, a one-line reason that names only what
+// the client asked for (never an egress address), the error type of RFC
+// 9209 that the Proxy-Status header carries, and the SOCKS5 reply that says
+// the same. Err keeps the full cause, addresses included, for the
+// operator's log; it is never sent to the client. classify makes one of an
+// upstream failure; refusal and clientRefusal make egressd's own.
 type Error struct {
 	Status int    // HTTP status for the client, e.g. http.StatusBadGateway
 	Reason string // one line, no trailing newline, safe to send to the client
 	// Type is the Proxy-Status error type (RFC 9209 section 2.3), e.g.
 	// "destination_ip_prohibited"; empty means "proxy_internal_error".
 	Type string
-	Err  error // the underlying cause; may name the egress address
+	// Reply is the SOCKS5 reply code, e.g. socks5.ReplyConnectionRefused;
+	// 0 means the one Status says: "connection not allowed by ruleset"
+	// for 403, the general failure for any other (see socksReply).
+	Reply byte
+	Err   error // the underlying cause; may name the egress address
 
-	socks byte // the SOCKS5 reply that says the same; 0 means general failure
+	// retryAfter, when not zero, goes into an HTTP answer's Retry-After
+	// header (a refusal by the shaper or the login throttle).
+	retryAfter time.Duration
+
 	// refused is the client refusal this answer counts as in the client
 	// statistics, if any (a cap, a timeout, a malformed request, a login).
 	refused stats.Refusal
@@ -95,6 +104,17 @@ func (e *Error) proxyStatus() string {
 	return "egressd; error=" + typ + "; details=" + sfString(e.Reason)
 }
 
+// socksReply is the SOCKS5 reply that says what e says.
+func (e *Error) socksReply() byte {
+	switch {
+	case e.Reply != 0:
+		return e.Reply
+	case e.Status == http.StatusForbidden:
+		return socks5.ReplyNotAllowed
+	}
+	return socks5.ReplyGeneralFailure
+}
+
 // sfString quotes s as a structured-field string (RFC 8941 section 3.3.3):
 // printable ASCII only, with '"' and '\' escaped; anything else becomes '?'.
 func sfString(s string) string {
@@ -116,28 +136,19 @@ func sfString(s string) string {
 	return b.String()
 }
 
-// socksReply is the SOCKS5 reply code that says what e says.
-func (e *Error) socksReply() byte {
-	if e.socks != 0 {
-		return e.socks
-	}
-	if e.Status == http.StatusForbidden {
-		return socks5.ReplyNotAllowed
-	}
-	return socks5.ReplyGeneralFailure
-}
-
-// upstreamError maps a failure to reach or read from host to what a client
-// sees, over HTTP (status, reason, Proxy-Status) and over SOCKS5 (the reply
-// code). host is the host name (or literal) from the request; nothing from
-// err goes into the Reason but the destination address of a refusal,
-// because a *net.OpError from a bound dial prints the egress source address.
-func upstreamError(host string, err error) *Error {
+// classify is the one place a failure to reach or read from host becomes
+// what a client sees, for plain HTTP, CONNECT and SOCKS5 alike: the HTTP
+// status, the reason (the body, Proxy-Status and the access log's reason),
+// and the SOCKS5 reply code. An *Error in err's chain is the answer as it
+// is. host is the host name (or literal) from the request; nothing from err
+// goes into the Reason but the destination address of a refusal, because a
+// *net.OpError from a bound dial prints the egress source address.
+func classify(host string, err error) *Error {
 	if e, ok := errors.AsType[*Error](err); ok {
 		return e
 	}
 	mk := func(status int, typ string, socks byte, format string, args ...any) *Error {
-		return &Error{Status: status, Type: typ, Reason: fmt.Sprintf(format, args...), Err: err, socks: socks}
+		return &Error{Status: status, Type: typ, Reply: socks, Reason: fmt.Sprintf(format, args...), Err: err}
 	}
 	if de, ok := errors.AsType[*netutil.DeniedError](err); ok {
 		return mk(http.StatusForbidden, typeDestProhibited, socks5.ReplyNotAllowed, "%s", deniedReason(host, de))
@@ -209,11 +220,4 @@ func isTimeout(err error) bool {
 	}
 	ne, ok := errors.AsType[net.Error](err)
 	return ok && ne.Timeout()
-}
-
-// isClosedConn reports whether err only says that a connection was closed or
-// reset, which ends a tunnel normally enough not to be worth a warning.
-func isClosedConn(err error) bool {
-	return errors.Is(err, net.ErrClosed) || errors.Is(err, io.EOF) ||
-		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }

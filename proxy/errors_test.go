@@ -38,14 +38,14 @@ func TestUpstreamError(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			e := upstreamError("h.test", tt.err)
+			e := classify("h.test", tt.err)
 			assert.Equal(t, tt.status, e.Status)
 			assert.Equal(t, tt.reason, e.Reason)
 			assert.NotContains(t, e.body(), "2001:db8")
 			assert.True(t, errors.Is(e, tt.err) || errors.Is(tt.err, e), "the cause stays reachable")
 		})
 	}
-	e := upstreamError("h.test", opError(syscall.EMFILE))
+	e := classify("h.test", opError(syscall.EMFILE))
 	assert.False(t, e.upstreamFault(), "running out of descriptors is egressd's limit, not the upstream's fault")
 	assert.Equal(t, stats.RefusedFDsExhausted, e.refused)
 	assert.Equal(t, typeConnLimit, e.Type)

@@ -17,6 +17,7 @@ import (
 	"unicode"
 
 	"github.com/egressd/egressd/proxy/auth"
+	"github.com/egressd/egressd/proxy/shape"
 )
 
 // The fuzz targets of the parsers in this package that read what clients
@@ -180,9 +181,9 @@ func FuzzHeadSniffer(f *testing.F) {
 				p[i] = 'X'
 			}
 		}
-		whole := &headSniffer{st: &reqState{}}
+		whole := &headSniffer{st: &fwdState{}}
 		read(whole, stream)
-		cut := &headSniffer{st: &reqState{}}
+		cut := &headSniffer{st: &fwdState{}}
 		for i, b := 0, stream; len(b) > 0; i++ {
 			n := len(b)
 			if len(cuts) > 0 {
@@ -285,7 +286,7 @@ func FuzzParseRetryAfter(f *testing.F) {
 		if want := max(when.Sub(now), 0); d != want {
 			t.Fatalf("%q (%v) at %v: %v, want %v", v, when, now, d, want)
 		}
-		if s := retryAfterSeconds(min(d, maxPushback)); s < 1 || time.Duration(s)*time.Second < min(d, maxPushback) {
+		if s := shape.RetryAfterSeconds(min(d, shape.MaxHold)); s < 1 || time.Duration(s)*time.Second < min(d, shape.MaxHold) {
 			t.Fatalf("%v sent back as %d s", d, s)
 		}
 	})

@@ -53,7 +53,7 @@ func upstreamContext(r *http.Request) (ctx context.Context, release func()) {
 // errClientGone is the outcome of a request whose client reset or closed its
 // connection before the answer: nobody reads it, and the upstream is not to
 // blame (the access log says 499, as nginx does).
-var errClientGone = &Error{Status: statusClientClosed, Reason: "the client went away", Type: typeRequestError}
+var errClientGone = refusal(statusClientClosed, typeRequestError, "the client went away")
 
 // clientGone reports whether err is the cancellation of a request's
 // upstream work because its client went away (see upstreamContext).

@@ -540,7 +540,7 @@ func TestHeadSniffer(t *testing.T) {
 	for _, tt := range tests {
 		for _, step := range []int{1, 7, len(tt.stream)} {
 			t.Run(fmt.Sprintf("%s/%d", tt.name, step), func(t *testing.T) {
-				st := &reqState{}
+				st := &fwdState{}
 				c := &headSniffer{st: st}
 				for b := []byte(tt.stream); len(b) > 0; {
 					n := min(step, len(b))

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/egressd/egressd/proxy/auth"
+	"github.com/egressd/egressd/proxy/shape"
 	"github.com/egressd/egressd/proxy/stats"
 	"golang.org/x/time/rate"
 )
@@ -173,6 +174,8 @@ func (s *Server) login(ctx context.Context, addr netip.Addr, users *auth.Users, 
 // errLoginThrottled answers an attempt to log in from an address that
 // failed too often, before its turn.
 func errLoginThrottled(retry time.Duration) *Error {
-	return clientRefusal(stats.RefusedLoginThrottled, http.StatusTooManyRequests, typeRequestDenied,
-		"too many failed logins from this address: try again in %d s", retryAfterSeconds(retry))
+	e := clientRefusal(stats.RefusedLoginThrottled, http.StatusTooManyRequests, typeRequestDenied,
+		"too many failed logins from this address: try again in %d s", shape.RetryAfterSeconds(retry))
+	e.retryAfter = retry
+	return e
 }

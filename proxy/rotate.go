@@ -112,8 +112,8 @@ func (s *Server) holdForConn(ctx context.Context, c net.Conn) context.Context {
 // connState follows each client connection: a connection that went idle
 // readies for its next request head, a hijacked one is the tunnel's (see
 // clientConn). With RotateConnection it gives a connection's address back
-// when it closes; a hijacked connection (a tunnel) is left to its handler:
-// see ServeHTTP.
+// when it closes; the request that hijacked a connection (a tunnel, a
+// WebSocket relay) gives it back when it ends (see record).
 func (s *Server) connState(c net.Conn, state http.ConnState) {
 	if cc, ok := c.(*clientConn); ok {
 		switch state {
@@ -310,13 +310,6 @@ func (t *sessionTable) janitor() {
 	finish(ended)
 }
 
-// len returns the number of sessions.
-func (t *sessionTable) len() int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return len(t.m)
-}
-
 // close ends every session and stops the janitor. Sessions still in use keep
 // their upstream connections until those close, and their address until the
 // last of them does.
@@ -356,8 +349,8 @@ func finish(ended []*session) {
 // clientOf returns the client of the request whose state ctx carries, if
 // any.
 func clientOf(ctx context.Context) *client {
-	if st := stateFrom(ctx); st != nil {
-		return st.client
+	if x := requestFrom(ctx); x != nil {
+		return x.client
 	}
 	return nil
 }
@@ -377,17 +370,14 @@ func (s *Server) newSessionTransport(sess *session) *http.Transport {
 // sessionRoundTrip sends req over its session's keep-alive transport, and
 // records the egress address of the connection it got, new or reused.
 func (s *Server) sessionRoundTrip(sess *session, req *http.Request) (*http.Response, error) {
-	if st := stateFrom(req.Context()); st != nil {
-		trace := &st.trace // one round trip per request: no allocation
+	if x := requestFrom(req.Context()); x != nil {
+		trace := &x.fwd.trace // one round trip per request: no allocation
 		*trace = httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
 			c := info.Conn
 			if tc, ok := c.(*tls.Conn); ok { // an https:// URL
 				c = tc.NetConn()
 			}
-			st.setEgress(c.LocalAddr())
-			if d, ok := c.(directIPv4); ok && d.DirectIPv4() {
-				st.ipv4.Store(true)
-			}
+			x.dialedFrom(c)
 		}}
 		req = req.WithContext(httptrace.WithClientTrace(req.Context(), trace))
 	}

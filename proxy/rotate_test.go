@@ -216,7 +216,7 @@ func TestRotateSession(t *testing.T) {
 	// An open tunnel keeps its session alive, however long it idles.
 	clock.advance(DefaultSessionIdle + time.Second)
 	p.sessions.janitor()
-	assert.Equal(t, 1, p.sessions.len(), "session a, with its tunnel open, is not idle")
+	assert.Equal(t, 1, sessionCount(p.sessions), "session a, with its tunnel open, is not idle")
 	_, released, _ := h.counts()
 	assert.Equal(t, 1, released, "idle session b gave its address back")
 	require.NoError(t, conn.Close())
@@ -334,8 +334,9 @@ func TestUserSession(t *testing.T) {
 				r.Header.Set("Proxy-Authorization", tt.auth)
 			}
 			w := httptest.NewRecorder()
-			var rec record
-			user, key, ok := s.authorize(w, r, &rec, s.access.Load())
+			x := request{access: s.access.Load()}
+			key, ok := s.authorize(w, r, &x)
+			user := x.user
 			assert.Empty(t, r.Header.Get("Proxy-Authorization"), "credentials removed")
 			if tt.status != 0 {
 				assert.False(t, ok)
@@ -376,4 +377,11 @@ func TestRotateValidate(t *testing.T) {
 			}
 		})
 	}
+}
+
+// sessionCount returns the number of sessions t holds.
+func sessionCount(t *sessionTable) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.m)
 }

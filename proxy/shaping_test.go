@@ -42,16 +42,16 @@ func TestParseRetryAfter(t *testing.T) {
 }
 
 func TestRetryAfterSeconds(t *testing.T) {
-	assert.Equal(t, 1, retryAfterSeconds(0))
-	assert.Equal(t, 1, retryAfterSeconds(300*time.Millisecond))
-	assert.Equal(t, 2, retryAfterSeconds(1001*time.Millisecond))
-	assert.Equal(t, 60, retryAfterSeconds(time.Minute))
+	assert.Equal(t, 1, shape.RetryAfterSeconds(0))
+	assert.Equal(t, 1, shape.RetryAfterSeconds(300*time.Millisecond))
+	assert.Equal(t, 2, shape.RetryAfterSeconds(1001*time.Millisecond))
+	assert.Equal(t, 60, shape.RetryAfterSeconds(time.Minute))
 }
 
 func TestNormHost(t *testing.T) {
-	assert.Equal(t, "aur.archlinux.org", normHost("AUR.ArchLinux.org."))
-	assert.Equal(t, "2001:db8::1", normHost("2001:db8::1"))
-	assert.Zero(t, testing.AllocsPerRun(100, func() { _ = normHost("aur.archlinux.org") }))
+	assert.Equal(t, "aur.archlinux.org", shape.NormHost("AUR.ArchLinux.org."))
+	assert.Equal(t, "2001:db8::1", shape.NormHost("2001:db8::1"))
+	assert.Zero(t, testing.AllocsPerRun(100, func() { _ = shape.NormHost("aur.archlinux.org") }))
 }
 
 // shapedProxy starts a proxy with one rule and its own statistics.

@@ -14,7 +14,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/egressd/egressd/proxy/shape"
 	"github.com/egressd/egressd/proxy/socks5"
 	"github.com/egressd/egressd/proxy/stats"
 )
@@ -140,8 +139,9 @@ func (k *socksCloser) Close() error {
 	return k.c.Close()
 }
 
-// serveSOCKS serves one SOCKS5 connection: handshake, admission, dial,
-// reply, tunnel. The connection was counted active by enter.
+// serveSOCKS serves one SOCKS5 connection: the steps of request.go's list,
+// from the handshake to the tunnel. The connection was counted active by
+// enter.
 func (s *Server) serveSOCKS(c *clientConn) {
 	defer s.end()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -153,145 +153,124 @@ func (s *Server) serveSOCKS(c *clientConn) {
 	defer s.untrack(k)
 	defer c.Close()
 
-	start := time.Now()
-	st := &reqState{client: c.client}
-	ctx = context.WithValue(ctx, stateKey{}, st)
-	var rec record
+	x := &request{start: time.Now(), method: "SOCKS5", remote: c.RemoteAddr().String(), client: c.client}
+	ctx = withRequest(ctx, x)
 	reply := -1 // the reply code sent, if any
 	defer func() {
-		if rec.status != http.StatusOK && rec.status != 0 {
+		if x.status != http.StatusOK && x.status != 0 {
 			lingerClose(c) // after an error reply
 		}
-		s.finish(&rec, st)
-		if rec.status == 0 {
-			return // the client hung up without a byte: a port probe, nothing to log
-		}
+		// 7. Record.
 		var extra []slog.Attr
 		if reply >= 0 {
 			extra = append(extra, slog.Int("socks_reply", reply))
 		}
-		s.logRecord(c.RemoteAddr().String(), "SOCKS5", &rec, st, time.Since(start), extra...)
+		s.record(x, extra...)
 	}()
 	// Every reply is written under a deadline: a client that reads
 	// nothing cannot hold the connection.
 	answer := func(rep byte, status int) {
-		reply, rec.status = int(rep), status
+		reply, x.status = int(rep), status
 		_ = c.SetWriteDeadline(time.Now().Add(s.cfg.ClientTimeout))
 		if err := socks5.WriteReply(c, rep); err != nil {
-			s.log.Debug("socks5: replying", "client", c.RemoteAddr(), "err", err)
+			s.log.Debug("socks5: replying", "client", x.remote, "err", err)
 		}
 	}
 	refuseWith := func(e *Error) {
-		rec.reason, rec.refused = e.Reason, e.refused
+		x.reason, x.refused = e.Reason, e.refused
 		answer(e.socksReply(), e.Status)
 	}
 
+	// 1. Admit the client: the handshake, within its own deadline.
 	handshake := min(socksHandshakeTimeout, s.cfg.ClientTimeout)
 	_ = c.SetDeadline(time.Now().Add(handshake))
-	a := s.access.Load() // the same rules for the whole connection, across a reload
-	q, user, session, fail, ok := s.socksHandshake(ctx, c, a, handshake)
-	rec.user = user
+	x.access = s.access.Load() // the same rules for the whole connection, across a reload
+	q, fail, ok := s.socksHandshake(ctx, c, x, handshake)
 	if !ok {
 		if fail != nil {
-			rec.status, rec.reason, rec.refused = fail.Status, fail.Reason, fail.refused
+			x.refusedWith(fail)
 			if fail.Status == http.StatusForbidden {
-				reply = socks5.ReplyNotAllowed
+				reply = int(fail.socksReply()) // socksRefuse sent it
 			}
 		}
 		return
 	}
 	// Waiting for the shaper and dialing have bounds of their own.
 	_ = c.SetDeadline(time.Time{})
-	rec.host = q.Addr()
+
+	// 2. Parse the target.
+	x.host = q.Addr()
 	if _, err := netip.ParseAddr(q.Host); err != nil && !validHostname(q.Host) {
-		s.log.Debug("socks5: bad host name", "client", c.RemoteAddr().String(), "host", q.Host)
+		s.log.Debug("socks5: bad host name", "client", x.remote, "host", q.Host)
 		refuseWith(malformed(http.StatusBadRequest, "bad host name"))
 		return
 	}
-	if e := checkDest(q.Host, q.Port, a.ConnectPorts, "tunnels", "connect-ports"); e != nil {
+	if e := checkDest(q.Host, q.Port, x.access.ConnectPorts, "tunnels", "connect-ports"); e != nil {
 		refuseWith(e)
-		return
-	}
-	// The session stays in use while the tunnel is open, as a CONNECT
-	// tunnel's does, so it cannot idle out from under it.
-	ctx, done, err := s.beginSession(withSession(ctx, session), session)
-	if err != nil {
-		e, ok := errors.AsType[*Error](err)
-		if !ok {
-			e = refusal(http.StatusServiceUnavailable, typeInternalError, "%s", err)
-		}
-		refuseWith(e)
-		return
-	}
-	defer done()
-
-	// A tunnel counts as one request for the shaper, when it opens.
-	if err := s.acquire(ctx, q.Host, &rec); err != nil {
-		if _, ok := errors.AsType[*shape.RejectError](err); ok {
-			// SOCKS5 has no "slow down": "not allowed by ruleset" is the
-			// closest, and the log says 429 as HTTP would.
-			answer(socks5.ReplyNotAllowed, http.StatusTooManyRequests)
-			return
-		}
-		rec.status = statusClientClosed // Shutdown gave up on it
 		return
 	}
 
-	upstream, err := s.dial(ctx, "tcp", rec.host)
-	if err != nil {
-		e := upstreamError(q.Host, err)
-		if e.upstreamFault() {
-			level := slog.LevelWarn
-			if ctx.Err() != nil {
-				level = slog.LevelDebug // closed by Shutdown
-			}
-			s.log.Log(ctx, level, "upstream failed", "client", c.RemoteAddr().String(), "method", "SOCKS5",
-				"host", rec.host, "status", e.Status, "err", e.Err)
-		}
-		st.failed = e.upstreamFault()
+	// 3. Pick the address: the session's, if any, in use while the tunnel
+	// is open, as a CONNECT tunnel's is, so that it cannot idle out from
+	// under it.
+	ctx, e := s.useSession(withSession(ctx, x.sessionKey), x)
+	if e != nil {
 		refuseWith(e)
 		return
 	}
-	t := newTunnel(c, upstream, s.cfg.TunnelIdleTimeout)
+
+	// 4. Shape: a tunnel counts as one request, when it opens.
+	if e, ok := s.shape(ctx, x, q.Host); !ok {
+		if e != nil {
+			answer(e.socksReply(), e.Status) // the log says 429, as HTTP would
+		}
+		return
+	}
+
+	// 5. Dial.
+	upstream, err := s.dial(ctx, "tcp", x.host)
+	if err != nil {
+		refuseWith(s.fail(ctx, x, q.Host, err))
+		return
+	}
+
+	// 6. Relay.
+	t := s.newTunnel(c, upstream)
 	if !s.track(t) {
-		rec.status = http.StatusServiceUnavailable
+		x.status = http.StatusServiceUnavailable
 		return
 	}
 	defer s.untrack(t)
 	defer t.Close()
-
 	answer(socks5.ReplySucceeded, http.StatusOK)
 	_ = c.SetWriteDeadline(time.Time{}) // the tunnel's idle timeout bounds it now
-	st.answered = time.Now()
-	down, up, err := t.run()
-	rec.down += down
-	rec.up += up
-	if err != nil {
-		s.log.Debug("tunnel ended", "client", c.RemoteAddr().String(), "host", rec.host, "err", err)
-	}
+	x.answered = time.Now()
+	s.runTunnel(x, t)
 }
 
-// socksHandshake runs the method negotiation, the user name/password
-// subnegotiation if chosen, and reads the request. It returns the request,
-// the authenticated user (only when users authenticate) and the session key
-// in the user name, if any, and ok; or, when the handshake failed or the
+// socksHandshake admits a SOCKS5 client under the access rules of x: it
+// runs the method negotiation, the user name/password subnegotiation if
+// chosen, and reads the request. It records in x the authenticated user
+// (only when users authenticate) and the session key in the user name, if
+// any, and returns the request and ok; or, when the handshake failed or the
 // client was refused and it was answered as the protocol says, what the log
 // says of it (nil if the client sent nothing at all). handshake is the
 // deadline set on c, for the reason of a timeout.
-func (s *Server) socksHandshake(ctx context.Context, c *clientConn, a *Access, handshake time.Duration) (q socks5.Request, user, session string, _ *Error, ok bool) {
-	fail := func(err error, e *Error) (socks5.Request, string, string, *Error, bool) {
-		s.log.Debug("socks5: handshake failed", "client", c.RemoteAddr().String(), "err", err)
+func (s *Server) socksHandshake(ctx context.Context, c *clientConn, x *request, handshake time.Duration) (q socks5.Request, _ *Error, ok bool) {
+	a := x.access
+	fail := func(err error, e *Error) (socks5.Request, *Error, bool) {
+		s.log.Debug("socks5: handshake failed", "client", x.remote, "err", err)
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			e = clientRefusal(stats.RefusedHeaderTimeout, http.StatusRequestTimeout, typeRequestError,
 				"SOCKS5 handshake not complete within %v (-client-timeout)", handshake)
 		}
-		return socks5.Request{}, user, "", e, false
+		return socks5.Request{}, e, false
 	}
 	badHandshake := malformed(http.StatusBadRequest, "malformed SOCKS5 handshake")
 
 	methods, err := socksGreeting(c)
 	if errors.Is(err, io.EOF) {
-		return socks5.Request{}, "", "", nil, false
+		return socks5.Request{}, nil, false
 	}
 	if err != nil {
 		_ = socks5.WriteMethod(c, socks5.MethodNoAcceptable)
@@ -335,10 +314,10 @@ func (s *Server) socksHandshake(ctx context.Context, c *clientConn, a *Access, h
 			return fail(err, badHandshake)
 		}
 		if a.Users == nil {
-			session, _ = sessionFromUser(name)
+			x.sessionKey, _ = sessionFromUser(name)
 		} else {
-			user, session = splitSessionUser(name)
-			res, retry := s.login(ctx, clientAddr(c.RemoteAddr()), a.Users, user, pass)
+			x.user, x.sessionKey = splitSessionUser(name)
+			res, retry := s.login(ctx, clientAddr(c.RemoteAddr()), a.Users, x.user, pass)
 			if res != loginOK {
 				_ = socks5.WriteUserPassStatus(c, false)
 				e := errLoginFailed
@@ -365,7 +344,7 @@ func (s *Server) socksHandshake(ctx context.Context, c *clientConn, a *Access, h
 	if err != nil { // truncated: nothing to answer
 		return fail(err, badHandshake)
 	}
-	return q, user, session, nil, true
+	return q, nil, true
 }
 
 // socksGreeting reads a SOCKS5 client's greeting: the methods it offers.
@@ -402,6 +381,8 @@ func socksRefuse(c net.Conn, methods []byte, rep byte) error {
 	_, err := c.Write(reply.Bytes())
 	return err
 }
+
+type closeWriter interface{ CloseWrite() error }
 
 // lingerClose ends a connection whose handshake failed so that the error
 // reply reaches the client: closing a socket with unread input (the rest of

@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"sync"
 	"testing"
 	"time"
@@ -149,65 +148,4 @@ func tcpEchoUpstream(t testing.TB, ip string) string {
 		}
 	})
 	return ln.Addr().String()
-}
-
-// tcpPair returns both ends of a loopback TCP connection.
-func tcpPair(t *testing.T) (client, server *net.TCPConn) {
-	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer ln.Close()
-	c, err := net.Dial("tcp4", ln.Addr().String())
-	require.NoError(t, err)
-	s, err := ln.Accept()
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		_ = c.Close()
-		_ = s.Close()
-	})
-	return c.(*net.TCPConn), s.(*net.TCPConn)
-}
-
-// Waiting for bytes and splicing them allocates nothing, and moves exactly
-// what was queued; EOF is told from an empty queue.
-func TestQueuedSplice(t *testing.T) {
-	in, src := tcpPair(t)
-	dst, out := tcpPair(t)
-	var q queued
-	require.NoError(t, q.init(src))
-
-	msg := []byte("chunk")
-	buf := make([]byte, len(msg))
-	allocs := testing.AllocsPerRun(100, func() {
-		if _, err := in.Write(msg); err != nil {
-			t.Fatal(err)
-		}
-		n, err := q.spliceTo(dst)
-		if err != nil || n != int64(len(msg)) || q.eof {
-			t.Fatalf("spliceTo: %d, %v, eof %v", n, err, q.eof)
-		}
-		if _, err := io.ReadFull(out, buf); err != nil {
-			t.Fatal(err)
-		}
-	})
-	assert.Zero(t, allocs, "allocations per wait and splice")
-
-	// A read deadline ends the wait.
-	require.NoError(t, src.SetReadDeadline(time.Now().Add(10*time.Millisecond)))
-	_, err := q.spliceTo(dst)
-	require.ErrorIs(t, err, os.ErrDeadlineExceeded)
-	require.NoError(t, src.SetReadDeadline(time.Time{}))
-
-	// Bytes then EOF: the bytes first, then EOF.
-	_, err = in.Write(msg)
-	require.NoError(t, err)
-	require.NoError(t, in.CloseWrite())
-	n, err := q.spliceTo(dst)
-	require.NoError(t, err)
-	assert.Equal(t, int64(len(msg)), n)
-	assert.False(t, q.eof)
-	n, err = q.spliceTo(dst)
-	require.NoError(t, err)
-	assert.Zero(t, n)
-	assert.True(t, q.eof)
 }

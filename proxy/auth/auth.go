@@ -18,7 +18,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -47,16 +46,6 @@ type Users struct {
 
 	mu sync.Mutex
 	ok map[[sha256.Size]byte]struct{} // successful checks, by cacheKey
-}
-
-// ParseFile reads an htpasswd file (see Parse).
-func ParseFile(path string) (*Users, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("auth file: %w", err)
-	}
-	defer f.Close()
-	return Parse(f, path)
 }
 
 // Parse reads htpasswd lines "user:hash" from r, where hash is a bcrypt hash

@@ -1,6 +1,7 @@
 package auth
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -93,14 +94,19 @@ func TestParseErrors(t *testing.T) {
 	}
 }
 
-func TestParseFile(t *testing.T) {
-	_, err := ParseFile(filepath.Join(t.TempDir(), "missing"))
-	require.Error(t, err)
-	assert.Contains(t, err.Error(), "auth file: open ")
+// parseFile reads an htpasswd file as egressd does: whole, then Parse with
+// its path as the name.
+func parseFile(t *testing.T, path string) (*Users, error) {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	require.NoError(t, err)
+	return Parse(bytes.NewReader(data), path)
+}
 
+func TestParseFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "htpasswd")
 	require.NoError(t, os.WriteFile(path, []byte("alice:$apr1$MkRrVlzU$lhrBqbBQ58YMUtC8xBMTs.\n"), 0o600))
-	_, err = ParseFile(path)
+	_, err := parseFile(t, path)
 	assert.EqualError(t, err, fmt.Sprintf(`auth file %s:1: user "alice": not a bcrypt hash (make one with htpasswd -B)`, path))
 }
 
@@ -122,7 +128,7 @@ func TestParseHtpasswd(t *testing.T) {
 		out, err := exec.Command(bin, args...).CombinedOutput()
 		require.NoError(t, err, "%s", out)
 	}
-	u, err := ParseFile(path)
+	u, err := parseFile(t, path)
 	require.NoError(t, err)
 	assert.Equal(t, 2, u.Len())
 	assert.True(t, u.Verify("alice", "correct horse"))
@@ -139,7 +145,7 @@ func TestParseHtpasswd(t *testing.T) {
 	md5 := filepath.Join(t.TempDir(), "md5")
 	out, err := exec.Command(bin, "-m", "-b", "-c", md5, "carol", "pw").CombinedOutput()
 	require.NoError(t, err, "%s", out)
-	_, err = ParseFile(md5)
+	_, err = parseFile(t, md5)
 	assert.ErrorContains(t, err, md5+`:1: user "carol": not a bcrypt hash`)
 }
 

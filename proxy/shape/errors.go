@@ -29,6 +29,10 @@ func reject(host string, rule *Rule, retry time.Duration, format string, args ..
 	}
 }
 
+// RetryAfterSeconds is d as the whole seconds a Retry-After header carries:
+// rounded up, at least one.
+func RetryAfterSeconds(d time.Duration) int { return int(ceilSeconds(d) / time.Second) }
+
 // ceilSeconds rounds d up to whole seconds, at least one.
 func ceilSeconds(d time.Duration) time.Duration {
 	const most = time.Duration(math.MaxInt64) / time.Second * time.Second

@@ -295,9 +295,25 @@ func checkName(name string) error {
 	return nil
 }
 
-// normHost puts the host of a request in the form rules are matched
-// against: no port, no trailing dot, lower case. It allocates only when
-// the host has upper-case letters.
+// NormHost returns a host name, or an address literal without brackets,
+// as rules are matched against it and statistics key it: lower case,
+// without a trailing dot. It takes no port (the proxy passes the host
+// name a request names); the shaper's own methods, which may be given
+// host:port, strip it first (normHost). It allocates only when the host
+// has upper-case letters.
+func NormHost(h string) string {
+	h = strings.TrimSuffix(h, ".")
+	for i := 0; i < len(h); i++ {
+		if c := h[i]; c >= 'A' && c <= 'Z' {
+			return strings.ToLower(h)
+		}
+	}
+	return h
+}
+
+// normHost is NormHost of a host that may carry a port: "host:port",
+// "[v6]:port" or "[v6]" lose it; a bare IPv6 address (more than one colon)
+// is kept whole.
 func normHost(h string) string {
 	if len(h) > 0 && h[0] == '[' {
 		if i := strings.IndexByte(h, ']'); i > 0 {
@@ -306,11 +322,5 @@ func normHost(h string) string {
 	} else if i := strings.LastIndexByte(h, ':'); i >= 0 && strings.IndexByte(h, ':') == i {
 		h = h[:i] // one colon: a port; more: a bare IPv6 address
 	}
-	h = strings.TrimSuffix(h, ".")
-	for i := 0; i < len(h); i++ {
-		if c := h[i]; c >= 'A' && c <= 'Z' {
-			return strings.ToLower(h)
-		}
-	}
-	return h
+	return NormHost(h)
 }

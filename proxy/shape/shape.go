@@ -17,9 +17,12 @@ import (
 const (
 	maxStates  = 10_000      // hosts with a state of their own
 	maxLine    = 10_000      // requests waiting on one state
-	maxHold    = time.Hour   // longest Pushback hold
 	sweepEvery = time.Second // least time between sweeps that freed little
 )
+
+// MaxHold is the longest an upstream's Retry-After holds its rule (see
+// Pushback).
+const MaxHold = time.Hour
 
 // Clock is where the shaper reads the time and sets its timers.
 type Clock interface {
@@ -395,7 +398,7 @@ func (s *Shaper) Pushback(host string, retryAfter time.Duration) bool {
 	if retryAfter <= 0 {
 		return true
 	}
-	retryAfter = min(retryAfter, maxHold)
+	retryAfter = min(retryAfter, MaxHold)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.clock.Now()
