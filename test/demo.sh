@@ -14,7 +14,11 @@
 #   default via 2001:db8:1:2::1                   lo 2001:db8:ffff::1 = upstream.test
 #
 # and an echo upstream in R that answers every request with the address it
-# came from. Everything it makes (namespaces, processes, /etc/netns/NAME) is
+# came from. It shows the host's default source address before egressd
+# starts, while it runs and after it stopped (the same each time: egress
+# addresses are deprecated, so the kernel never picks one for the host's own
+# connections), and lists paced requests in the order the upstream got them.
+# Colour only on a terminal. Everything it makes (namespaces, processes, /etc/netns/NAME) is
 # removed on exit, also on failure or Ctrl-C. It never touches the machine's
 # own interfaces, addresses or routes.
 set -euo pipefail
@@ -79,7 +83,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Bold step titles on a terminal; plain text when piped or logged.
+if [[ -t 1 ]]; then
+	step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+else
+	step() { printf '\n== %s\n' "$*"; }
+fi
 
 # wait_for SECONDS COMMAND...: run COMMAND every 0.1 s until it succeeds.
 wait_for() {
@@ -115,13 +124,25 @@ no_tentative() { [[ -z $(ip -n "$H" -6 addr show tentative) ]]; }
 wait_for 10 no_tentative
 ip -n "$H" -6 addr show dev "$H"
 
+# default_source prints the source address the kernel picks in H for an
+# ordinary connection to the upstream: what every program on the host that
+# does not go through egressd sends from.
+default_source() {
+	ip -n "$H" -6 route get "$upstream" | sed -n 's/.* src \([^ ]*\).*/\1/p'
+}
+step "the host's default source address, before egressd starts (ip -6 route get $upstream)"
+ip -n "$H" -6 route get "$upstream"
+source_before=$(default_source)
+echo "default source: $source_before"
+
 step "starting the echo upstream in $R on [$upstream]:80 and :443"
 if [[ -z $upstream_bin || ! -x $upstream_bin ]]; then
 	upstream_bin=$tmp/echo-upstream
 	go build -o "$upstream_bin" ./test/upstream
 fi
 # `ip netns exec` execs in place, so $! is the upstream's own pid.
-ip netns exec "$R" "$upstream_bin" -listen "[$upstream]:80" -tls-listen "[$upstream]:443" \
+# -v: it logs every request it gets, with its own time of arrival.
+ip netns exec "$R" "$upstream_bin" -v -listen "[$upstream]:80" -tls-listen "[$upstream]:443" \
 	-cert-out "$tmp/ca.pem" 2>"$tmp/upstream.log" &
 upstream_pid=$!
 upstream_up() { [[ $(grep -c 'msg=listening' "$tmp/upstream.log" 2>/dev/null) -ge 2 ]]; }
@@ -145,18 +166,31 @@ if ! wait_for 10 egressd_up; then
 fi
 grep 'msg=listening' "$tmp/egressd.log"
 
-step "10 requests through egressd at once (curl -x http://127.0.0.1:3128 http://upstream.test/), paced to 5 a second"
+step "10 requests through egressd at once (curl -x http://127.0.0.1:3128 http://upstream.test/request-N), paced to 5 a second"
 curls=()
 for i in $(seq 1 10); do
 	ip netns exec "$H" curl -s --max-time 10 -x http://127.0.0.1:3128 -o "$tmp/req$i" \
-		-w '%{time_total}' http://upstream.test/ >"$tmp/time$i" &
+		http://upstream.test/request-"$i" &
 	curls+=($!)
 done
 wait "${curls[@]}"
-for i in $(seq 1 10); do
-	printf '  request %2d left from %-40s after %ss\n' "$i" "$(cat "$tmp/req$i")" "$(cat "$tmp/time$i")"
-done
-
+# The upstream's log lines, in the order the requests reached it:
+#   time=2026-01-02T03:04:05.678Z level=INFO msg=request peer=ADDR method=GET host=upstream.test path=/request-3
+echo "in the order they reached the upstream (its own clock; -limit lets 2 through at once, then one every 0.2 s):"
+grep 'msg=request' "$tmp/upstream.log" | grep 'path=/request-' | awk '
+	{
+		for (i = 1; i <= NF; i++) {
+			split($i, kv, "=")
+			f[kv[1]] = substr($i, length(kv[1]) + 2)
+		}
+		split(substr(f["time"], 12), hms, ":")   # HH:MM:SS.mmmZ
+		t = hms[1] * 3600 + hms[2] * 60 + hms[3]
+		if (NR == 1) first = t
+		sub("/request-", "", f["path"])
+		printf "  +%.3fs  request %2d  from %s\n", t - first, f["path"], f["peer"]
+	}'
+distinct=$(cat "$tmp"/req* | sort -u | wc -l)
+echo "distinct source addresses: $distinct of 10"
 step "one HTTPS request through a CONNECT tunnel (HTTPS_PROXY=http://127.0.0.1:3128)"
 printf '  https request left from %s\n' \
 	"$(ip netns exec "$H" env HTTPS_PROXY=http://127.0.0.1:3128 \
@@ -169,6 +203,10 @@ if [[ -n $egressctl ]]; then
 	step "egressctl -admin $tmp/admin.sock stats"
 	"$egressctl" -admin "$tmp/admin.sock" stats
 fi
+
+step "while egressd runs: the host's default source address, and what upstream.test sees without the proxy"
+ip -n "$H" -6 route get "$upstream"
+echo "  direct request left from $(ip netns exec "$H" curl -s --max-time 10 http://upstream.test/)"
 
 step "addresses on $H while egressd runs (egress addresses: /128, deprecated, finite valid_lft)"
 ip -n "$H" -6 addr show dev "$H" | sed -n 1,13p
@@ -183,5 +221,14 @@ ip -n "$H" -6 addr show dev "$H"
 left=$(ip -n "$H" -6 addr show dev "$H" | grep -c 'inet6 2001:db8:1:2:' || true)
 # One of them is the host's own address.
 echo "egress addresses left on $H: $((left - 1))"
+
+step "the host's default source address, after egressd stopped"
+ip -n "$H" -6 route get "$upstream"
+source_after=$(default_source)
+if [[ $source_after != "$source_before" ]]; then
+	echo "default source changed: $source_before before, $source_after after" >&2
+	exit 1
+fi
+echo "default source: $source_after (unchanged)"
 
 step "done; removing the namespaces"
