@@ -232,7 +232,7 @@ func (d *Dialer) dialFrom(ctx context.Context, network, address string, lease *L
 	if v4 {
 		return d.dialIPv4(ctx, ips, port)
 	}
-	if err := d.Pool.usable(); err != nil {
+	if err := d.Pool.Usable(); err != nil {
 		return nil, err
 	}
 	if err := lease.ref(); err != nil {

@@ -13,7 +13,8 @@ import (
 )
 
 // AddrManager adds and removes egress addresses on the kernel's side. It is
-// implemented by *Netlink, and by a fake in unit tests.
+// implemented by kernel.Netlink, by NoAddrs in routed mode, and by a fake in
+// unit tests.
 type AddrManager interface {
 	// Add puts a on the interface as a deprecated /128 that the kernel
 	// deletes by itself after lifetime unless refreshed. When a is already
@@ -27,7 +28,22 @@ type AddrManager interface {
 	Remove(a netip.Addr) error
 }
 
-var _ AddrManager = (*Netlink)(nil)
+// NoAddrs is the AddrManager of routed mode: the prefix is routed to the
+// host and a local route makes every address of it the host's own, so there
+// is nothing to add or remove. The pool still hands out each address to one
+// connection at a time and bounds how many are in use.
+type NoAddrs struct{}
+
+var _ AddrManager = NoAddrs{}
+
+// Add implements AddrManager; it does nothing.
+func (NoAddrs) Add(netip.Addr, time.Duration) error { return nil }
+
+// Refresh implements AddrManager; it does nothing.
+func (NoAddrs) Refresh(netip.Addr, time.Duration) error { return nil }
+
+// Remove implements AddrManager; it does nothing.
+func (NoAddrs) Remove(netip.Addr) error { return nil }
 
 // Defaults of PoolConfig.
 const (
@@ -627,20 +643,21 @@ func (p *Pool) unusableLocked() error {
 	return nil
 }
 
-// usable returns nil if the pool hands out addresses now, and otherwise why
+// Usable returns nil if the pool hands out addresses now, and otherwise why
 // not, wrapping ErrNoAddress.
-func (p *Pool) usable() error {
+func (p *Pool) Usable() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.unusableLocked()
 }
 
-// suspend stops the pool handing out addresses because of a fault outside
+// Suspend stops the pool handing out addresses because of a fault outside
 // it, named key ("uplink", "route"): Acquire fails at once with an error
 // wrapping ErrNoAddress and err, and the refiller waits. Addresses in use
 // are left alone. It reports whether key is a new fault; a known one gets
-// its error updated.
-func (p *Pool) suspend(key string, err error) bool {
+// its error updated. err's text is told to clients: it must not name an
+// egress address.
+func (p *Pool) Suspend(key string, err error) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if i := slices.IndexFunc(p.faults, func(f fault) bool { return f.key == key }); i >= 0 {
@@ -652,9 +669,9 @@ func (p *Pool) suspend(key string, err error) bool {
 	return true
 }
 
-// resume ends the fault key; the pool works again, by itself, once no fault
+// Resume ends the fault key; the pool works again, by itself, once no fault
 // is left. It reports whether key was a fault.
-func (p *Pool) resume(key string) bool {
+func (p *Pool) Resume(key string) bool {
 	p.mu.Lock()
 	n := len(p.faults)
 	p.faults = slices.DeleteFunc(p.faults, func(f fault) bool { return f.key == key })

@@ -31,6 +31,7 @@ import (
 
 	"github.com/egressd/egressd/internal/version"
 	"github.com/egressd/egressd/netutil"
+	"github.com/egressd/egressd/netutil/kernel"
 	"github.com/egressd/egressd/proxy"
 	"github.com/egressd/egressd/proxy/stats"
 	"github.com/vishvananda/netlink"
@@ -103,11 +104,11 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 
 	ifname := cfg.Interface
 	if ifname == "" {
-		if ifname, err = netutil.DefaultInterface(h); err != nil {
+		if ifname, err = kernel.DefaultInterface(h); err != nil {
 			return err
 		}
 	}
-	mgr, err := netutil.NewNetlink(h, ifname)
+	mgr, err := kernel.NewNetlink(h, ifname)
 	if err != nil {
 		var notFound netlink.LinkNotFoundError
 		if errors.As(err, &notFound) {
@@ -121,16 +122,16 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 	}
 	prefix := cfg.Prefix
 	if !prefix.IsValid() {
-		if prefix, err = netutil.DefaultPrefix(addrs); err != nil {
+		if prefix, err = kernel.DefaultPrefix(addrs); err != nil {
 			return fmt.Errorf("interface %s: %w", ifname, err)
 		}
 	}
 	routed := cfg.Mode == modeRouted
 	if routed {
-		if err := netutil.CheckRoutedPrefix(h, prefix, mgr.Link().Attrs().Index); err != nil {
+		if err := kernel.CheckRoutedPrefix(h, prefix, mgr.Link().Attrs().Index); err != nil {
 			return err
 		}
-	} else if !netutil.OnInterface(prefix, addrs) {
+	} else if !kernel.OnInterface(prefix, addrs) {
 		return fmt.Errorf("prefix %s is not on interface %s: no address of it is configured there (if it is routed to this host, use -mode routed)", prefix, ifname)
 	}
 
@@ -188,7 +189,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 	if left > 0 {
 		log.Info("removed leftover egress addresses of an earlier run", "count", left)
 	}
-	hostAddrs, err := netutil.HostAddrs(h)
+	hostAddrs, err := kernel.HostAddrs(h)
 	if err != nil {
 		return err
 	}
@@ -259,9 +260,9 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 		}()
 		log.Info("admin API listening", "addr", adminLn.Addr().String())
 	}
-	var route *netutil.LocalRoute
+	var route *kernel.LocalRoute
 	if routed {
-		if route, err = netutil.InstallLocalRoute(h, prefix); err != nil {
+		if route, err = kernel.InstallLocalRoute(h, prefix); err != nil {
 			if admin != nil {
 				admin.Close()
 			}
@@ -274,7 +275,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 
 	// Netlink events keep the pool's view of the uplink true and the local
 	// route of routed mode in place (watch.go).
-	_, stopWatch := watchFaults(h, pool, guard, mgr.Link(), route, log)
+	_, stopWatch := watchFaults(h, pool, guard, mgr, route, log)
 
 	poolCtx, stopPool := context.WithCancel(context.Background())
 	poolDone := make(chan struct{})

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 
 	"github.com/egressd/egressd/netutil"
+	"github.com/egressd/egressd/netutil/kernel"
 	"github.com/vishvananda/netlink"
 )
 
@@ -12,11 +13,11 @@ import (
 // host's network by itself: the pool follows the uplink (addresses deleted
 // by somebody else, the link going down and up: netutil.Pool.Follow) and,
 // in routed mode (route not nil), the local route is restored if somebody
-// removes it (netutil.LocalRoute.Keep); and the destination guard knows
+// removes it (kernel.LocalRoute.Keep); and the destination guard knows
 // every address the host has now (netutil.Guard.Follow). Other subscribers
 // may use the returned watcher. stop ends it all; call it before the route is removed.
-func watchFaults(h *netlink.Handle, pool *netutil.Pool, guard *netutil.Guard, uplink netlink.Link, route *netutil.LocalRoute, log *slog.Logger) (w *netutil.Watcher, stop func()) {
-	w = netutil.NewWatcher(netutil.WatchConfig{Handle: h, Routes: route != nil, Logger: log})
+func watchFaults(h *netlink.Handle, pool *netutil.Pool, guard *netutil.Guard, uplink *kernel.Netlink, route *kernel.LocalRoute, log *slog.Logger) (w *kernel.Watcher, stop func()) {
+	w = kernel.NewWatcher(kernel.WatchConfig{Handle: h, Routes: route != nil, Logger: log})
 	cancels := []func(){pool.Follow(w, uplink), guard.Follow(w)}
 	if route != nil {
 		cancels = append(cancels, route.Keep(w, pool, log))
