@@ -1,4 +1,4 @@
-package main
+package daemon
 
 import (
 	"bytes"
@@ -172,9 +172,9 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	return fs
 }
 
-// errVersion is loadConfig's answer to -version: main prints the version
+// ErrVersion is LoadConfig's answer to -version: main prints the version
 // and exits 0.
-var errVersion = errors.New("-version given")
+var ErrVersion = errors.New("-version given")
 
 // commandLine is flagSet with the flags of the command line only, which are
 // no config keys: -version.
@@ -183,18 +183,18 @@ func commandLine(cfg *Config) (fs *flag.FlagSet, version *bool) {
 	return fs, fs.Bool("version", false, "print the version and exit")
 }
 
-// loadConfig reads the command line and the config file it names. Flags given
+// LoadConfig reads the command line and the config file it names. Flags given
 // on the command line override the file, the file overrides the defaults. An
 // argument that is not a flag is an error: the flag package stops at the
 // first, and would silently drop every flag after it.
-func loadConfig(args []string) (Config, error) {
+func LoadConfig(args []string) (Config, error) {
 	cfg := defaultConfig()
 	fs, version := commandLine(&cfg)
 	if err := fs.Parse(args); err != nil {
 		return Config{}, err
 	}
 	if *version {
-		return Config{}, errVersion
+		return Config{}, ErrVersion
 	}
 	if fs.NArg() > 0 {
 		// A repeatable flag right before the stray word is most likely the
