@@ -726,10 +726,7 @@ func (p *Pool) add(ctx context.Context, to AddrState, l *Lease) (netip.Addr, err
 			}
 			victim := p.warm[0]
 			p.warm = p.warm[1:]
-			p.setStateLocked(victim, StateRemoving)
-			p.inflight.Add(1)
-			p.mu.Unlock()
-			p.remove(victim)
+			p.removeLocked(victim)
 			continue
 		}
 		a, ok := p.drawLocked()
@@ -815,6 +812,20 @@ func (p *Pool) drawLocked() (netip.Addr, bool) {
 	return netip.Addr{}, false
 }
 
+// removeLocked removes a, which the caller has taken off the warm list or
+// from its lease: a goes to StateRemoving, Close waits for its removal, and
+// Acquires waiting for the budget look again (the cap has room). It is
+// called with p.mu held, and unlocks it.
+func (p *Pool) removeLocked(a netip.Addr) {
+	p.setStateLocked(a, StateRemoving)
+	p.inflight.Add(1)
+	if p.budget != nil {
+		p.signalLocked()
+	}
+	p.mu.Unlock()
+	p.remove(a)
+}
+
 // remove deletes a from the interface and forgets it. The caller has set its
 // state to StateRemoving and added one to p.inflight.
 func (p *Pool) remove(a netip.Addr) {
@@ -854,13 +865,7 @@ func (p *Pool) release(l *Lease) {
 	discard := l.discard
 	l.mu.Unlock()
 	if p.keep == 0 || discard {
-		p.setStateLocked(a, StateRemoving)
-		p.inflight.Add(1)
-		if p.budget != nil {
-			p.signalLocked()
-		}
-		p.mu.Unlock()
-		p.remove(a)
+		p.removeLocked(a)
 		return
 	}
 	p.setStateLocked(a, StateWarm)
@@ -1010,13 +1015,7 @@ func (p *Pool) removeDue() time.Duration {
 			return wait
 		}
 		p.warm = p.warm[1:]
-		p.setStateLocked(a, StateRemoving)
-		p.inflight.Add(1)
-		if p.budget != nil {
-			p.signalLocked() // the cap has room again
-		}
-		p.mu.Unlock()
-		p.remove(a)
+		p.removeLocked(a)
 	}
 }
 
