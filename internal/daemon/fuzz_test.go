@@ -93,7 +93,7 @@ func configFile(t *testing.T, cfg Config) []byte {
 		"allow":          strs(len(cfg.Allow), func(i int) string { return cfg.Allow[i].String() }),
 		"auth-file":      cfg.AuthFile,
 		"admin":          cfg.Admin,
-		"log-level":      levelValue{&cfg.LogLevel}.String(),
+		"log-level":      levelValue(&cfg.LogLevel).String(),
 		"allow-dest":     strs(len(cfg.AllowDest), func(i int) string { return cfg.AllowDest[i].String() }),
 		"connect-ports":  portsKey(cfg.ConnectPorts),
 		"http-ports":     portsKey(cfg.HTTPPorts),
