@@ -57,14 +57,6 @@ func acquireN(t testing.TB, p *Pool, n int) []*Lease {
 	return out
 }
 
-func addrsOf(ls []*Lease) []netip.Addr {
-	var out []netip.Addr
-	for _, l := range ls {
-		out = append(out, l.Addr())
-	}
-	return out
-}
-
 // TestBudgetFreshThenWarm: within the burst every lease gets a never-used
 // address; past it, with no token, the warm address unused the longest, in
 // the order they were released, each again only after every other; a token

@@ -20,7 +20,6 @@ import (
 
 var (
 	hostAddr = nettest.HostAddr
-	gateway  = nettest.Gateway
 	prefix64 = nettest.Prefix64
 )
 
