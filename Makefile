@@ -41,7 +41,7 @@ demo: build ## run egressd in throw-away namespaces and show each request leavin
 	bash test/demo.sh $(BIN)/egressd $(BIN)/echo-upstream $(BIN)/egressctl
 
 bench: ## the Go benchmarks, then egressd against no proxy, tinyproxy and Squid into bench/results/compare.* (root, about 30 min)
-	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./netutil/ ./proxy/...
+	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./netutil/... ./proxy/...
 	$(GO) test -run '^$$' -bench . -benchtime 5000x -count 3 ./test/
 	sh bench/install-deps.sh
 	$(GO) test -count=1 -timeout 90m -run TestCompare ./bench/compare -args -full -out $(CURDIR)/bench/results
@@ -53,7 +53,7 @@ soak: ## 64 clients of mixed HTTP, CONNECT and SOCKS5 for SOAKTIME (10m), printi
 	$(GO) test -count=1 -v -timeout 60m -run '^TestSoak$$' ./test/ -args -soak $(SOAKTIME)
 
 bench-smoke: ## every benchmark once, so none of them rots
-	$(GO) test -short -run '^$$' -bench . -benchtime 1x ./netutil/ ./proxy/... ./test/
+	$(GO) test -short -run '^$$' -bench . -benchtime 1x ./netutil/... ./proxy/... ./test/
 
 # Fuzzing: test/fuzz.sh finds every `func FuzzXxx` (a new one needs no edit
 # here) and fuzzes each in turn; the seed corpora are testdata/fuzz/FuzzXxx/.

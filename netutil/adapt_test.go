@@ -1,4 +1,4 @@
-package netutil
+package netutil_test
 
 import (
 	"context"
@@ -8,6 +8,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egressd/egressd/internal/nettest"
+	"github.com/egressd/egressd/netutil"
+	"github.com/egressd/egressd/netutil/kernel"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
@@ -24,14 +27,14 @@ var upstreamAddr = netip.MustParseAddr("2001:db8:ffff::1")
 type routerPair struct {
 	host, router netns.NsHandle
 	h            *netlink.Handle // in host
-	mgr          *Netlink
+	mgr          *kernel.Netlink
 	upstream     string // host:port of the echo server
 }
 
 func newRouterPair(t *testing.T) *routerPair {
 	t.Helper()
 	host, h, mgr := newTestNetns(t)
-	router := newUnnamedNetns(t)
+	router := nettest.Unnamed(t)
 	rh, err := netlink.NewHandleAt(router)
 	require.NoError(t, err)
 	t.Cleanup(rh.Close)
@@ -46,12 +49,12 @@ func newRouterPair(t *testing.T) *routerPair {
 	require.NoError(t, rh.AddrAdd(peer, &netlink.Addr{IPNet: ipNet(netip.PrefixFrom(gateway, 64)), Flags: unix.IFA_F_NODAD}))
 	require.NoError(t, rh.AddrAdd(lo, &netlink.Addr{IPNet: ipNet(netip.PrefixFrom(upstreamAddr, 128))}))
 	require.NoError(t, rh.LinkSetUp(peer))
-	waitDAD(t, h)
+	nettest.WaitDAD(t, h)
 
 	var ln net.Listener
-	inNetns(t, router, func() { ln, err = net.Listen("tcp6", net.JoinHostPort(upstreamAddr.String(), "0")) })
+	nettest.In(t, router, func() { ln, err = net.Listen("tcp6", net.JoinHostPort(upstreamAddr.String(), "0")) })
 	require.NoError(t, err)
-	serveEcho(t, ln)
+	nettest.ServeEcho(t, ln)
 	return &routerPair{host: host, router: router, h: h, mgr: mgr, upstream: ln.Addr().String()}
 }
 
@@ -61,7 +64,7 @@ func newRouterPair(t *testing.T) *routerPair {
 func (rp *routerPair) forgetNew(t *testing.T) {
 	t.Helper()
 	var err error
-	inNetns(t, rp.router, func() {
+	nettest.In(t, rp.router, func() {
 		err = os.WriteFile("/proc/sys/net/ipv6/neigh/eg1/mcast_solicit", []byte("0"), 0)
 	})
 	require.NoError(t, err)
@@ -75,15 +78,15 @@ func (rp *routerPair) dial(t *testing.T, dial func(ctx context.Context, network,
 	var c net.Conn
 	var err error
 	start := time.Now()
-	inNetns(t, rp.host, func() { c, err = dial(ctx, "tcp", rp.upstream) })
+	nettest.In(t, rp.host, func() { c, err = dial(ctx, "tcp", rp.upstream) })
 	return c, time.Since(start), err
 }
 
 // routerPool is a pool with budget b in rp's host namespace, run until the
 // test ends.
-func routerPool(t *testing.T, rp *routerPair, b Budget) *Pool {
+func routerPool(t *testing.T, rp *routerPair, b netutil.Budget) *netutil.Pool {
 	t.Helper()
-	p, err := NewPool(PoolConfig{
+	p, err := netutil.NewPool(netutil.PoolConfig{
 		Prefix:  prefix64,
 		Exclude: []netip.Addr{hostAddr.Addr(), gateway},
 		Manager: rp.mgr,
@@ -97,19 +100,19 @@ func routerPool(t *testing.T, rp *routerPair, b Budget) *Pool {
 }
 
 // TestDialerRetriesFromWarm: once the router stops answering new addresses,
-// a connection from a never-used one gets FirstTry, then is made from a warm
+// a connection from a never-used one gets netutil.FirstTry, then is made from a warm
 // address and succeeds; the pool counts the retry and the overflow, lowers
 // the rate, and removes the unanswered address instead of keeping it warm.
 // A held address (a session's) is replaced by a warm one the same way.
 func TestDialerRetriesFromWarm(t *testing.T) {
 	rp := newRouterPair(t)
-	p := routerPool(t, rp, Budget{Rate: 5, Burst: 20, Window: time.Minute})
-	d := &Dialer{Pool: p, Timeout: nstestGuard}
+	p := routerPool(t, rp, netutil.Budget{Rate: 5, Burst: 20, Window: time.Minute})
+	d := &netutil.Dialer{Pool: p, Timeout: nstestGuard}
 
 	for range 3 { // warm addresses, which the router knows
 		c, _, err := rp.dial(t, d.DialContext)
 		require.NoError(t, err)
-		echo(t, c)
+		nettest.Echo(t, c)
 		require.NoError(t, c.Close())
 	}
 	require.Equal(t, 3, p.Stats().Warm)
@@ -117,13 +120,13 @@ func TestDialerRetriesFromWarm(t *testing.T) {
 
 	c, took, err := rp.dial(t, d.DialContext)
 	require.NoError(t, err, "the retry from a warm address is answered")
-	echo(t, c)
-	from := c.(*Conn).Egress()
+	nettest.Echo(t, c)
+	from := c.(*netutil.Conn).Egress()
 	s := p.Stats()
 	assert.Equal(t, uint64(1), s.Retries)
 	assert.Equal(t, uint64(1), s.Overflows)
 	assert.Equal(t, 2.5, s.Budget.Rate, "halved")
-	assert.GreaterOrEqual(t, took, FirstTry, "the new address had its first try")
+	assert.GreaterOrEqual(t, took, netutil.FirstTry, "the new address had its first try")
 	assert.Equal(t, uint64(4), s.Fresh, "three warm-ups and the one that got no answer")
 	assert.Equal(t, 2, s.Warm, "the unanswered address is not kept warm")
 	addrs, err := rp.mgr.Addrs()
@@ -135,8 +138,8 @@ func TestDialerRetriesFromWarm(t *testing.T) {
 	// at once.
 	c, took, err = rp.dial(t, d.DialContext)
 	require.NoError(t, err)
-	assert.Less(t, took, FirstTry)
-	assert.NotEqual(t, from, c.(*Conn).Egress(), "another warm address: the least recently used")
+	assert.Less(t, took, netutil.FirstTry)
+	assert.NotEqual(t, from, c.(*netutil.Conn).Egress(), "another warm address: the least recently used")
 	require.NoError(t, c.Close())
 
 	// A session holding a never-used address: its first connection moves
@@ -147,11 +150,11 @@ func TestDialerRetriesFromWarm(t *testing.T) {
 	defer release()
 	c, _, err = rp.dial(t, dial)
 	require.NoError(t, err)
-	echo(t, c)
+	nettest.Echo(t, c)
 	c2, took, err := rp.dial(t, dial)
 	require.NoError(t, err)
-	assert.Less(t, took, FirstTry, "the held address is the warm one now")
-	assert.Equal(t, c.(*Conn).Egress(), c2.(*Conn).Egress(), "one address for the session")
+	assert.Less(t, took, netutil.FirstTry, "the held address is the warm one now")
+	assert.Equal(t, c.(*netutil.Conn).Egress(), c2.(*netutil.Conn).Egress(), "one address for the session")
 	s = p.Stats()
 	assert.Equal(t, uint64(2), s.Retries)
 	assert.Equal(t, uint64(2), s.Overflows)
@@ -172,13 +175,13 @@ func TestDialerNoRetryWithoutWarm(t *testing.T) {
 	require.NoError(t, err)
 	c.Close()
 	rp.forgetNew(t)
-	p := routerPool(t, rp, DefaultBudget)
-	d := &Dialer{Pool: p, Timeout: 3 * time.Second}
+	p := routerPool(t, rp, netutil.DefaultBudget)
+	d := &netutil.Dialer{Pool: p, Timeout: 3 * time.Second}
 	_, took, err := rp.dial(t, d.DialContext)
 	require.Error(t, err)
-	assert.True(t, timedOut(err), "%v", err)
-	assert.NotErrorIs(t, err, errNoAnswer)
-	assert.GreaterOrEqual(t, took, 3*time.Second, "the whole timeout, not FirstTry")
+	assert.True(t, netutil.TimedOut(err), "%v", err)
+	assert.NotErrorIs(t, err, netutil.ErrNoAnswer)
+	assert.GreaterOrEqual(t, took, 3*time.Second, "the whole timeout, not netutil.FirstTry")
 	s := p.Stats()
 	assert.Zero(t, s.Retries)
 	assert.Zero(t, s.Overflows)

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egressd/egressd/internal/nettest"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -52,14 +53,6 @@ func acquireN(t testing.TB, p *Pool, n int) []*Lease {
 		l, err := p.Acquire(context.Background())
 		require.NoError(t, err)
 		out = append(out, l)
-	}
-	return out
-}
-
-func addrsOf(ls []*Lease) []netip.Addr {
-	var out []netip.Addr
-	for _, l := range ls {
-		out = append(out, l.Addr())
 	}
 	return out
 }
@@ -262,8 +255,8 @@ func TestBudgetMaxAddrs(t *testing.T) {
 // warning is logged once a minute at most, naming the cause and the flag.
 func TestBudgetAdapt(t *testing.T) {
 	m := newFakeManager()
-	var logs logBuffer
-	p, clock := budgetPool(t, m, Budget{Rate: 8, Burst: 10, Window: time.Minute}, func(c *PoolConfig) { c.Logger = logs.logger() })
+	var logs nettest.LogBuffer
+	p, clock := budgetPool(t, m, Budget{Rate: 8, Burst: 10, Window: time.Minute}, func(c *PoolConfig) { c.Logger = logs.Logger() })
 	rate := func() float64 { return p.Stats().Budget.Rate }
 	capNow := func() int { return p.Stats().Budget.Cap }
 	require.Equal(t, 10+8*60, capNow())
@@ -280,13 +273,13 @@ func TestBudgetAdapt(t *testing.T) {
 		"the tokens saved up are gone")
 	clock.Add(250 * time.Millisecond)
 	assert.True(t, acquireN(t, p, 1)[0].Fresh(), "a token at 4/s")
-	assert.Equal(t, 1, logs.count("the router's neighbour table is likely full"), logs.String())
-	assert.Equal(t, 1, logs.count("-new-addrs"))
+	assert.Equal(t, 1, logs.Count("the router's neighbour table is likely full"), logs.String())
+	assert.Equal(t, 1, logs.Count("-new-addrs"))
 
 	clock.Add(adaptHold)
 	p.overflowed()
 	assert.Equal(t, 2.0, rate())
-	assert.Equal(t, 1, logs.count("the router's neighbour table is likely full"), "once a minute at most")
+	assert.Equal(t, 1, logs.Count("the router's neighbour table is likely full"), "once a minute at most")
 	for range 10 {
 		clock.Add(adaptHold)
 		p.overflowed()
@@ -296,7 +289,7 @@ func TestBudgetAdapt(t *testing.T) {
 	clock.Add(overflowWarnEvery)
 	assert.Equal(t, 8.0/32*1.25*1.25, rate(), "raised twice in the minute since the last overflow")
 	p.overflowed()
-	assert.Equal(t, 2, logs.count("the router's neighbour table is likely full"), "a minute later, again")
+	assert.Equal(t, 2, logs.Count("the router's neighbour table is likely full"), "a minute later, again")
 
 	clock.Add(time.Hour)
 	assert.Equal(t, 8.0, rate(), "back to the rate set, no higher")

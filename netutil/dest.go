@@ -238,7 +238,7 @@ func (g *Guard) isHost(ip netip.Addr) bool {
 // events: every address on any interface, IPv4 and IPv6, as it comes and
 // goes, so that an address added to the host after egressd started is
 // refused at once. It returns the function that stops following.
-func (g *Guard) Follow(w *Watcher) (cancel func()) {
+func (g *Guard) Follow(w Events) (cancel func()) {
 	// An address may be on several interfaces: it stays the host's until
 	// the last one loses it. Subscriber callbacks run one at a time.
 	on := make(map[netip.Addr]map[int]struct{})

@@ -232,7 +232,7 @@ func (d *Dialer) dialFrom(ctx context.Context, network, address string, lease *L
 	if v4 {
 		return d.dialIPv4(ctx, ips, port)
 	}
-	if err := d.Pool.usable(); err != nil {
+	if err := d.Pool.Usable(); err != nil {
 		return nil, err
 	}
 	if err := lease.ref(); err != nil {
@@ -313,23 +313,38 @@ func (d *Dialer) admit(ips []netip.Addr) ([]netip.Addr, error) {
 
 // dialBound connects to the first of ips that answers, over IPv6 from src.
 func (d *Dialer) dialBound(ctx context.Context, ips []netip.Addr, port uint16, src netip.Addr) (*net.TCPConn, error) {
-	nd := net.Dialer{
+	nd := &net.Dialer{
 		LocalAddr: &net.TCPAddr{IP: src.AsSlice()},
 		Timeout:   d.Timeout,
 	}
 	if d.FreeBind {
 		nd.Control = freeBind
 	}
-	var first error
-	for _, ip := range ips {
-		c, err := nd.DialContext(ctx, "tcp6", netip.AddrPortFrom(ip, port).String())
-		if err == nil {
-			return c.(*net.TCPConn), nil
-		}
+	return dialFirst(ctx, nd, "tcp6", ips, port, func(err error) error {
 		if errors.Is(err, syscall.EADDRNOTAVAIL) {
 			// The address is gone from the interface (somebody removed
 			// it, or it expired): fail closed rather than bind another.
-			return nil, fmt.Errorf("%w: binding %s: %w", ErrNoAddress, src, err)
+			return fmt.Errorf("%w: binding %s: %w", ErrNoAddress, src, err)
+		}
+		return nil
+	})
+}
+
+// dialFirst connects with nd over network to the first of ips that
+// answers, trying each in turn until ctx is done, and otherwise returns the
+// first failure. fatal, if not nil, may turn a failure into the error that
+// ends the tries at once.
+func dialFirst(ctx context.Context, nd *net.Dialer, network string, ips []netip.Addr, port uint16, fatal func(error) error) (*net.TCPConn, error) {
+	var first error
+	for _, ip := range ips {
+		c, err := nd.DialContext(ctx, network, netip.AddrPortFrom(ip, port).String())
+		if err == nil {
+			return c.(*net.TCPConn), nil
+		}
+		if fatal != nil {
+			if err := fatal(err); err != nil {
+				return nil, err
+			}
 		}
 		if first == nil {
 			first = err
@@ -351,21 +366,11 @@ func (d *Dialer) resolver() *net.Resolver {
 // dialIPv4 connects to the first of ips that answers, over IPv4 from the
 // host's own address: no lease, no bind.
 func (d *Dialer) dialIPv4(ctx context.Context, ips []netip.Addr, port uint16) (net.Conn, error) {
-	nd := net.Dialer{Timeout: d.Timeout}
-	var first error
-	for _, ip := range ips {
-		c, err := nd.DialContext(ctx, "tcp4", netip.AddrPortFrom(ip, port).String())
-		if err == nil {
-			return &Conn{TCPConn: c.(*net.TCPConn)}, nil
-		}
-		if first == nil {
-			first = err
-		}
-		if ctx.Err() != nil {
-			break
-		}
+	c, err := dialFirst(ctx, &net.Dialer{Timeout: d.Timeout}, "tcp4", ips, port, nil)
+	if err != nil {
+		return nil, err
 	}
-	return nil, first
+	return &Conn{TCPConn: c}, nil
 }
 
 // lookup returns the addresses to dial for host: its IPv6 addresses if it

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egressd/egressd/internal/nettest"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -32,25 +33,8 @@ func listenLoopback(t *testing.T) net.Listener {
 	if err != nil {
 		t.Skipf("no IPv6 loopback here: %v", err)
 	}
-	serveEcho(t, ln)
+	nettest.ServeEcho(t, ln)
 	return ln
-}
-
-// serveEcho echoes what each connection to ln sends, until the test ends.
-func serveEcho(t *testing.T, ln net.Listener) {
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				_, _ = io.Copy(c, c)
-			}()
-		}
-	}()
 }
 
 func TestDialerBindsLeasedAddress(t *testing.T) {

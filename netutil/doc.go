@@ -1,6 +1,9 @@
 // Package netutil is the address side of egressd: drawing addresses in a
-// prefix, the pool of egress addresses added to an interface with netlink,
-// and the dialer that binds every upstream connection to a fresh one. A host
+// prefix, the pool of egress addresses added to an interface (through an
+// AddrManager: netutil/kernel's netlink one), the destination guard, and the
+// dialer that binds every upstream connection to a fresh one. It never talks
+// to netlink itself: netutil/kernel does, and feeds the pool and the guard
+// the host's events through the Events and Uplink interfaces. A host
 // with no IPv6 address at all is dialed over IPv4 from the host's own address,
 // or refused, as the dialer's IPv4Policy says.
 //
@@ -14,7 +17,7 @@ import (
 )
 
 // ErrNoAddress is wrapped by every error that means no fresh egress address
-// could be had for a connection: the pool is at its limit, netlink refused to
+// could be had for a connection: the pool is at its limit, the kernel refused to
 // add an address, the kernel refused to bind one, the uplink is down, or
 // routed mode's local route is missing. A caller must fail the request rather
 // than fall back to another source address.

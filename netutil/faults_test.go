@@ -1,59 +1,19 @@
 package netutil
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
 	"net"
 	"net/netip"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/egressd/egressd/internal/nettest"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 )
-
-// logBuffer is a logger that keeps its lines, for checking what was logged
-// and how often.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *logBuffer) logger() *slog.Logger {
-	return slog.New(slog.NewTextHandler(b, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-// count returns how many lines contain s.
-func (b *logBuffer) count(s string) int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	n := 0
-	for line := range strings.Lines(b.buf.String()) {
-		if strings.Contains(line, s) {
-			n++
-		}
-	}
-	return n
-}
-
-func (b *logBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
 
 // drop takes a off the pretend interface, as somebody else deleting it does.
 func (m *fakeManager) drop(a netip.Addr) {
@@ -165,8 +125,8 @@ func TestPoolAddFailures(t *testing.T) {
 	for _, errno := range []unix.Errno{unix.EPERM, unix.ENOSPC} {
 		t.Run(errno.Error(), func(t *testing.T) {
 			m := newFakeManager()
-			var logs logBuffer
-			p := newTestPool(t, m, func(c *PoolConfig) { c.Ready = 2; c.Logger = logs.logger() })
+			var logs nettest.LogBuffer
+			p := newTestPool(t, m, func(c *PoolConfig) { c.Ready = 2; c.Logger = logs.Logger() })
 			m.setFailAdd(fmt.Errorf("adding an address to eth0: %w", errno))
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan struct{})
@@ -184,8 +144,8 @@ func TestPoolAddFailures(t *testing.T) {
 			s := p.Stats()
 			assert.Zero(t, s.Live)
 			assert.Zero(t, s.Added)
-			assert.Equal(t, 1, logs.count("adding egress addresses fails"), "one warning for the episode:\n%s", logs.String())
-			assert.Equal(t, 1, logs.count(errno.Error()))
+			assert.Equal(t, 1, logs.Count("adding egress addresses fails"), "one warning for the episode:\n%s", logs.String())
+			assert.Equal(t, 1, logs.Count(errno.Error()))
 
 			m.setFailAdd(nil)
 			require.Eventually(t, func() bool { return p.Stats().Ready == 2 }, 10*time.Second, 10*time.Millisecond,
@@ -193,7 +153,7 @@ func TestPoolAddFailures(t *testing.T) {
 			l, err := p.Acquire(ctx)
 			require.NoError(t, err)
 			l.Release()
-			assert.Equal(t, 1, logs.count("adding egress addresses works again"), logs.String())
+			assert.Equal(t, 1, logs.Count("adding egress addresses works again"), logs.String())
 
 			// A second episode is told again.
 			m.setFailAdd(fmt.Errorf("adding: %w", errno))
@@ -203,7 +163,7 @@ func TestPoolAddFailures(t *testing.T) {
 					require.ErrorIs(t, err, ErrNoAddress)
 				}
 			}
-			require.Eventually(t, func() bool { return logs.count("adding egress addresses fails") == 2 }, 10*time.Second, 10*time.Millisecond)
+			require.Eventually(t, func() bool { return logs.Count("adding egress addresses fails") == 2 }, 10*time.Second, 10*time.Millisecond)
 		})
 	}
 }
@@ -218,9 +178,9 @@ func TestPoolSuspend(t *testing.T) {
 	inUse, err := p.Acquire(ctx)
 	require.NoError(t, err)
 
-	assert.True(t, p.suspend("uplink", errors.New("uplink eth0 is down")))
-	assert.False(t, p.suspend("uplink", errors.New("uplink eth0 is down")), "already")
-	assert.True(t, p.suspend("route", errors.New("route local 2001:db8::/64 dev lo table local is missing")))
+	assert.True(t, p.Suspend("uplink", errors.New("uplink eth0 is down")))
+	assert.False(t, p.Suspend("uplink", errors.New("uplink eth0 is down")), "already")
+	assert.True(t, p.Suspend("route", errors.New("route local 2001:db8::/64 dev lo table local is missing")))
 	_, err = p.Acquire(ctx)
 	require.ErrorIs(t, err, ErrNoAddress)
 	assert.EqualError(t, err, "no fresh egress address: uplink eth0 is down", "the first fault is told")
@@ -229,11 +189,11 @@ func TestPoolSuspend(t *testing.T) {
 	assert.Equal(t, adds, m.addCount(), "the refiller waits")
 	assert.Equal(t, 1, p.Stats().InUse, "the address in use stays")
 
-	assert.True(t, p.resume("uplink"))
-	assert.False(t, p.resume("uplink"))
+	assert.True(t, p.Resume("uplink"))
+	assert.False(t, p.Resume("uplink"))
 	_, err = p.Acquire(ctx)
 	assert.EqualError(t, err, "no fresh egress address: route local 2001:db8::/64 dev lo table local is missing")
-	assert.True(t, p.resume("route"))
+	assert.True(t, p.Resume("route"))
 	l, err := p.Acquire(ctx)
 	require.NoError(t, err)
 	require.NoError(t, p.fill(ctx))
@@ -263,7 +223,7 @@ func TestDialerEndsConnectionsOfLostAddress(t *testing.T) {
 
 	c2, err := d.DialContext(ctx, "tcp", ln.Addr().String())
 	require.NoError(t, err, "the next connection leases a fresh address")
-	echo(t, c2)
+	nettest.Echo(t, c2)
 	require.NoError(t, c2.Close())
 	_ = c.Close() // already ended: net.ErrClosed
 	assert.Zero(t, p.Stats().Live)
@@ -300,8 +260,8 @@ func TestDialerHoldLostAddress(t *testing.T) {
 	c2, err := dial(ctx, "tcp", ln.Addr().String())
 	require.NoError(t, err)
 	assert.Equal(t, adds+1, m.addCount(), "one fresh address, held for both")
-	echo(t, c1)
-	echo(t, c2)
+	nettest.Echo(t, c1)
+	nettest.Echo(t, c2)
 	assert.Equal(t, 1, p.Stats().InUse)
 	for _, c := range old {
 		c.Close()
@@ -311,20 +271,4 @@ func TestDialerHoldLostAddress(t *testing.T) {
 	require.NoError(t, c1.Close())
 	require.NoError(t, c2.Close())
 	assert.Zero(t, p.Stats().Live)
-}
-
-// nstestGuard bounds what a test waits for; a failure guard, not a timing
-// assertion.
-const nstestGuard = 30 * time.Second
-
-// echo checks that c reaches the echo server.
-func echo(t *testing.T, c net.Conn) {
-	t.Helper()
-	require.NoError(t, c.SetDeadline(time.Now().Add(nstestGuard)))
-	_, err := c.Write([]byte("x"))
-	require.NoError(t, err)
-	b := make([]byte, 1)
-	_, err = io.ReadFull(c, b)
-	require.NoError(t, err)
-	require.NoError(t, c.SetDeadline(time.Time{}))
 }

@@ -13,7 +13,8 @@ import (
 )
 
 // AddrManager adds and removes egress addresses on the kernel's side. It is
-// implemented by *Netlink, and by a fake in unit tests.
+// implemented by kernel.Netlink, by NoAddrs in routed mode, and by a fake in
+// unit tests.
 type AddrManager interface {
 	// Add puts a on the interface as a deprecated /128 that the kernel
 	// deletes by itself after lifetime unless refreshed. When a is already
@@ -27,7 +28,22 @@ type AddrManager interface {
 	Remove(a netip.Addr) error
 }
 
-var _ AddrManager = (*Netlink)(nil)
+// NoAddrs is the AddrManager of routed mode: the prefix is routed to the
+// host and a local route makes every address of it the host's own, so there
+// is nothing to add or remove. The pool still hands out each address to one
+// connection at a time and bounds how many are in use.
+type NoAddrs struct{}
+
+var _ AddrManager = NoAddrs{}
+
+// Add implements AddrManager; it does nothing.
+func (NoAddrs) Add(netip.Addr, time.Duration) error { return nil }
+
+// Refresh implements AddrManager; it does nothing.
+func (NoAddrs) Refresh(netip.Addr, time.Duration) error { return nil }
+
+// Remove implements AddrManager; it does nothing.
+func (NoAddrs) Remove(netip.Addr) error { return nil }
 
 // Defaults of PoolConfig.
 const (
@@ -627,20 +643,21 @@ func (p *Pool) unusableLocked() error {
 	return nil
 }
 
-// usable returns nil if the pool hands out addresses now, and otherwise why
+// Usable returns nil if the pool hands out addresses now, and otherwise why
 // not, wrapping ErrNoAddress.
-func (p *Pool) usable() error {
+func (p *Pool) Usable() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.unusableLocked()
 }
 
-// suspend stops the pool handing out addresses because of a fault outside
+// Suspend stops the pool handing out addresses because of a fault outside
 // it, named key ("uplink", "route"): Acquire fails at once with an error
 // wrapping ErrNoAddress and err, and the refiller waits. Addresses in use
 // are left alone. It reports whether key is a new fault; a known one gets
-// its error updated.
-func (p *Pool) suspend(key string, err error) bool {
+// its error updated. err's text is told to clients: it must not name an
+// egress address.
+func (p *Pool) Suspend(key string, err error) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if i := slices.IndexFunc(p.faults, func(f fault) bool { return f.key == key }); i >= 0 {
@@ -652,9 +669,9 @@ func (p *Pool) suspend(key string, err error) bool {
 	return true
 }
 
-// resume ends the fault key; the pool works again, by itself, once no fault
+// Resume ends the fault key; the pool works again, by itself, once no fault
 // is left. It reports whether key was a fault.
-func (p *Pool) resume(key string) bool {
+func (p *Pool) Resume(key string) bool {
 	p.mu.Lock()
 	n := len(p.faults)
 	p.faults = slices.DeleteFunc(p.faults, func(f fault) bool { return f.key == key })
@@ -709,10 +726,7 @@ func (p *Pool) add(ctx context.Context, to AddrState, l *Lease) (netip.Addr, err
 			}
 			victim := p.warm[0]
 			p.warm = p.warm[1:]
-			p.setStateLocked(victim, StateRemoving)
-			p.inflight.Add(1)
-			p.mu.Unlock()
-			p.remove(victim)
+			p.removeLocked(victim)
 			continue
 		}
 		a, ok := p.drawLocked()
@@ -798,6 +812,20 @@ func (p *Pool) drawLocked() (netip.Addr, bool) {
 	return netip.Addr{}, false
 }
 
+// removeLocked removes a, which the caller has taken off the warm list or
+// from its lease: a goes to StateRemoving, Close waits for its removal, and
+// Acquires waiting for the budget look again (the cap has room). It is
+// called with p.mu held, and unlocks it.
+func (p *Pool) removeLocked(a netip.Addr) {
+	p.setStateLocked(a, StateRemoving)
+	p.inflight.Add(1)
+	if p.budget != nil {
+		p.signalLocked()
+	}
+	p.mu.Unlock()
+	p.remove(a)
+}
+
 // remove deletes a from the interface and forgets it. The caller has set its
 // state to StateRemoving and added one to p.inflight.
 func (p *Pool) remove(a netip.Addr) {
@@ -837,13 +865,7 @@ func (p *Pool) release(l *Lease) {
 	discard := l.discard
 	l.mu.Unlock()
 	if p.keep == 0 || discard {
-		p.setStateLocked(a, StateRemoving)
-		p.inflight.Add(1)
-		if p.budget != nil {
-			p.signalLocked()
-		}
-		p.mu.Unlock()
-		p.remove(a)
+		p.removeLocked(a)
 		return
 	}
 	p.setStateLocked(a, StateWarm)
@@ -993,13 +1015,7 @@ func (p *Pool) removeDue() time.Duration {
 			return wait
 		}
 		p.warm = p.warm[1:]
-		p.setStateLocked(a, StateRemoving)
-		p.inflight.Add(1)
-		if p.budget != nil {
-			p.signalLocked() // the cap has room again
-		}
-		p.mu.Unlock()
-		p.remove(a)
+		p.removeLocked(a)
 	}
 }
 

@@ -25,6 +25,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/egressd/egressd/netutil"
+	"github.com/egressd/egressd/netutil/kernel"
 	"github.com/egressd/egressd/proxy"
 	"github.com/egressd/egressd/proxy/stats"
 	"github.com/egressd/egressd/test/nstest"
@@ -307,7 +308,7 @@ func TestAddFailureInjected(t *testing.T) {
 	h, err := netlink.NewHandleAt(tp.Host.Handle())
 	require.NoError(t, err)
 	t.Cleanup(h.Close)
-	nl, err := netutil.NewNetlink(h, tp.HostLink)
+	nl, err := kernel.NewNetlink(h, tp.HostLink)
 	require.NoError(t, err)
 	adds := &failingAdds{AddrManager: nl}
 	var logs nstest.SyncBuffer

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/egressd/egressd/netutil"
+	"github.com/egressd/egressd/netutil/kernel"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -102,7 +103,7 @@ func quantile(d []time.Duration, q float64) string {
 
 // newLink makes an unnamed network namespace with a veth pair, the host end
 // up with 2001:db8:1:2::2/64, and returns the manager for it.
-func newLink() (*netutil.Netlink, func(), error) {
+func newLink() (*kernel.Netlink, func(), error) {
 	runtime.LockOSThread()
 	orig, err := netns.Get()
 	if err != nil {
@@ -149,7 +150,7 @@ func newLink() (*netutil.Netlink, func(), error) {
 		cleanup()
 		return nil, nil, err
 	}
-	mgr, err := netutil.NewNetlink(h, "ac0")
+	mgr, err := kernel.NewNetlink(h, "ac0")
 	if err != nil {
 		cleanup()
 		return nil, nil, err

@@ -18,7 +18,7 @@ func Listen(addr string) (net.Listener, error) {
 	if !IsUnix(addr) {
 		ln, err := net.Listen("tcp", addr)
 		if err != nil {
-			return nil, fmt.Errorf("admin listener %s: %w", addr, unwrapOp(err))
+			return nil, listenError("admin listener", addr, err)
 		}
 		return ln, nil
 	}
@@ -39,16 +39,16 @@ func Listen(addr string) (net.Listener, error) {
 	ln, err := net.Listen("unix", addr)
 	syscall.Umask(old)
 	if err != nil {
-		return nil, fmt.Errorf("admin socket %s: %w", addr, unwrapOp(err))
+		return nil, listenError("admin socket", addr, err)
 	}
 	return ln, nil
 }
 
-// unwrapOp drops the "listen tcp" prefix of a *net.OpError for a shorter line.
-func unwrapOp(err error) error {
-	var op *net.OpError
-	if errors.As(err, &op) && op.Err != nil {
-		return op.Err
+// listenError names what failed to listen, with the cause of err alone
+// (a *net.OpError's "listen tcp ADDR:" prefix repeats what the line says).
+func listenError(what, addr string, err error) error {
+	if op, ok := errors.AsType[*net.OpError](err); ok && op.Err != nil {
+		err = op.Err
 	}
-	return err
+	return fmt.Errorf("%s %s: %w", what, addr, err)
 }

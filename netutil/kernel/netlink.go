@@ -1,20 +1,27 @@
-package netutil
+// Package kernel is the netlink side of egressd's address work: the
+// manager that adds and removes egress addresses on an interface (Netlink),
+// routed mode's local route (LocalRoute), the watcher that follows the
+// host's addresses, links and routes (Watcher), and Setup, which puts the
+// pool, the dialer and the local route of either mode together for the
+// daemon. It implements the interfaces netutil consumes (AddrManager,
+// Events, Uplink); netutil itself never imports netlink.
+package kernel
 
 import (
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"time"
 
+	"github.com/egressd/egressd/netutil"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
-// egressFlags are the flags of every address egressd adds: usable at once
-// (no duplicate address detection, which would keep it tentative for a
-// second or two) and without a prefix route of its own.
-const egressFlags = unix.IFA_F_NODAD | unix.IFA_F_NOPREFIXROUTE
+// egressFlags are the flags of every address egressd adds.
+const egressFlags = netutil.EgressFlags
 
 // infiniteLifetime is how the kernel reports a lifetime that never ends.
 const infiniteLifetime = 0xffffffff
@@ -33,6 +40,11 @@ type Netlink struct {
 	link netlink.Link
 }
 
+var (
+	_ netutil.AddrManager = (*Netlink)(nil)
+	_ netutil.Uplink      = (*Netlink)(nil)
+)
+
 // NewNetlink returns a manager for the interface named ifname, using h for
 // every request (netlink.NewHandleAt gives one inside a network namespace).
 func NewNetlink(h *netlink.Handle, ifname string) (*Netlink, error) {
@@ -46,6 +58,30 @@ func NewNetlink(h *netlink.Handle, ifname string) (*Netlink, error) {
 // Link returns the interface.
 func (n *Netlink) Link() netlink.Link { return n.link }
 
+// Index implements netutil.Uplink.
+func (n *Netlink) Index() int { return n.link.Attrs().Index }
+
+// Name implements netutil.Uplink.
+func (n *Netlink) Name() string { return n.link.Attrs().Name }
+
+// Check implements netutil.Uplink: the IPv6 addresses on the interface, and
+// whether it is up (an interface that is gone is not).
+func (n *Netlink) Check() ([]netip.Addr, bool, error) {
+	list, err := n.Addrs()
+	if err != nil {
+		return nil, false, err
+	}
+	addrs := make([]netip.Addr, len(list))
+	for i, a := range list {
+		addrs[i] = a.Addr()
+	}
+	l, err := n.h.LinkByIndex(n.Index())
+	if err != nil {
+		return addrs, false, nil
+	}
+	return addrs, linkUpdateOf(l, false).Up(), nil
+}
+
 func egressAddr(a netip.Addr, lifetime time.Duration) *netlink.Addr {
 	return &netlink.Addr{
 		IPNet:       &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(128, 128)},
@@ -55,7 +91,7 @@ func egressAddr(a netip.Addr, lifetime time.Duration) *netlink.Addr {
 	}
 }
 
-// Add implements AddrManager.
+// Add implements netutil.AddrManager.
 func (n *Netlink) Add(a netip.Addr, lifetime time.Duration) error {
 	if err := n.h.AddrAdd(n.link, egressAddr(a, lifetime)); err != nil {
 		// unix.EEXIST matches fs.ErrExist, which the pool looks for.
@@ -64,7 +100,7 @@ func (n *Netlink) Add(a netip.Addr, lifetime time.Duration) error {
 	return nil
 }
 
-// Refresh implements AddrManager.
+// Refresh implements netutil.AddrManager.
 func (n *Netlink) Refresh(a netip.Addr, lifetime time.Duration) error {
 	if err := n.h.AddrReplace(n.link, egressAddr(a, lifetime)); err != nil {
 		return fmt.Errorf("refreshing %s on %s: %w", a, n.link.Attrs().Name, err)
@@ -72,7 +108,7 @@ func (n *Netlink) Refresh(a netip.Addr, lifetime time.Duration) error {
 	return nil
 }
 
-// Remove implements AddrManager.
+// Remove implements netutil.AddrManager.
 func (n *Netlink) Remove(a netip.Addr) error {
 	err := n.h.AddrDel(n.link, egressAddr(a, time.Second))
 	if err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) && !errors.Is(err, unix.ENOENT) {
@@ -140,7 +176,7 @@ func (n *Netlink) RemoveLeftovers(prefix netip.Prefix, pinned []netip.Addr) (int
 	}
 	removed := 0
 	for _, a := range addrs {
-		if !IsLeftover(a, prefix) || contains(pinned, a.Addr()) {
+		if !IsLeftover(a, prefix) || slices.Contains(pinned, a.Addr()) {
 			continue
 		}
 		if err := n.Remove(a.Addr()); err != nil {
@@ -149,15 +185,6 @@ func (n *Netlink) RemoveLeftovers(prefix netip.Prefix, pinned []netip.Addr) (int
 		removed++
 	}
 	return removed, nil
-}
-
-func contains(list []netip.Addr, a netip.Addr) bool {
-	for _, b := range list {
-		if b == a {
-			return true
-		}
-	}
-	return false
 }
 
 // DefaultInterface returns the name of the interface of the IPv6 default

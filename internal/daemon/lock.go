@@ -1,4 +1,4 @@
-package main
+package daemon
 
 import (
 	"errors"
@@ -148,7 +148,7 @@ func acquireLock(dir, ifname string, prefix netip.Prefix) (*instanceLock, error)
 	} else if err != nil {
 		return nil, err
 	}
-	if err := l.f.Truncate(0); err == nil {
+	if err = l.f.Truncate(0); err == nil {
 		_, err = l.f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	}
 	if err != nil {

@@ -1,4 +1,4 @@
-package main
+package daemon
 
 import (
 	"flag"
@@ -35,7 +35,7 @@ func withFile(t *testing.T, args []string, body string) []string {
 }
 
 func TestLoadConfigDefaults(t *testing.T) {
-	cfg, err := loadConfig(nil)
+	cfg, err := LoadConfig(nil)
 	require.NoError(t, err)
 	assert.Equal(t, defaultConfig(), cfg)
 	assert.Equal(t, []string{"127.0.0.1:3128"}, cfg.Listen, "not an open proxy by default")
@@ -75,7 +75,7 @@ func TestLoadConfigBudget(t *testing.T) {
 		{name: "file bad", file: "new-addrs: fast\n", err: `line 1: key "new-addrs": "fast": rate "fast"`},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			cfg, err := loadConfig(withFile(t, tt.args, tt.file))
+			cfg, err := LoadConfig(withFile(t, tt.args, tt.file))
 			if tt.err != "" {
 				require.Error(t, err)
 				assert.Contains(t, err.Error(), tt.err)
@@ -106,7 +106,7 @@ func TestLoadConfigIPv4(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			args := withFile(t, tt.args, tt.file)
-			cfg, err := loadConfig(args)
+			cfg, err := LoadConfig(args)
 			require.NoError(t, err)
 			assert.Equal(t, tt.want, cfg.IPv4)
 		})
@@ -119,7 +119,7 @@ func TestLoadConfigIPv4(t *testing.T) {
 }
 
 func TestLoadConfigFlags(t *testing.T) {
-	cfg, err := loadConfig([]string{
+	cfg, err := LoadConfig([]string{
 		"-listen", "127.0.0.1:8080", "-listen", "[::1]:8080",
 		"-interface", "eth0", "-prefix", "2001:db8:1:2::7/64",
 		"-pin", "2001:db8:1:2::1", "-pin", "2001:db8:1:2::2",
@@ -169,7 +169,7 @@ admin: /run/egressd/other.sock
 
 	for _, file := range []string{yamlFile, jsonFile} {
 		t.Run(filepath.Ext(file), func(t *testing.T) {
-			cfg, err := loadConfig([]string{"-config", file})
+			cfg, err := LoadConfig([]string{"-config", file})
 			require.NoError(t, err)
 			assert.Equal(t, []string{"10.0.5.1:3128", "127.0.0.1:3128"}, cfg.Listen)
 			assert.Equal(t, "br0", cfg.Interface)
@@ -184,7 +184,7 @@ admin: /run/egressd/other.sock
 
 			// A flag wins over the file, and a repeatable flag replaces
 			// the file's list rather than adding to it.
-			cfg, err = loadConfig([]string{"-config", file, "-max-addrs", "32", "-listen", "127.0.0.1:9999"})
+			cfg, err = LoadConfig([]string{"-config", file, "-max-addrs", "32", "-listen", "127.0.0.1:9999"})
 			require.NoError(t, err)
 			assert.Equal(t, 32, cfg.MaxAddrs)
 			assert.Equal(t, []string{"127.0.0.1:9999"}, cfg.Listen)
@@ -265,7 +265,7 @@ func TestLoadConfigErrors(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			args := withFile(t, tt.args, tt.file)
-			_, err := loadConfig(args)
+			_, err := LoadConfig(args)
 			require.Error(t, err)
 			assert.Contains(t, err.Error(), tt.want)
 			assert.NotContains(t, err.Error(), "\n", "errors are one line")
@@ -282,28 +282,28 @@ func TestLoadConfigVersion(t *testing.T) {
 		{"-rotate", "session", "-version", "stray"},
 		{"-config", "/nonexistent/egressd.yaml", "-version"},
 	} {
-		_, err := loadConfig(args)
-		assert.ErrorIs(t, err, errVersion, "%q", args)
+		_, err := LoadConfig(args)
+		assert.ErrorIs(t, err, ErrVersion, "%q", args)
 	}
-	cfg, err := loadConfig([]string{"-version=false", "-ready", "2"})
+	cfg, err := LoadConfig([]string{"-version=false", "-ready", "2"})
 	require.NoError(t, err)
 	assert.Equal(t, 2, cfg.Ready)
 }
 
 func TestLoadConfigSOCKS5(t *testing.T) {
-	cfg, err := loadConfig(nil)
+	cfg, err := LoadConfig(nil)
 	require.NoError(t, err)
 	assert.Empty(t, cfg.SOCKS5, "SOCKS5 is off by default")
 
-	cfg, err = loadConfig([]string{"-socks5", "127.0.0.1:1080"})
+	cfg, err = LoadConfig([]string{"-socks5", "127.0.0.1:1080"})
 	require.NoError(t, err)
 	assert.Equal(t, "127.0.0.1:1080", cfg.SOCKS5)
 
 	file := writeFile(t, "egressd.yaml", "socks5: \"[::1]:1080\"\n")
-	cfg, err = loadConfig([]string{"-config", file})
+	cfg, err = LoadConfig([]string{"-config", file})
 	require.NoError(t, err)
 	assert.Equal(t, "[::1]:1080", cfg.SOCKS5)
-	cfg, err = loadConfig([]string{"-config", file, "-socks5", ""})
+	cfg, err = LoadConfig([]string{"-config", file, "-socks5", ""})
 	require.NoError(t, err)
 	assert.Empty(t, cfg.SOCKS5, "an empty flag turns off what the file set")
 }
@@ -330,7 +330,7 @@ func TestLoadConfigRotate(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			args := withFile(t, tt.args, tt.file)
-			cfg, err := loadConfig(args)
+			cfg, err := LoadConfig(args)
 			if tt.err != "" {
 				require.Error(t, err)
 				assert.Contains(t, err.Error(), tt.err)
@@ -344,7 +344,7 @@ func TestLoadConfigRotate(t *testing.T) {
 }
 
 func TestEmptyConfigFile(t *testing.T) {
-	cfg, err := loadConfig([]string{"-config", writeFile(t, "empty.yaml", "")})
+	cfg, err := LoadConfig([]string{"-config", writeFile(t, "empty.yaml", "")})
 	require.NoError(t, err)
 	assert.Equal(t, defaultConfig().Listen, cfg.Listen)
 }
@@ -358,7 +358,7 @@ func TestUsageListsEveryFlag(t *testing.T) {
 // TestLoadConfigDest: the destination settings from flags and the file,
 // with their defaults; a flag replaces the file's list.
 func TestLoadConfigDest(t *testing.T) {
-	cfg, err := loadConfig(nil)
+	cfg, err := LoadConfig(nil)
 	require.NoError(t, err)
 	assert.Equal(t, "443,80", cfg.ConnectPorts.String())
 	assert.Equal(t, "80,443,1024-65535", cfg.HTTPPorts.String())
@@ -382,7 +382,7 @@ func TestLoadConfigDest(t *testing.T) {
 		{name: "admin path", args: []string{"-admin", "/tmp/egressd.sock"}, connect: "443,80", http: "80,443,1024-65535", admin: "/tmp/egressd.sock"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			cfg, err := loadConfig(withFile(t, tt.args, tt.file))
+			cfg, err := LoadConfig(withFile(t, tt.args, tt.file))
 			require.NoError(t, err)
 			assert.Equal(t, tt.connect, cfg.ConnectPorts.String())
 			assert.Equal(t, tt.http, cfg.HTTPPorts.String())
@@ -422,7 +422,7 @@ func TestLoadConfigAccess(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			cfg, err := loadConfig(withFile(t, tt.args, tt.file))
+			cfg, err := LoadConfig(withFile(t, tt.args, tt.file))
 			require.NoError(t, err)
 			assert.Equal(t, tt.allow, cfg.Allow)
 			assert.Equal(t, tt.authFile, cfg.AuthFile)
@@ -439,7 +439,7 @@ func TestLoadConfigAccess(t *testing.T) {
 		{[]string{"-auth-file", "/etc/egressd/users", "-allow", "10.0.5.0/24"}, "10.0.5.0/24"},
 		{[]string{"-allow", "10.0.5.0/24"}, "10.0.5.0/24"},
 	} {
-		cfg, err := loadConfig(tt.args)
+		cfg, err := LoadConfig(tt.args)
 		require.NoError(t, err)
 		assert.Equal(t, tt.want, allowList(cfg.allowed()), "%v", tt.args)
 	}
@@ -470,7 +470,7 @@ func TestLoadConfigLimits(t *testing.T) {
 			want: proxy.Limits{MaxConns: 700, MaxConnsPerClient: 175, MaxAddrsPerClient: 256}, timeout: 2 * time.Second},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			cfg, err := loadConfig(withFile(t, tt.args, tt.file))
+			cfg, err := LoadConfig(withFile(t, tt.args, tt.file))
 			require.NoError(t, err)
 			assert.Equal(t, tt.want, cfg.limits())
 			assert.Equal(t, tt.timeout, cfg.ClientTimeout)

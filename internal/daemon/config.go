@@ -1,4 +1,4 @@
-package main
+package daemon
 
 import (
 	"bytes"
@@ -142,40 +142,40 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs := flag.NewFlagSet("egressd", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.Var(&listValue[string]{p: &cfg.Listen, parse: parseHostPort}, "listen", "`ADDR` (host:port) to accept proxy clients on; repeatable")
-	fs.Var(optHostPortValue{&cfg.SOCKS5}, "socks5", "`ADDR` (host:port) to accept SOCKS5 clients on; empty turns SOCKS5 off")
-	fs.Var(choiceValue{&cfg.Mode, []string{modeOnLink, modeRouted}}, "mode", "`MODE`: onlink adds every egress address to the interface; routed needs the prefix routed to the host")
+	fs.Var(optHostPortValue(&cfg.SOCKS5), "socks5", "`ADDR` (host:port) to accept SOCKS5 clients on; empty turns SOCKS5 off")
+	fs.Var(choiceValue(&cfg.Mode, modeOnLink, modeRouted), "mode", "`MODE`: onlink adds every egress address to the interface; routed needs the prefix routed to the host")
 	fs.StringVar(&cfg.Interface, "interface", cfg.Interface, "`NAME` of the interface to add egress addresses to (default: the interface of the IPv6 default route)")
-	fs.Var(prefixValue{&cfg.Prefix}, "prefix", "`CIDR` to draw egress addresses from (default: the /64 of the interface's first global address)")
+	fs.Var(prefixValue(&cfg.Prefix), "prefix", "`CIDR` to draw egress addresses from (default: the /64 of the interface's first global address)")
 	fs.Var(&listValue[netip.Addr]{p: &cfg.Pin, parse: netip.ParseAddr}, "pin", "`ADDR` never to use for egress nor remove; repeatable")
-	fs.Var(intValue{&cfg.MaxAddrs, 1}, "max-addrs", "`N`: most egress addresses live at once (default: 1024 on-link, none in routed mode)")
-	fs.Var(&newAddrsValue{&cfg.NewAddrs}, "new-addrs", "`RATE[,burst=N]`: never-used egress addresses handed out, on-link; RATE is Nr/s, Nr/m or Nr/h, burst defaults to 96; past it connections reuse warm addresses (the router keeps a neighbour entry per address)")
-	fs.Var(durationValue{&cfg.NeighWindow}, "neigh-window", "`DURATION` the router remembers an egress address after its last use, on-link: warm addresses are reused within it and removed after it")
-	fs.Var(intValue{&cfg.Ready, 0}, "ready", "`N` egress addresses kept added and ready")
-	fs.Var(durationValue{&cfg.Grace}, "grace", "`DURATION` a shutdown waits for requests and tunnels in flight")
-	fs.Var(durationValue{&cfg.TunnelIdle}, "tunnel-idle", "`DURATION` after which a CONNECT tunnel with no traffic is closed")
-	fs.Var(durationValue{&cfg.DialTimeout}, "dial-timeout", "`DURATION` an upstream connection attempt may take")
-	fs.Var(choiceValue{(*string)(&cfg.Rotate), []string{string(proxy.RotateRequest), string(proxy.RotateConnection), string(proxy.RotateSession)}}, "rotate", "`POLICY`: request gives every upstream connection a fresh address; connection one per client connection; session one per session key (X-Egress-Session header or proxy user session-KEY)")
-	fs.Var(durationValue{&cfg.SessionIdle}, "session-idle", "`DURATION` after which an unused session (-rotate session) gives its address back")
-	fs.Var(choiceValue{(*string)(&cfg.IPv4), []string{string(netutil.IPv4Direct), string(netutil.IPv4Deny)}}, "ipv4", "`POLICY` for an upstream with no IPv6 address: direct connects from the host's own IPv4 address, deny answers 502")
+	fs.Var(intValue(&cfg.MaxAddrs, 1), "max-addrs", "`N`: most egress addresses live at once (default: 1024 on-link, none in routed mode)")
+	fs.Var(newAddrsValue(&cfg.NewAddrs), "new-addrs", "`RATE[,burst=N]`: never-used egress addresses handed out, on-link; RATE is Nr/s, Nr/m or Nr/h, burst defaults to 96; past it connections reuse warm addresses (the router keeps a neighbour entry per address)")
+	fs.Var(durationValue(&cfg.NeighWindow), "neigh-window", "`DURATION` the router remembers an egress address after its last use, on-link: warm addresses are reused within it and removed after it")
+	fs.Var(intValue(&cfg.Ready, 0), "ready", "`N` egress addresses kept added and ready")
+	fs.Var(durationValue(&cfg.Grace), "grace", "`DURATION` a shutdown waits for requests and tunnels in flight")
+	fs.Var(durationValue(&cfg.TunnelIdle), "tunnel-idle", "`DURATION` after which a CONNECT tunnel with no traffic is closed")
+	fs.Var(durationValue(&cfg.DialTimeout), "dial-timeout", "`DURATION` an upstream connection attempt may take")
+	fs.Var(choiceValue((*string)(&cfg.Rotate), string(proxy.RotateRequest), string(proxy.RotateConnection), string(proxy.RotateSession)), "rotate", "`POLICY`: request gives every upstream connection a fresh address; connection one per client connection; session one per session key (X-Egress-Session header or proxy user session-KEY)")
+	fs.Var(durationValue(&cfg.SessionIdle), "session-idle", "`DURATION` after which an unused session (-rotate session) gives its address back")
+	fs.Var(choiceValue((*string)(&cfg.IPv4), string(netutil.IPv4Direct), string(netutil.IPv4Deny)), "ipv4", "`POLICY` for an upstream with no IPv6 address: direct connects from the host's own IPv4 address, deny answers 502")
 	fs.Var(&listValue[shape.Rule]{p: &cfg.Limits, parse: shape.ParseRule}, "limit", "`HOST=RATE[,burst=N][,concurrency=N][,wait=DURATION]` paces requests to upstream HOST (exact, *.suffix or *); RATE is Nr/s, Nr/m or Nr/h; repeatable")
 	fs.Var(&listValue[netip.Prefix]{p: &cfg.Allow, parse: parseAllow}, "allow", "`CIDR` of clients that may use the proxy (HTTP and SOCKS5); repeatable (default: loopback only, 127.0.0.0/8 and ::1/128; with -auth-file, any address)")
 	fs.StringVar(&cfg.AuthFile, "auth-file", cfg.AuthFile, "htpasswd `FILE` of bcrypt hashes (htpasswd -B): clients must authenticate as one of its users")
 	fs.Var(&listValue[netip.Prefix]{p: &cfg.AllowDest, parse: parseAllow}, "allow-dest", "`CIDR` of destinations to admit although they are private or special-purpose (10.0.0.0/8, fc00::/7, ...); the host itself, loopback and link-local stay refused; repeatable")
 	fs.Var(&portsValue{p: &cfg.ConnectPorts}, "connect-ports", "`PORTS` CONNECT and SOCKS5 tunnels may reach: ports and ranges, comma-separated; repeatable")
 	fs.Var(&portsValue{p: &cfg.HTTPPorts}, "http-ports", "`PORTS` plain HTTP requests may reach; a range never covers a port of other protocols (25, 22, 6379, ...), naming it alone does; repeatable")
-	fs.Var(intValue{&cfg.MaxConns, 1}, "max-conns", "`N`: most client connections open at once, HTTP and SOCKS5 together; past it a new one gets 503")
-	fs.Var(intValue{&cfg.MaxConnsPerClient, 1}, "max-conns-per-client", "`N`: most connections open from one client address (all of a host's loopback clients are one); past it 503 (default: max-conns/4)")
-	fs.Var(intValue{&cfg.MaxAddrsPerClient, 1}, "max-addrs-per-client", "`N`: most egress addresses one client address holds at once: its requests and tunnels in flight, its sessions, its connections' addresses; past it 503 (default: max-addrs/4, at least 1; none in routed mode without -max-addrs)")
-	fs.Var(durationValue{&cfg.ClientTimeout}, "client-timeout", "`DURATION` a client may take to send its request head, and may stall while sending a body (then 408) or reading a response (then it is cut off)")
+	fs.Var(intValue(&cfg.MaxConns, 1), "max-conns", "`N`: most client connections open at once, HTTP and SOCKS5 together; past it a new one gets 503")
+	fs.Var(intValue(&cfg.MaxConnsPerClient, 1), "max-conns-per-client", "`N`: most connections open from one client address (all of a host's loopback clients are one); past it 503 (default: max-conns/4)")
+	fs.Var(intValue(&cfg.MaxAddrsPerClient, 1), "max-addrs-per-client", "`N`: most egress addresses one client address holds at once: its requests and tunnels in flight, its sessions, its connections' addresses; past it 503 (default: max-addrs/4, at least 1; none in routed mode without -max-addrs)")
+	fs.Var(durationValue(&cfg.ClientTimeout), "client-timeout", "`DURATION` a client may take to send its request head, and may stall while sending a body (then 408) or reading a response (then it is cut off)")
 	fs.StringVar(&cfg.Admin, "admin", cfg.Admin, "`ADDR` of the admin API: a unix socket path or host:port; empty turns it off")
-	fs.Var(levelValue{&cfg.LogLevel}, "log-level", "`LEVEL`: debug, info, warn or error")
+	fs.Var(levelValue(&cfg.LogLevel), "log-level", "`LEVEL`: debug, info, warn or error")
 	fs.StringVar(&cfg.File, "config", cfg.File, "YAML or JSON `FILE` with the same keys as these flags; flags win")
 	return fs
 }
 
-// errVersion is loadConfig's answer to -version: main prints the version
+// ErrVersion is LoadConfig's answer to -version: main prints the version
 // and exits 0.
-var errVersion = errors.New("-version given")
+var ErrVersion = errors.New("-version given")
 
 // commandLine is flagSet with the flags of the command line only, which are
 // no config keys: -version.
@@ -184,18 +184,18 @@ func commandLine(cfg *Config) (fs *flag.FlagSet, version *bool) {
 	return fs, fs.Bool("version", false, "print the version and exit")
 }
 
-// loadConfig reads the command line and the config file it names. Flags given
+// LoadConfig reads the command line and the config file it names. Flags given
 // on the command line override the file, the file overrides the defaults. An
 // argument that is not a flag is an error: the flag package stops at the
 // first, and would silently drop every flag after it.
-func loadConfig(args []string) (Config, error) {
+func LoadConfig(args []string) (Config, error) {
 	cfg := defaultConfig()
 	fs, version := commandLine(&cfg)
 	if err := fs.Parse(args); err != nil {
 		return Config{}, err
 	}
 	if *version {
-		return Config{}, errVersion
+		return Config{}, ErrVersion
 	}
 	if fs.NArg() > 0 {
 		// A repeatable flag right before the stray word is most likely the
@@ -487,53 +487,11 @@ func parseHostPort(s string) (string, error) {
 	return s, nil
 }
 
-// optHostPortValue is a host:port flag, checked like -listen, that may be
-// empty.
-type optHostPortValue struct{ p *string }
-
-func (v optHostPortValue) String() string {
-	if v.p == nil {
-		return ""
-	}
-	return *v.p
-}
-
-func (v optHostPortValue) Set(s string) error {
-	if s != "" {
-		if _, err := parseHostPort(s); err != nil {
-			return err
-		}
-	}
-	*v.p = s
-	return nil
-}
-
 // The values of -mode.
 const (
 	modeOnLink = "onlink"
 	modeRouted = "routed"
 )
-
-// choiceValue is a flag that takes one of a fixed set of words.
-type choiceValue struct {
-	p       *string
-	choices []string
-}
-
-func (v choiceValue) String() string {
-	if v.p == nil {
-		return ""
-	}
-	return *v.p
-}
-
-func (v choiceValue) Set(s string) error {
-	if !slices.Contains(v.choices, s) {
-		return fmt.Errorf("%q is not one of %s", s, strings.Join(v.choices, ", "))
-	}
-	*v.p = s
-	return nil
-}
 
 // portsValue is a port list flag (proxy.ParsePorts); a repeated flag, or a
 // list in the config file, adds to the list its first use started.
@@ -565,56 +523,6 @@ func (v *portsValue) Set(s string) error {
 		return err
 	}
 	*v.p, v.used = p, true
-	return nil
-}
-
-type prefixValue struct{ p *netip.Prefix }
-
-func (v prefixValue) String() string {
-	if v.p == nil || !v.p.IsValid() {
-		return ""
-	}
-	return v.p.String()
-}
-
-func (v prefixValue) Set(s string) error {
-	p, err := netip.ParsePrefix(s)
-	if err != nil {
-		return fmt.Errorf("%q is not a CIDR prefix like 2001:db8:1:2::/64", s)
-	}
-	if !p.Addr().Is6() || p.Addr().Is4In6() {
-		return fmt.Errorf("%q is not an IPv6 prefix", s)
-	}
-	if !netutil.HasDrawable(p) {
-		return fmt.Errorf("%q has no address to draw", s)
-	}
-	*v.p = p.Masked()
-	return nil
-}
-
-type intValue struct {
-	p   *int
-	min int
-}
-
-// String is empty for 0, which for these flags means a default derived from
-// others (the usage says which), so that -h does not call it "default 0".
-func (v intValue) String() string {
-	if v.p == nil || *v.p == 0 {
-		return ""
-	}
-	return strconv.Itoa(*v.p)
-}
-
-func (v intValue) Set(s string) error {
-	n, err := strconv.Atoi(s)
-	if err != nil {
-		return fmt.Errorf("%q is not a whole number", s)
-	}
-	if n < v.min {
-		return fmt.Errorf("%d: must be at least %d", n, v.min)
-	}
-	*v.p = n
 	return nil
 }
 
@@ -658,59 +566,127 @@ func parseNewAddrs(s string) (NewAddrs, error) {
 	return n, nil
 }
 
-type newAddrsValue struct{ p *NewAddrs }
-
-func (v *newAddrsValue) String() string {
-	if v == nil || v.p == nil || v.p.text == "" {
-		return ""
-	}
-	return v.p.String()
+// scalarValue is a flag of one value: parse checks a value and makes it what
+// the field holds, format prints the field as the flag shows it (-h gives
+// no default where format gives ""). The flag package makes a zero
+// scalarValue to tell a default from none: it prints "".
+type scalarValue[T any] struct {
+	p      *T
+	parse  func(string) (T, error)
+	format func(T) string
 }
 
-func (v *newAddrsValue) Set(s string) error {
-	n, err := parseNewAddrs(s)
+func (v scalarValue[T]) String() string {
+	if v.p == nil {
+		return ""
+	}
+	return v.format(*v.p)
+}
+
+func (v scalarValue[T]) Set(s string) error {
+	x, err := v.parse(s)
 	if err != nil {
 		return err
 	}
-	*v.p = n
+	*v.p = x
 	return nil
 }
 
-type durationValue struct{ p *time.Duration }
-
-func (v durationValue) String() string {
-	if v.p == nil {
-		return ""
-	}
-	return v.p.String()
+// optHostPortValue is a host:port flag, checked like -listen, that may be
+// empty.
+func optHostPortValue(p *string) scalarValue[string] {
+	return scalarValue[string]{p: p, format: same, parse: func(s string) (string, error) {
+		if s == "" {
+			return s, nil
+		}
+		return parseHostPort(s)
+	}}
 }
 
-func (v durationValue) Set(s string) error {
-	d, err := time.ParseDuration(s)
+// choiceValue is a flag that takes one of a fixed set of words.
+func choiceValue(p *string, choices ...string) scalarValue[string] {
+	return scalarValue[string]{p: p, format: same, parse: func(s string) (string, error) {
+		if !slices.Contains(choices, s) {
+			return "", fmt.Errorf("%q is not one of %s", s, strings.Join(choices, ", "))
+		}
+		return s, nil
+	}}
+}
+
+func same(s string) string { return s }
+
+func prefixValue(p *netip.Prefix) scalarValue[netip.Prefix] {
+	return scalarValue[netip.Prefix]{p: p, parse: parsePrefix, format: func(p netip.Prefix) string {
+		if !p.IsValid() {
+			return ""
+		}
+		return p.String()
+	}}
+}
+
+func parsePrefix(s string) (netip.Prefix, error) {
+	p, err := netip.ParsePrefix(s)
 	if err != nil {
-		return fmt.Errorf("%q is not a duration like 30s or 5m", s)
+		return netip.Prefix{}, fmt.Errorf("%q is not a CIDR prefix like 2001:db8:1:2::/64", s)
 	}
-	if d < 0 {
-		return fmt.Errorf("%s: must not be negative", s)
+	if !p.Addr().Is6() || p.Addr().Is4In6() {
+		return netip.Prefix{}, fmt.Errorf("%q is not an IPv6 prefix", s)
 	}
-	*v.p = d
-	return nil
+	if !netutil.HasDrawable(p) {
+		return netip.Prefix{}, fmt.Errorf("%q has no address to draw", s)
+	}
+	return p.Masked(), nil
 }
 
-type levelValue struct{ p *slog.Level }
-
-func (v levelValue) String() string {
-	if v.p == nil {
-		return ""
-	}
-	return strings.ToLower(v.p.String())
+// intValue is a whole number of at least min. It prints nothing for 0,
+// which for these flags means a default derived from others (the usage
+// says which), so that -h does not call it "default 0".
+func intValue(p *int, min int) scalarValue[int] {
+	return scalarValue[int]{p: p, parse: func(s string) (int, error) {
+		n, err := strconv.Atoi(s)
+		if err != nil {
+			return 0, fmt.Errorf("%q is not a whole number", s)
+		}
+		if n < min {
+			return 0, fmt.Errorf("%d: must be at least %d", n, min)
+		}
+		return n, nil
+	}, format: func(n int) string {
+		if n == 0 {
+			return ""
+		}
+		return strconv.Itoa(n)
+	}}
 }
 
-func (v levelValue) Set(s string) error {
-	var l slog.Level
-	if err := l.UnmarshalText([]byte(s)); err != nil {
-		return fmt.Errorf("%q is not one of debug, info, warn, error", s)
-	}
-	*v.p = l
-	return nil
+func newAddrsValue(p *NewAddrs) scalarValue[NewAddrs] {
+	return scalarValue[NewAddrs]{p: p, parse: parseNewAddrs, format: func(n NewAddrs) string {
+		if n.text == "" {
+			return ""
+		}
+		return n.String()
+	}}
+}
+
+func durationValue(p *time.Duration) scalarValue[time.Duration] {
+	return scalarValue[time.Duration]{p: p, format: time.Duration.String, parse: func(s string) (time.Duration, error) {
+		d, err := time.ParseDuration(s)
+		if err != nil {
+			return 0, fmt.Errorf("%q is not a duration like 30s or 5m", s)
+		}
+		if d < 0 {
+			return 0, fmt.Errorf("%s: must not be negative", s)
+		}
+		return d, nil
+	}}
+}
+
+func levelValue(p *slog.Level) scalarValue[slog.Level] {
+	return scalarValue[slog.Level]{p: p, parse: func(s string) (slog.Level, error) {
+		var l slog.Level
+		if err := l.UnmarshalText([]byte(s)); err != nil {
+			return 0, fmt.Errorf("%q is not one of debug, info, warn, error", s)
+		}
+		return l, nil
+	}, format: func(l slog.Level) string { return strings.ToLower(l.String()) }}
 }

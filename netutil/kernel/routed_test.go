@@ -1,4 +1,4 @@
-package netutil
+package kernel
 
 import (
 	"net/netip"

@@ -4,8 +4,6 @@ import (
 	"fmt"
 	"net/netip"
 	"time"
-
-	"github.com/vishvananda/netlink"
 )
 
 // faultUplink is the pool's fault while the uplink is down.
@@ -30,18 +28,17 @@ const faultUplink = "uplink"
 //
 // In routed mode (the pool's manager is NoAddrs) the pool's addresses are on
 // no interface, and only the uplink's state counts.
-func (p *Pool) Follow(w *Watcher, uplink netlink.Link) (cancel func()) {
+func (p *Pool) Follow(w Events, uplink Uplink) (cancel func()) {
 	_, routed := p.mgr.(NoAddrs)
-	f := &follower{p: p, h: w.cfg.Handle, uplink: uplink, name: uplink.Attrs().Name, addrs: !routed}
+	f := &follower{p: p, uplink: uplink, name: uplink.Name(), addrs: !routed}
 	return w.Subscribe(Subscriber{Addr: f.addr, Link: f.link, Synced: f.synced})
 }
 
-// follower is a pool's subscriber to a Watcher. Its methods run one at a
-// time.
+// follower is a pool's subscriber to an Events source. Its methods run one
+// at a time.
 type follower struct {
 	p      *Pool
-	h      *netlink.Handle
-	uplink netlink.Link
+	uplink Uplink
 	name   string
 	addrs  bool // the pool's addresses are on the uplink
 
@@ -54,14 +51,14 @@ type follower struct {
 }
 
 func (f *follower) link(u LinkUpdate) {
-	if u.Index != f.uplink.Attrs().Index {
+	if u.Index != f.uplink.Index() {
 		return
 	}
 	if u.Name != "" {
 		f.name = u.Name
 	}
 	if u.Up() {
-		if f.p.resume(faultUplink) {
+		if f.p.Resume(faultUplink) {
 			f.p.log.Info("uplink is up again: handing out egress addresses", "interface", f.name)
 		}
 		return
@@ -70,7 +67,7 @@ func (f *follower) link(u LinkUpdate) {
 	if u.Removed {
 		err = fmt.Errorf("uplink %s is gone", f.name)
 	}
-	if f.p.suspend(faultUplink, err) {
+	if f.p.Suspend(faultUplink, err) {
 		f.p.log.Warn("uplink is down: new connections fail closed until it is up again", "interface", f.name, "state", u.State())
 	}
 }
@@ -81,12 +78,12 @@ func (f *follower) addr(u AddrUpdate) {
 		return
 	}
 	if u.Added {
-		if !looksLikeEgress(u) {
+		if !u.LooksLikeEgress() {
 			f.p.avoid(a)
 		}
 		return
 	}
-	if !f.addrs || u.LinkIndex != f.uplink.Attrs().Index {
+	if !f.addrs || u.LinkIndex != f.uplink.Index() {
 		return
 	}
 	// The pool's own removals find the address gone from the pool, or
@@ -125,7 +122,7 @@ func (f *follower) forget(a netip.Addr) {
 	// uplink's warning says it all. Its link event may come after the
 	// address events (they come on sockets of their own), the listing
 	// tells.
-	if f.p.usable() == nil && !f.down {
+	if f.p.Usable() == nil && !f.down {
 		f.p.log.Warn("egress address removed by somebody else: forgotten, its connections ended", "addr", a, "interface", f.name)
 	} else {
 		f.p.log.Debug("egress address removed with the uplink down: forgotten, its connections ended", "addr", a, "interface", f.name)
@@ -148,29 +145,15 @@ func (f *follower) gone(a netip.Addr, added time.Time) bool {
 
 func (f *follower) list() error {
 	start := f.p.now()
-	list, err := f.h.AddrList(f.uplink, netlink.FAMILY_V6)
+	addrs, up, err := f.uplink.Check()
 	if err != nil {
-		return fmt.Errorf("listing addresses of %s: %w", f.name, err)
+		return err
 	}
-	f.present = make(map[netip.Addr]bool, len(list))
-	for _, la := range list {
-		if ip, ok := netip.AddrFromSlice(la.IP); ok {
-			f.present[ip.Unmap()] = true
-		}
+	f.present = make(map[netip.Addr]bool, len(addrs))
+	for _, a := range addrs {
+		f.present[a] = true
 	}
 	f.listed = start
-	f.down = false
-	if l, err := f.h.LinkByIndex(f.uplink.Attrs().Index); err != nil {
-		f.down = true
-	} else {
-		f.down = !linkUpdateOf(l, false).Up()
-	}
+	f.down = !up
 	return nil
-}
-
-// looksLikeEgress reports whether an address has the shape of those egressd
-// adds (a /128 with IFA_F_NODAD and IFA_F_NOPREFIXROUTE): the pool's own,
-// reported as they come and go.
-func looksLikeEgress(u AddrUpdate) bool {
-	return u.Prefix.Bits() == 128 && u.Flags&egressFlags == egressFlags
 }

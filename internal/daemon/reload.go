@@ -1,4 +1,4 @@
-package main
+package daemon
 
 import (
 	"bytes"
@@ -102,7 +102,7 @@ func (r *reloader) Reload() (string, error) {
 	_ = r.notify.send(reloading()...)
 	defer func() { _ = r.notify.send("READY=1", "STATUS=serving") }()
 
-	next, err := loadConfig(r.cfg.args)
+	next, err := LoadConfig(r.cfg.args)
 	if err == nil {
 		var l live
 		if l, err = newLive(next); err == nil {

@@ -1,4 +1,4 @@
-package netutil
+package kernel
 
 import (
 	"cmp"
@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/egressd/egressd/netutil"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -46,96 +47,11 @@ type WatchConfig struct {
 	Logger *slog.Logger
 }
 
-// AddrUpdate is an address of the namespace, IPv4 or IPv6, on any
-// interface, that appeared, changed or went away.
-type AddrUpdate struct {
-	// Added is set when the address is there (new, or its flags or
-	// lifetimes changed), clear when it went away.
-	Added bool
-	// Prefix is the address with its prefix length. IPv4 addresses are
-	// plain IPv4 addresses, never IPv4-mapped ones.
-	Prefix netip.Prefix
-	// LinkIndex is the interface the address is on.
-	LinkIndex int
-	// Flags are its IFA_F_* flags (IFA_F_TENTATIVE, IFA_F_DEPRECATED, …).
-	Flags int
-	// Scope is its RT_SCOPE_* scope.
-	Scope int
-}
-
-// Addr returns the address itself.
-func (u AddrUpdate) Addr() netip.Addr { return u.Prefix.Addr() }
-
-// LinkUpdate is the state of an interface of the namespace.
-type LinkUpdate struct {
-	Index int
-	Name  string
-	// Removed is set when the interface is gone.
-	Removed bool
-	// Flags are its IFF_* flags (IFF_UP, IFF_LOWER_UP, IFF_RUNNING, …).
-	Flags uint32
-	// OperState is its RFC 2863 operational state; a link whose carrier
-	// is lost is up (IFF_UP) but OperDown.
-	OperState netlink.LinkOperState
-}
-
-// Up reports whether the interface can pass packets: administratively up
-// (IFF_UP), and not operationally down (no carrier), down because of a
-// lower layer, or missing a component.
-func (u LinkUpdate) Up() bool {
-	if u.Removed || u.Flags&unix.IFF_UP == 0 {
-		return false
-	}
-	switch u.OperState {
-	case netlink.OperDown, netlink.OperLowerLayerDown, netlink.OperNotPresent:
-		return false
-	}
-	return true
-}
-
-// State describes the link for a log line: "up", or why it is down.
-func (u LinkUpdate) State() string {
-	switch {
-	case u.Removed:
-		return "removed"
-	case u.Flags&unix.IFF_UP == 0:
-		return "admin-down"
-	case !u.Up():
-		return u.OperState.String()
-	}
-	return "up"
-}
-
 // RouteUpdate is a route of the namespace that was added, changed or
 // removed (WatchConfig.Routes).
 type RouteUpdate struct {
 	Removed bool
 	Route   netlink.Route
-}
-
-// Subscriber is what one user of a Watcher wants to hear; nil callbacks are
-// skipped. Callbacks run one at a time, in the kernel's order of events, on
-// the watcher's goroutine (or, for the replay, on Subscribe's caller), and
-// must neither block nor call Subscribe or its cancel function: a slow
-// callback makes the kernel drop events, which costs a resync.
-//
-// A callback may see an event again (the kernel reports a refreshed
-// lifetime as a new address) or, just after a resync, an event that the
-// resync already accounted for: handling each as "this is the state now"
-// keeps a subscriber right.
-type Subscriber struct {
-	// Addr hears of every address that appears, changes or goes away.
-	Addr func(AddrUpdate)
-	// Link hears of every interface whose state changes, and of every
-	// interface after each resync.
-	Link func(LinkUpdate)
-	// Route hears of route changes when WatchConfig.Routes is set.
-	Route func(RouteUpdate)
-	// Synced is called after each listing of the state: once the watch
-	// has started, and again after events were lost. Routes are not
-	// listed (tables can be large): a subscriber that depends on a route
-	// checks it here.
-	Synced func()
 }
 
 // Watcher follows the addresses and interfaces (and, when asked, the
@@ -155,8 +71,8 @@ type Watcher struct {
 
 	mu     sync.Mutex // held while callbacks run: one event at a time, in order
 	subs   []*subscription
-	addrs  map[addrKey]AddrUpdate
-	links  map[int]LinkUpdate
+	addrs  map[addrKey]netutil.AddrUpdate
+	links  map[int]netutil.LinkUpdate
 	synced bool // the state has been listed
 	syncs  atomic.Int64
 	// noForce: SO_RCVBUFFORCE was refused (no CAP_NET_ADMIN). The library
@@ -165,7 +81,14 @@ type Watcher struct {
 	noForce atomic.Bool
 }
 
-type subscription struct{ s Subscriber }
+// subscription is one subscriber: a netutil.Subscriber, and route, which
+// hears of route changes when WatchConfig.Routes is set (LocalRoute.Keep).
+// Routes are not listed (tables can be large): a subscriber that depends on
+// a route checks it in Synced.
+type subscription struct {
+	s     netutil.Subscriber
+	route func(RouteUpdate)
+}
 
 // addrKey identifies an address: IPv4 allows one address twice on an
 // interface with different prefix lengths.
@@ -185,17 +108,24 @@ func NewWatcher(cfg WatchConfig) *Watcher {
 	return &Watcher{
 		cfg:   cfg,
 		log:   cfg.Logger,
-		addrs: make(map[addrKey]AddrUpdate),
-		links: make(map[int]LinkUpdate),
+		addrs: make(map[addrKey]netutil.AddrUpdate),
+		links: make(map[int]netutil.LinkUpdate),
 	}
 }
 
-// Subscribe adds s, which hears at once of every link and address known so
+// Subscribe implements netutil.Events: it adds s, which hears at once of every link and address known so
 // far (and Synced, if the state has been listed), then of every change. The
 // returned function ends the subscription: no callback of s runs after it
 // returns.
-func (w *Watcher) Subscribe(s Subscriber) (cancel func()) {
-	sub := &subscription{s: s}
+func (w *Watcher) Subscribe(s netutil.Subscriber) (cancel func()) {
+	return w.subscribe(&subscription{s: s})
+}
+
+var _ netutil.Events = (*Watcher)(nil)
+
+// subscribe is Subscribe, with routes.
+func (w *Watcher) subscribe(sub *subscription) (cancel func()) {
+	s := sub.s
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	for _, idx := range slices.Sorted(maps.Keys(w.links)) {
@@ -354,10 +284,10 @@ func drain[T any](ch <-chan T) {
 	}
 }
 
-func addrUpdateOf(u netlink.AddrUpdate) AddrUpdate {
+func addrUpdateOf(u netlink.AddrUpdate) netutil.AddrUpdate {
 	ip, _ := netip.AddrFromSlice(u.LinkAddress.IP)
 	bits, _ := u.LinkAddress.Mask.Size()
-	return AddrUpdate{
+	return netutil.AddrUpdate{
 		Added:     u.NewAddr,
 		Prefix:    netip.PrefixFrom(ip.Unmap(), bits),
 		LinkIndex: u.LinkIndex,
@@ -366,12 +296,12 @@ func addrUpdateOf(u netlink.AddrUpdate) AddrUpdate {
 	}
 }
 
-func linkUpdateOf(l netlink.Link, removed bool) LinkUpdate {
+func linkUpdateOf(l netlink.Link, removed bool) netutil.LinkUpdate {
 	a := l.Attrs()
-	return LinkUpdate{Index: a.Index, Name: a.Name, Removed: removed, Flags: a.RawFlags, OperState: a.OperState}
+	return netutil.LinkUpdate{Index: a.Index, Name: a.Name, Removed: removed, Flags: a.RawFlags, OperState: netutil.OperState(a.OperState)}
 }
 
-func (w *Watcher) addr(u AddrUpdate) {
+func (w *Watcher) addr(u netutil.AddrUpdate) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	k := addrKey{u.LinkIndex, u.Prefix}
@@ -383,7 +313,7 @@ func (w *Watcher) addr(u AddrUpdate) {
 	w.emitAddr(u)
 }
 
-func (w *Watcher) link(u LinkUpdate) {
+func (w *Watcher) link(u netutil.LinkUpdate) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if u.Removed {
@@ -398,13 +328,13 @@ func (w *Watcher) route(u RouteUpdate) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	for _, sub := range w.subs {
-		if sub.s.Route != nil {
-			sub.s.Route(u)
+		if sub.route != nil {
+			sub.route(u)
 		}
 	}
 }
 
-func (w *Watcher) emitAddr(u AddrUpdate) {
+func (w *Watcher) emitAddr(u netutil.AddrUpdate) {
 	for _, sub := range w.subs {
 		if sub.s.Addr != nil {
 			sub.s.Addr(u)
@@ -412,7 +342,7 @@ func (w *Watcher) emitAddr(u AddrUpdate) {
 	}
 }
 
-func (w *Watcher) emitLink(u LinkUpdate) {
+func (w *Watcher) emitLink(u netutil.LinkUpdate) {
 	for _, sub := range w.subs {
 		if sub.s.Link != nil {
 			sub.s.Link(u)
@@ -435,7 +365,7 @@ func (w *Watcher) resync() error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 
-	nowLinks := make(map[int]LinkUpdate, len(links))
+	nowLinks := make(map[int]netutil.LinkUpdate, len(links))
 	for _, l := range links {
 		u := linkUpdateOf(l, false)
 		nowLinks[u.Index] = u
@@ -452,14 +382,14 @@ func (w *Watcher) resync() error {
 	}
 	w.links = nowLinks
 
-	nowAddrs := make(map[addrKey]AddrUpdate, len(list))
+	nowAddrs := make(map[addrKey]netutil.AddrUpdate, len(list))
 	for _, a := range list {
 		ip, ok := netip.AddrFromSlice(a.IP)
 		if !ok {
 			continue
 		}
 		bits, _ := a.Mask.Size()
-		u := AddrUpdate{Added: true, Prefix: netip.PrefixFrom(ip.Unmap(), bits), LinkIndex: a.LinkIndex, Flags: a.Flags, Scope: a.Scope}
+		u := netutil.AddrUpdate{Added: true, Prefix: netip.PrefixFrom(ip.Unmap(), bits), LinkIndex: a.LinkIndex, Flags: a.Flags, Scope: a.Scope}
 		nowAddrs[addrKey{u.LinkIndex, u.Prefix}] = u
 	}
 	for _, k := range sortedKeys(w.addrs) {
@@ -488,7 +418,7 @@ func (w *Watcher) resync() error {
 
 // sortedKeys orders addresses by interface and address, so that a resync
 // tells its differences in a stable order.
-func sortedKeys(m map[addrKey]AddrUpdate) []addrKey {
+func sortedKeys(m map[addrKey]netutil.AddrUpdate) []addrKey {
 	return slices.SortedFunc(maps.Keys(m), func(a, b addrKey) int {
 		return cmp.Or(cmp.Compare(a.link, b.link), a.prefix.Addr().Compare(b.prefix.Addr()), cmp.Compare(a.prefix.Bits(), b.prefix.Bits()))
 	})

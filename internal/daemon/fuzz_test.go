@@ -1,4 +1,4 @@
-package main
+package daemon
 
 import (
 	"flag"
@@ -13,7 +13,7 @@ import (
 	"go.yaml.in/yaml/v3"
 )
 
-// FuzzLoadConfig feeds config files through loadConfig (the seeds, in
+// FuzzLoadConfig feeds config files through LoadConfig (the seeds, in
 // testdata/fuzz, are the README's and the systemd unit's examples, JSON as
 // Nix writes it, and broken files). It either returns a one-line error that
 // names a line of the file and the key at fault (a YAML syntax error names
@@ -28,7 +28,7 @@ func FuzzLoadConfig(f *testing.F) {
 		if err := os.WriteFile(path, file, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		cfg, err := loadConfig([]string{"-config", path})
+		cfg, err := LoadConfig([]string{"-config", path})
 		if err != nil {
 			msg := err.Error()
 			if strings.Contains(msg, "\n") {
@@ -55,7 +55,7 @@ func FuzzLoadConfig(f *testing.F) {
 		if err := os.WriteFile(again, out, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		cfg2, err := loadConfig([]string{"-config", again})
+		cfg2, err := LoadConfig([]string{"-config", again})
 		if err != nil {
 			t.Fatalf("%+v written as\n%s\ndoes not load: %v", cfg, out, err)
 		}
@@ -93,7 +93,7 @@ func configFile(t *testing.T, cfg Config) []byte {
 		"allow":          strs(len(cfg.Allow), func(i int) string { return cfg.Allow[i].String() }),
 		"auth-file":      cfg.AuthFile,
 		"admin":          cfg.Admin,
-		"log-level":      levelValue{&cfg.LogLevel}.String(),
+		"log-level":      levelValue(&cfg.LogLevel).String(),
 		"allow-dest":     strs(len(cfg.AllowDest), func(i int) string { return cfg.AllowDest[i].String() }),
 		"connect-ports":  portsKey(cfg.ConnectPorts),
 		"http-ports":     portsKey(cfg.HTTPPorts),

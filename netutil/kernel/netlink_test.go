@@ -1,15 +1,16 @@
-package netutil
+package kernel
 
 import (
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"net"
 	"net/netip"
-	"os"
-	"runtime"
 	"testing"
 	"time"
 
+	"github.com/egressd/egressd/internal/nettest"
+	"github.com/egressd/egressd/netutil"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
@@ -18,16 +19,20 @@ import (
 )
 
 var (
-	hostAddr = netip.MustParsePrefix("2001:db8:1:2::2/64")
-	gateway  = netip.MustParseAddr("2001:db8:1:2::1")
-	prefix64 = netip.MustParsePrefix("2001:db8:1:2::/64")
+	hostAddr = nettest.HostAddr
+	prefix64 = nettest.Prefix64
 )
+
+// nstestGuard bounds what a test waits for; a failure guard, not a timing
+// assertion.
+const nstestGuard = nettest.Guard
+
+var quiet = slog.New(slog.DiscardHandler)
 
 // newTestLink makes an unnamed network namespace holding a veth pair whose
 // end "eg0" is up with the host address 2001:db8:1:2::2/64 and a default
-// route via 2001:db8:1:2::1, and returns a netlink handle inside it. The
-// namespace has no name (nothing shows in `ip netns list`) and disappears
-// when the handle and its descriptor are closed.
+// route via 2001:db8:1:2::1 (nettest.New), and returns a netlink handle
+// inside it and a manager of eg0.
 func newTestLink(t testing.TB) (*netlink.Handle, *Netlink) {
 	t.Helper()
 	_, h, mgr := newTestNetns(t)
@@ -35,91 +40,16 @@ func newTestLink(t testing.TB) (*netlink.Handle, *Netlink) {
 }
 
 // newTestNetns is newTestLink that also returns the namespace, for sockets
-// and subscriptions inside it (see inNetns).
+// and subscriptions inside it (see nettest.In).
 func newTestNetns(t testing.TB) (netns.NsHandle, *netlink.Handle, *Netlink) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("CI is set but the tests do not run as root: the namespace tests would be skipped")
-		}
-		t.Skip("needs root: makes a network namespace")
-	}
-	ns := newUnnamedNetns(t)
-	h, err := netlink.NewHandleAt(ns)
-	require.NoError(t, err)
-	t.Cleanup(h.Close)
-
-	lo, err := h.LinkByName("lo")
-	require.NoError(t, err)
-	require.NoError(t, h.LinkSetUp(lo)) // as on any host: connections to its own addresses go through lo
-	la := netlink.NewLinkAttrs()
-	la.Name = "eg0"
-	require.NoError(t, h.LinkAdd(&netlink.Veth{LinkAttrs: la, PeerName: "eg1"}))
-	link, err := h.LinkByName("eg0")
-	require.NoError(t, err)
-	peer, err := h.LinkByName("eg1")
-	require.NoError(t, err)
-	require.NoError(t, h.AddrAdd(link, &netlink.Addr{IPNet: ipNet(hostAddr), Flags: unix.IFA_F_NODAD}))
-	require.NoError(t, h.LinkSetUp(link))
-	require.NoError(t, h.LinkSetUp(peer))
-	require.NoError(t, h.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Gw: gateway.AsSlice()}))
-
+	ns, h := nettest.New(t)
 	mgr, err := NewNetlink(h, "eg0")
 	require.NoError(t, err)
 	return ns, h, mgr
 }
 
-// waitDAD waits until no address in h's namespace is tentative: while the
-// new link's link-local addresses are, connections on it fail now and then
-// with EHOSTUNREACH, and neighbour discovery stalls (measured).
-func waitDAD(t testing.TB, h *netlink.Handle) {
-	t.Helper()
-	require.Eventually(t, func() bool {
-		list, err := h.AddrList(nil, netlink.FAMILY_V6)
-		require.NoError(t, err)
-		for _, a := range list {
-			if a.Flags&unix.IFA_F_TENTATIVE != 0 {
-				return false
-			}
-		}
-		return true
-	}, nstestGuard, 20*time.Millisecond)
-}
-
-// inNetns runs fn on a thread inside ns: the sockets fn makes belong to ns
-// for their whole life.
-func inNetns(t testing.TB, ns netns.NsHandle, fn func()) {
-	t.Helper()
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	require.NoError(t, err)
-	defer orig.Close()
-	require.NoError(t, netns.Set(ns))
-	fn()
-	if err := netns.Set(orig); err != nil {
-		// Leave the thread locked: the runtime ends it rather than reuse it.
-		t.Fatalf("leaving the test namespace: %v", err)
-	}
-	runtime.UnlockOSThread()
-}
-
-func newUnnamedNetns(t testing.TB) netns.NsHandle {
-	t.Helper()
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	orig, err := netns.Get()
-	require.NoError(t, err)
-	defer orig.Close()
-	ns, err := netns.New() // moves this thread into the new namespace
-	require.NoError(t, err)
-	require.NoError(t, netns.Set(orig))
-	t.Cleanup(func() { ns.Close() })
-	return ns
-}
-
-func ipNet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
-}
+var ipNet = nettest.IPNet
 
 func find(t *testing.T, mgr *Netlink, a netip.Addr) (IfAddr, bool) {
 	t.Helper()
@@ -172,7 +102,7 @@ func TestNetlinkDefaultSourceUnchanged(t *testing.T) {
 	require.Equal(t, hostAddr.Addr().String(), before[0].Src.String())
 
 	for range 20 {
-		require.NoError(t, mgr.Add(RandomAddr(prefix64), time.Minute))
+		require.NoError(t, mgr.Add(netutil.RandomAddr(prefix64), time.Minute))
 	}
 	after, err := h.RouteGet(dst)
 	require.NoError(t, err)
@@ -264,7 +194,7 @@ func BenchmarkNetlinkAddRemove(b *testing.B) {
 			_, mgr := newTestLink(b)
 			for range existing {
 				for {
-					if err := mgr.Add(RandomAddr(prefix64), time.Hour); err == nil {
+					if err := mgr.Add(netutil.RandomAddr(prefix64), time.Hour); err == nil {
 						break
 					}
 				}
@@ -272,7 +202,7 @@ func BenchmarkNetlinkAddRemove(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			for b.Loop() {
-				a := RandomAddr(prefix64)
+				a := netutil.RandomAddr(prefix64)
 				if err := mgr.Add(a, time.Minute); err != nil {
 					b.Fatal(err)
 				}

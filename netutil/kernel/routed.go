@@ -1,4 +1,4 @@
-package netutil
+package kernel
 
 import (
 	"errors"
@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/egressd/egressd/netutil"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -17,23 +18,6 @@ import (
 // in routed mode (`ip -6 route show table local proto 71`). It lets a later
 // run recognise, and replace, a route that a killed run left behind.
 const RouteProtocol = 71
-
-// NoAddrs is the AddrManager of routed mode: the prefix is routed to the
-// host and a local route makes every address of it the host's own, so there
-// is nothing to add or remove. The pool still hands out each address to one
-// connection at a time and bounds how many are in use.
-type NoAddrs struct{}
-
-var _ AddrManager = NoAddrs{}
-
-// Add implements AddrManager; it does nothing.
-func (NoAddrs) Add(netip.Addr, time.Duration) error { return nil }
-
-// Refresh implements AddrManager; it does nothing.
-func (NoAddrs) Refresh(netip.Addr, time.Duration) error { return nil }
-
-// Remove implements AddrManager; it does nothing.
-func (NoAddrs) Remove(netip.Addr) error { return nil }
 
 // LocalRoute is the route `local PREFIX dev lo` of routed mode, in the local
 // table: with it (and IPV6_FREEBIND) a socket can bind to any address of the
@@ -152,19 +136,19 @@ const RouteRetry = time.Second
 // there after each of w's resyncs, until cancel is called. Each restore is
 // logged in one warning line naming the route. While the route is missing
 // and cannot be restored, pool is suspended (new connections fail at once
-// with an error wrapping ErrNoAddress that names the route, instead of each
+// with an error wrapping netutil.ErrNoAddress that names the route, instead of each
 // timing out: without the route the replies to every address of the prefix
 // are dropped), an error is logged once, and restoring is retried every
 // RouteRetry. Call cancel before Remove.
-func (r *LocalRoute) Keep(w *Watcher, pool *Pool, log *slog.Logger) (cancel func()) {
+func (r *LocalRoute) Keep(w *Watcher, pool *netutil.Pool, log *slog.Logger) (cancel func()) {
 	k := &routeKeeper{r: r, pool: pool, log: log, restore: r.restore}
-	unsubscribe := w.Subscribe(Subscriber{
-		Route: func(u RouteUpdate) {
+	unsubscribe := w.subscribe(&subscription{
+		s: netutil.Subscriber{Synced: k.check},
+		route: func(u RouteUpdate) {
 			if u.Removed && isLocalRouteOf(u.Route, r.prefix) {
 				k.check()
 			}
 		},
-		Synced: k.check,
 	})
 	return func() {
 		unsubscribe()
@@ -175,7 +159,7 @@ func (r *LocalRoute) Keep(w *Watcher, pool *Pool, log *slog.Logger) (cancel func
 // routeKeeper is Keep's state.
 type routeKeeper struct {
 	r       *LocalRoute
-	pool    *Pool
+	pool    *netutil.Pool
 	log     *slog.Logger
 	restore func() error // r.restore; a test's failure otherwise
 
@@ -205,12 +189,12 @@ func (k *routeKeeper) check() {
 	if ok {
 		if k.failing {
 			k.failing = false
-			k.pool.resume(faultRoute)
+			k.pool.Resume(faultRoute)
 			k.log.Info("local route is back: handing out egress addresses", "route", k.r.String())
 		}
 		return
 	}
-	k.pool.suspend(faultRoute, fmt.Errorf("route %s is missing and cannot be restored", k.r))
+	k.pool.Suspend(faultRoute, fmt.Errorf("route %s is missing and cannot be restored", k.r))
 	if !k.failing {
 		k.failing = true
 		k.log.Error("local route was removed by somebody else and cannot be restored: new connections fail closed until it is back; retrying",
