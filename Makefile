@@ -28,7 +28,7 @@ build: ## build egressd, egressctl and the demo upstream into bin/, static (CGO_
 	$(BUILD) -o $(BIN)/egressctl ./cmd/egressctl
 	$(BUILD) -o $(BIN)/echo-upstream ./test/upstream
 
-test: vet ## vet, then every test (unit, then namespace integration a package at a time; root for the latter), then the benchmarks once each and the fuzz targets briefly
+test: lint ## vet and staticcheck, then every test (unit, then namespace integration a package at a time; root for the latter), then the benchmarks once each and the fuzz targets briefly
 	$(GO) test $(TESTFLAGS) $(UNITPKGS)
 	$(GO) test $(TESTFLAGS) -p 1 $(NSPKGS)
 	$(MAKE) bench-smoke
