@@ -47,6 +47,10 @@ type Config struct {
 	Rules []Rule
 	// Clock is where the shaper reads the time; SystemClock when nil.
 	Clock Clock
+	// Shared, when set, makes the rate and burst of every rule a budget
+	// that all egressd instances naming the same store share (see
+	// Shared); nil keeps them in this process alone.
+	Shared *Shared
 }
 
 // Shaper paces requests per upstream host by the rules it was given. It is
@@ -57,6 +61,7 @@ type Shaper struct {
 	exact  map[string]int // host -> index in rules
 	suffix map[string]int // ".archlinux.org" for "*.archlinux.org" -> index
 	star   int            // index of "*", -1 when there is none
+	shared *Shared        // nil: rates are this process's own
 
 	maxStates  int
 	maxLine    int
@@ -80,6 +85,7 @@ type state struct {
 
 	active int       // requests waiting or holding a Permit
 	hold   time.Time // Pushback: nobody goes before this
+	retry  time.Time // shared: the head asks again then, as the store said
 	head   *waiter   // the line, first come first served
 	tail   *waiter
 	n      int // waiters in the line
@@ -114,6 +120,7 @@ func New(cfg Config) (*Shaper, error) {
 		sweepEvery: sweepEvery,
 		states:     make(map[string]*state),
 		overflow:   make([]*state, len(cfg.Rules)),
+		shared:     cfg.Shared,
 	}
 	if s.clock == nil {
 		s.clock = SystemClock
@@ -236,6 +243,9 @@ func (s *Shaper) Acquire(ctx context.Context, host string) (Permit, error) {
 	// Read the time under the lock, so that the limiter sees it go forward.
 	now := s.clock.Now()
 	st := s.stateFor(h, i, now)
+	if s.shared != nil {
+		return s.queueShared(ctx, st, h, now)
+	}
 	if st.head != nil {
 		s.pump(st, now)
 	}
@@ -405,6 +415,10 @@ func (s *Shaper) Pushback(host string, retryAfter time.Duration) bool {
 		return true
 	}
 	st.hold = until
+	if s.shared != nil {
+		st.rejectLate(now)
+		return true
+	}
 	if w := st.head; w != nil && w.r != nil {
 		w.r.CancelAt(now) // the head takes its token after the hold
 		w.r, w.at = nil, time.Time{}
