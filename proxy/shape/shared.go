@@ -114,7 +114,8 @@ type SharedStats struct {
 	// in-process because it did not answer; Errors the store calls that
 	// failed or timed out, Fallbacks the times decisions went in-process.
 	Decisions, LocalDecisions, Errors, Fallbacks uint64
-	LastError string // the last failure, "" if none
+	// LastError is the last failure, "" if none.
+	LastError string
 }
 
 // Stats returns a snapshot of sh.
