@@ -50,6 +50,16 @@ func budgetFamily(name, help string, value func(*Budget) string) family {
 	}}
 }
 
+// storeFamily writes one sample without labels, or none without a limit
+// store.
+func storeFamily(name, typ, help string, value func(*LimitStore) string) family {
+	return family{Family{name, typ, help}, func(p *promWriter, s *Stats) {
+		if l := s.LimitStore; l != nil {
+			p.sample(name, "", value(l))
+		}
+	}}
+}
+
 var families = []family{
 	upstreamFamily("egress_upstream_requests_total", "counter",
 		"Requests and CONNECT tunnels to the upstream host that reached the shaper.",
@@ -164,6 +174,22 @@ var families = []family{
 		"Failed accepts of client connections, such as file descriptors running out.",
 		func(s *Stats) string { return fmtUint(s.Clients.AcceptErrors) }),
 
+	storeFamily("egress_limit_store_up", "gauge",
+		"1 while the limit store (-limit-store) answers and -limit budgets are shared, 0 while each egressd enforces every rule alone.",
+		func(l *LimitStore) string { return fmtBool(l.Shared) }),
+	storeFamily("egress_limit_store_decisions_total", "counter",
+		"Shaping decisions the limit store answered.",
+		func(l *LimitStore) string { return fmtUint(l.Decisions) }),
+	storeFamily("egress_limit_store_local_decisions_total", "counter",
+		"Shaping decisions made in-process because the limit store did not answer.",
+		func(l *LimitStore) string { return fmtUint(l.LocalDecisions) }),
+	storeFamily("egress_limit_store_errors_total", "counter",
+		"Calls to the limit store that failed or timed out.",
+		func(l *LimitStore) string { return fmtUint(l.Errors) }),
+	storeFamily("egress_limit_store_fallbacks_total", "counter",
+		"Times the limit store stopped answering and decisions went in-process.",
+		func(l *LimitStore) string { return fmtUint(l.Fallbacks) }),
+
 	plainFamily("egress_uptime_seconds", "gauge",
 		"Time since egressd started.",
 		func(s *Stats) string { return fmtFloat(s.UptimeSeconds) }),
@@ -275,6 +301,12 @@ var (
 	helpEscaper  = strings.NewReplacer(`\`, `\\`, "\n", `\n`)
 )
 
-func fmtUint(v uint64) string   { return strconv.FormatUint(v, 10) }
-func fmtInt(v int64) string     { return strconv.FormatInt(v, 10) }
+func fmtUint(v uint64) string { return strconv.FormatUint(v, 10) }
+func fmtInt(v int64) string   { return strconv.FormatInt(v, 10) }
+func fmtBool(v bool) string {
+	if v {
+		return "1"
+	}
+	return "0"
+}
 func fmtFloat(v float64) string { return strconv.FormatFloat(v, 'g', -1, 64) } // +Inf, -Inf, NaN as Prometheus spells them

@@ -165,6 +165,12 @@ func TestWritePrometheusValues(t *testing.T) {
 	assert.Equal(t, uint64(1), ah.GetBucket()[2].GetCumulativeCount()) // (200µs, 400µs]
 	assert.Equal(t, uint64(2), ah.GetBucket()[3].GetCumulativeCount()) // (400µs, 800µs]
 
+	assert.Equal(t, 0.0, plain("egress_limit_store_up").GetGauge().GetValue())
+	assert.Equal(t, 5000.0, plain("egress_limit_store_decisions_total").GetCounter().GetValue())
+	assert.Equal(t, 40.0, plain("egress_limit_store_local_decisions_total").GetCounter().GetValue())
+	assert.Equal(t, 3.0, plain("egress_limit_store_errors_total").GetCounter().GetValue())
+	assert.Equal(t, 1.0, plain("egress_limit_store_fallbacks_total").GetCounter().GetValue())
+
 	assert.Equal(t, 7.0, plain("egress_client_connections").GetGauge().GetValue())
 	assert.Equal(t, 3.0, plain("egress_client_accept_errors_total").GetCounter().GetValue())
 	refused := map[string]float64{}
@@ -248,6 +254,7 @@ func TestWritePrometheusEmpty(t *testing.T) {
 	assert.Equal(t, uint64(0), mfs["egress_address_add_duration_seconds"].GetMetric()[0].GetHistogram().GetSampleCount())
 	assert.NotContains(t, mfs, "egress_address_budget_rate", "no budget (routed mode): no sample")
 	assert.Contains(t, text, "# TYPE egress_address_budget_rate gauge\n")
+	assert.NotContains(t, mfs, "egress_limit_store_up", "no -limit-store: no sample")
 }
 
 type failWriter struct{}
