@@ -19,6 +19,7 @@ import (
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy"
 	"github.com/egressd/egressd/proxy/shape"
+	"github.com/egressd/egressd/proxy/shape/redisstore"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -69,6 +70,10 @@ type Config struct {
 	IPv4 netutil.IPv4Policy
 	// Limits are the -limit rules that pace requests per upstream.
 	Limits []shape.Rule
+	// LimitStore is the URL of a Redis that keeps the rates of Limits
+	// shared by every egressd naming it; empty keeps them per process. It
+	// may hold a password: never print it, only redisstore.Redact of it.
+	LimitStore string
 	// Allow lists the networks proxy clients may connect from; empty means
 	// loopback only (proxy.DefaultAllow), or every address when AuthFile is
 	// set (see allowed).
@@ -157,6 +162,7 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs.Var(durationValue{&cfg.SessionIdle}, "session-idle", "`DURATION` after which an unused session (-rotate session) gives its address back")
 	fs.Var(choiceValue{(*string)(&cfg.IPv4), []string{string(netutil.IPv4Direct), string(netutil.IPv4Deny)}}, "ipv4", "`POLICY` for an upstream with no IPv6 address: direct connects from the host's own IPv4 address, deny answers 502")
 	fs.Var(&listValue[shape.Rule]{p: &cfg.Limits, parse: shape.ParseRule}, "limit", "`HOST=RATE[,burst=N][,concurrency=N][,wait=DURATION]` paces requests to upstream HOST (exact, *.suffix or *); RATE is Nr/s, Nr/m or Nr/h; repeatable")
+	fs.Var(storeValue{&cfg.LimitStore}, "limit-store", "`URL` of a Redis that keeps the -limit budgets shared by every egressd naming it: "+redisstore.Syntax+"; concurrency stays per egressd (default: none, each egressd keeps its own)")
 	fs.Var(&listValue[netip.Prefix]{p: &cfg.Allow, parse: parseAllow}, "allow", "`CIDR` of clients that may use the proxy (HTTP and SOCKS5); repeatable (default: loopback only, 127.0.0.0/8 and ::1/128; with -auth-file, any address)")
 	fs.StringVar(&cfg.AuthFile, "auth-file", cfg.AuthFile, "htpasswd `FILE` of bcrypt hashes (htpasswd -B): clients must authenticate as one of its users")
 	fs.Var(&listValue[netip.Prefix]{p: &cfg.AllowDest, parse: parseAllow}, "allow-dest", "`CIDR` of destinations to admit although they are private or special-purpose (10.0.0.0/8, fc00::/7, ...); the host itself, loopback and link-local stay refused; repeatable")
@@ -320,6 +326,11 @@ func (c *Config) Validate() error {
 	}
 	if _, err := shape.New(shape.Config{Rules: c.Limits}); err != nil {
 		return fmt.Errorf("limit: %w", err)
+	}
+	if c.LimitStore != "" {
+		if _, err := redisstore.ParseURL(c.LimitStore); err != nil {
+			return fmt.Errorf("limit-store: %w", err)
+		}
 	}
 	if len(c.Allow) == 0 && c.AuthFile == "" {
 		// Off loopback with the default allow list, only local clients
@@ -672,6 +683,23 @@ func (v *newAddrsValue) Set(s string) error {
 		return err
 	}
 	*v.p = n
+	return nil
+}
+
+// storeValue is -limit-store. Set takes any text: Validate checks it, so
+// that no error quotes the URL (the flag package's would), which may hold a
+// password; String shows it without the password.
+type storeValue struct{ p *string }
+
+func (v storeValue) String() string {
+	if v.p == nil || *v.p == "" {
+		return ""
+	}
+	return redisstore.Redact(*v.p)
+}
+
+func (v storeValue) Set(s string) error {
+	*v.p = s
 	return nil
 }
 

@@ -32,6 +32,8 @@ import (
 	"github.com/egressd/egressd/internal/version"
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy"
+	"github.com/egressd/egressd/proxy/shape"
+	"github.com/egressd/egressd/proxy/shape/redisstore"
 	"github.com/egressd/egressd/proxy/stats"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -83,7 +85,12 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 
-	lv, err := newLive(cfg)
+	shared, closeStore, err := openLimitStore(cfg, log)
+	if err != nil {
+		return err
+	}
+	defer closeStore()
+	lv, err := newLive(cfg, shared)
 	if err != nil {
 		return err
 	}
@@ -247,10 +254,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 		return err
 	}
 
-	rl := &reloader{srv: srv, guard: guard, level: level, log: log, notify: notify, cfg: cfg, live: lv}
+	rl := &reloader{srv: srv, guard: guard, level: level, log: log, notify: notify, cfg: cfg, live: lv, shared: shared}
 	var admin *http.Server
 	if adminLn != nil {
-		src := &statsSource{started: time.Now(), srv: srv, pool: pool, addLatency: addLatency}
+		src := &statsSource{started: time.Now(), srv: srv, pool: pool, addLatency: addLatency, shared: shared}
 		admin = &http.Server{Handler: proxy.AdminHandler(src, rl.Reload), ReadHeaderTimeout: 10 * time.Second}
 		go func() {
 			if err := admin.Serve(adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -296,7 +303,8 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, level *slog.LevelVar
 	warnWeakHashes(log, cfg.AuthFile, lv.access.Users)
 	checkFileLimit(log, cfg.MaxConns)
 	log.Info("egressd ready", "mode", cfg.Mode, "interface", ifname, "prefix", prefix, "max_addrs", maxAddrsAttr(cfg.maxAddrs()),
-		"new_addrs", budgetAttr(cfg.budget()), "rotate", cfg.Rotate, "allow", allowList(cfg.allowed()), "auth", cfg.AuthFile != "")
+		"new_addrs", budgetAttr(cfg.budget()), "rotate", cfg.Rotate, "allow", allowList(cfg.allowed()), "auth", cfg.AuthFile != "",
+		"limit_store", storeAttr(shared))
 	if err := notify.send("READY=1", "STATUS=serving"); err != nil {
 		log.Warn("telling systemd egressd is ready", "err", err)
 	}
@@ -364,6 +372,30 @@ serve:
 	s := pool.Stats()
 	log.Info("stopped", "removed", removed, "added_total", s.Added, "removed_total", s.Removed)
 	return runErr
+}
+
+// openLimitStore opens the Redis of -limit-store, if there is one, and the
+// Shared that every shaper of this run shares its budgets through. It does
+// not connect: a Redis that is down is taken up when it answers. The
+// returned func closes it.
+func openLimitStore(cfg Config, log *slog.Logger) (*shape.Shared, func(), error) {
+	if cfg.LimitStore == "" {
+		return nil, func() {}, nil
+	}
+	store, err := redisstore.Open(cfg.LimitStore, shape.DefaultStoreTimeout, log)
+	if err != nil {
+		return nil, nil, fmt.Errorf("limit-store: %w", err)
+	}
+	shared := shape.NewShared(shape.SharedConfig{Store: store, Name: store.Name(), Logger: log})
+	return shared, func() { store.Close() }, nil
+}
+
+// storeAttr is -limit-store as the startup line shows it, without password.
+func storeAttr(shared *shape.Shared) string {
+	if shared == nil {
+		return "none"
+	}
+	return shared.Stats().Store
 }
 
 // maxAddrsAttr is the bound of live addresses as the startup line shows it.
