@@ -244,7 +244,7 @@ func (s *Shaper) Acquire(ctx context.Context, host string) (Permit, error) {
 	now := s.clock.Now()
 	st := s.stateFor(h, i, now)
 	if s.shared != nil {
-		return s.queueShared(ctx, st, h, now)
+		return s.queue(ctx, st, h, now) // only the line's head asks the store
 	}
 	if st.head != nil {
 		s.pump(st, now)
@@ -264,8 +264,9 @@ func (s *Shaper) Acquire(ctx context.Context, host string) (Permit, error) {
 	return s.queue(ctx, st, h, now)
 }
 
-// queue puts a request that cannot go at once in line, or rejects it. It is
-// called with s.mu held and unlocks it.
+// queue puts a request that cannot go at once in line, or rejects it; with
+// a Shared, every request of a shaped host comes here. It is called with
+// s.mu held and unlocks it.
 func (s *Shaper) queue(ctx context.Context, st *state, host string, now time.Time) (Permit, error) {
 	rule := st.rule
 	if err := ctx.Err(); err != nil {
@@ -278,7 +279,12 @@ func (s *Shaper) queue(ctx context.Context, st *state, host string, now time.Tim
 		s.mu.Unlock()
 		return Permit{}, reject(host, rule, left, "%s asked to slow down (Retry-After)", host)
 	}
-	delay := st.expect(now, st.unreserved()+1)
+	var delay time.Duration
+	if s.shared != nil {
+		delay = st.least(now, st.n+1)
+	} else {
+		delay = st.expect(now, st.unreserved()+1)
+	}
 	if st.n >= s.maxLine {
 		s.mu.Unlock()
 		return Permit{}, reject(host, rule, delay, "too many requests waiting for %s", host)
@@ -290,10 +296,16 @@ func (s *Shaper) queue(ctx context.Context, st *state, host string, now time.Tim
 	w := &waiter{host: host, deadline: deadline, wake: make(chan struct{}, 1)}
 	st.push(w)
 	st.active++
-	s.pump(st, now)
-	s.mu.Unlock()
-
-	if err := s.wait(ctx, st, w); err != nil {
+	var err error
+	if s.shared != nil {
+		s.mu.Unlock()
+		err = s.waitShared(ctx, st, w)
+	} else {
+		s.pump(st, now)
+		s.mu.Unlock()
+		err = s.wait(ctx, st, w)
+	}
+	if err != nil {
 		s.mu.Lock()
 		st.active--
 		s.mu.Unlock()

@@ -202,44 +202,6 @@ func storeKey(rule, host string) string {
 	return rule + "/" + host
 }
 
-// queueShared is Acquire with a Shared: the request joins the line, or is
-// rejected if it cannot get through within its wait. It is called with s.mu
-// held and unlocks it.
-func (s *Shaper) queueShared(ctx context.Context, st *state, host string, now time.Time) (Permit, error) {
-	rule := st.rule
-	if err := ctx.Err(); err != nil {
-		s.mu.Unlock()
-		return Permit{}, err
-	}
-	deadline := now.Add(rule.Wait)
-	if st.hold.After(deadline) {
-		left := st.hold.Sub(now)
-		s.mu.Unlock()
-		return Permit{}, reject(host, rule, left, "%s asked to slow down (Retry-After)", host)
-	}
-	if st.n >= s.maxLine {
-		delay := st.least(now, st.n+1)
-		s.mu.Unlock()
-		return Permit{}, reject(host, rule, delay, "too many requests waiting for %s", host)
-	}
-	if delay := st.least(now, st.n+1); delay > rule.Wait {
-		s.mu.Unlock()
-		return Permit{}, reject(host, rule, delay, rateReason, host, rule.Wait)
-	}
-	w := &waiter{host: host, deadline: deadline, wake: make(chan struct{}, 1)}
-	st.push(w)
-	st.active++
-	s.mu.Unlock()
-
-	if err := s.waitShared(ctx, st, w); err != nil {
-		s.mu.Lock()
-		st.active--
-		s.mu.Unlock()
-		return Permit{}, err
-	}
-	return s.slot(ctx, st, host, now, deadline)
-}
-
 // waitShared waits until w is let through or rejected, or ctx is done. The
 // head of the line asks for a token once any hold is over and the time the
 // last refusal named has come; the others wait for their turn until their

@@ -98,15 +98,7 @@ func newSharedHarness(t *testing.T, rules ...string) *sharedHarness {
 
 // instance is another egressd's shaper on the same store and clock.
 func (sh *sharedHarness) instance(t *testing.T, rules ...string) *Shaper {
-	cfg := Config{Clock: sh.clock, Shared: sh.shared}
-	for _, s := range rules {
-		r, err := ParseRule(s)
-		require.NoError(t, err)
-		cfg.Rules = append(cfg.Rules, r)
-	}
-	s, err := New(cfg)
-	require.NoError(t, err)
-	return s
+	return newShaperWith(t, Config{Clock: sh.clock, Shared: sh.shared}, rules...)
 }
 
 // logLines counts the lines of the Shared's log that contain msg.
