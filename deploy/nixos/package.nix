@@ -16,7 +16,7 @@ buildGoModule {
   # The NAR hash of `go mod vendor` of the module (deploy/nix_test.go
   # recomputes it from go.mod and go.sum and says the new value when they
   # change).
-  vendorHash = "sha256-uhsdArzPIafDmWBbJzXEsJOlRlIozBFhKOw4bLD3eqs=";
+  vendorHash = "sha256-ZmMuGwL8OK+En1pDTVZvPLwNlpzXBFZFFmQ2TiYZVN4=";
 
   subPackages = [
     "cmd/egressd"
