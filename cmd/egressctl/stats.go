@@ -39,7 +39,9 @@ and warm. The budget line gives the new addresses a second allowed now
 (-neigh-window), and the connections from a new address that got no answer
 and were made again from a warm one: retries, and overflows when the retry
 worked (the router's neighbour table is full; the rate is lowered for a
-while).
+while). With -limit-store, a last line says whether the store answers and
+the budgets are shared, or this egressd enforces every rule alone, and
+counts the decisions made each way.
 
 Flags:
   -json             print the JSON document egressd sends
@@ -159,7 +161,25 @@ func writeStats(w io.Writer, s *stats.Stats) error {
 		return err
 	}
 	_, err := fmt.Fprintf(w, "\nbudget: %s\n", budgetLine(&a))
+	if l := s.LimitStore; l != nil && err == nil {
+		_, err = fmt.Fprintf(w, "limit store: %s\n", limitStoreLine(s, l))
+	}
 	return err
+}
+
+// limitStoreLine says whether the -limit budgets are shared through the
+// store now, since when, and how its decisions went.
+func limitStoreLine(s *stats.Stats, l *stats.LimitStore) string {
+	state := "answers: -limit budgets shared"
+	if !l.Shared {
+		state = "does not answer: this egressd enforces every rule alone"
+		if l.LastError != "" {
+			state += " (" + l.LastError + ")"
+		}
+	}
+	since := humanDuration(s.Started.Add(time.Duration(s.UptimeSeconds * float64(time.Second))).Sub(l.Since).Seconds())
+	return fmt.Sprintf("%s %s for %s; %d decisions by the store, %d in-process, %d fallbacks, %d errors",
+		l.Store, state, since, l.Decisions, l.LocalDecisions, l.Fallbacks, l.Errors)
 }
 
 // budgetLine says what the neighbour budget in force is, and how often a

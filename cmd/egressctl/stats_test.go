@@ -99,6 +99,23 @@ func TestStatsTableEmpty(t *testing.T) {
 	assert.Contains(t, out.String(), "\nbudget: none (routed mode): every connection leaves from a never-used address\n")
 }
 
+func TestLimitStoreLine(t *testing.T) {
+	started := time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)
+	s := &stats.Stats{Started: started, UptimeSeconds: 3600, LimitStore: &stats.LimitStore{
+		Store: "redis://:xxxxx@store.example:6379/0", Shared: true, Since: started.Add(30 * time.Minute),
+		Decisions: 5000, LocalDecisions: 40, Errors: 3, Fallbacks: 1, LastError: "connection refused"}}
+	var out bytes.Buffer
+	require.NoError(t, writeStats(&out, s))
+	assert.Contains(t, out.String(), "\nlimit store: redis://:xxxxx@store.example:6379/0 answers: -limit budgets shared for 30m00s; "+
+		"5000 decisions by the store, 40 in-process, 1 fallbacks, 3 errors\n")
+	s.LimitStore.Shared = false
+	assert.Equal(t, "redis://:xxxxx@store.example:6379/0 does not answer: this egressd enforces every rule alone (connection refused) for 30m00s; "+
+		"5000 decisions by the store, 40 in-process, 1 fallbacks, 3 errors", limitStoreLine(s, s.LimitStore))
+	out.Reset()
+	require.NoError(t, writeStats(&out, &stats.Stats{}))
+	assert.NotContains(t, out.String(), "limit store")
+}
+
 func TestBudgetLine(t *testing.T) {
 	a := stats.AddressStats{Budget: &stats.Budget{Rate: 5, MaxRate: 5, Burst: 96, Cap: 396, WindowSeconds: 60}}
 	assert.Equal(t, "5 new addresses/s, burst 96, at most 396 distinct within 1m00s; 0 retries from a warm address, 0 overflows", budgetLine(&a))

@@ -8,6 +8,7 @@ import (
 	"github.com/egressd/egressd/internal/admin"
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy"
+	"github.com/egressd/egressd/proxy/shape"
 	"github.com/egressd/egressd/proxy/stats"
 	"github.com/egressd/egressd/proxy/stats/promstats"
 )
@@ -18,6 +19,7 @@ type statsSource struct {
 	srv        *proxy.Server
 	pool       *netutil.Pool
 	addLatency *stats.Histogram
+	shared     *shape.Shared // -limit-store; nil without
 }
 
 // adminHandler is the admin API over s; reload serves POST /reload.
@@ -57,8 +59,20 @@ func (s *statsSource) Stats() *stats.Stats {
 			AddLatency:          h.Quantiles(),
 			AddLatencyHistogram: h,
 		},
-		Clients: s.srv.ClientStats(),
+		Clients:    s.srv.ClientStats(),
+		LimitStore: limitStoreStats(s.shared),
 	}
+}
+
+// limitStoreStats is the state of -limit-store as /stats has it; nil
+// without one.
+func limitStoreStats(sh *shape.Shared) *stats.LimitStore {
+	if sh == nil {
+		return nil
+	}
+	st := sh.Stats()
+	return &stats.LimitStore{Store: st.Store, Shared: st.Shared, Since: st.Since, Decisions: st.Decisions,
+		LocalDecisions: st.LocalDecisions, Errors: st.Errors, Fallbacks: st.Fallbacks, LastError: st.LastError}
 }
 
 // budgetStats is the pool's budget in force as /stats has it; nil without

@@ -20,6 +20,7 @@ import (
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy"
 	"github.com/egressd/egressd/proxy/shape"
+	"github.com/egressd/egressd/proxy/shape/redisstore"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -70,6 +71,10 @@ type Config struct {
 	IPv4 netutil.IPv4Policy
 	// Limits are the -limit rules that pace requests per upstream.
 	Limits []shape.Rule
+	// LimitStore is the URL of a Redis that keeps the rates of Limits
+	// shared by every egressd naming it; empty keeps them per process. It
+	// may hold a password: never print it, only redisstore.Redact of it.
+	LimitStore string
 	// Allow lists the networks proxy clients may connect from; empty means
 	// loopback only (proxy.DefaultAllow), or every address when AuthFile is
 	// set (see allowed).
@@ -158,6 +163,7 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs.Var(durationValue(&cfg.SessionIdle), "session-idle", "`DURATION` after which an unused session (-rotate session) gives its address back")
 	fs.Var(choiceValue((*string)(&cfg.IPv4), string(netutil.IPv4Direct), string(netutil.IPv4Deny)), "ipv4", "`POLICY` for an upstream with no IPv6 address: direct connects from the host's own IPv4 address, deny answers 502")
 	fs.Var(&listValue[shape.Rule]{p: &cfg.Limits, parse: shape.ParseRule}, "limit", "`HOST=RATE[,burst=N][,concurrency=N][,wait=DURATION]` paces requests to upstream HOST (exact, *.suffix or *); RATE is Nr/s, Nr/m or Nr/h; repeatable")
+	fs.Var(storeValue(&cfg.LimitStore), "limit-store", "`URL` of a Redis that keeps the -limit budgets shared by every egressd naming it: "+redisstore.Syntax+"; concurrency stays per egressd (default: none, each egressd keeps its own)")
 	fs.Var(&listValue[netip.Prefix]{p: &cfg.Allow, parse: parseAllow}, "allow", "`CIDR` of clients that may use the proxy (HTTP and SOCKS5); repeatable (default: loopback only, 127.0.0.0/8 and ::1/128; with -auth-file, any address)")
 	fs.StringVar(&cfg.AuthFile, "auth-file", cfg.AuthFile, "htpasswd `FILE` of bcrypt hashes (htpasswd -B): clients must authenticate as one of its users")
 	fs.Var(&listValue[netip.Prefix]{p: &cfg.AllowDest, parse: parseAllow}, "allow-dest", "`CIDR` of destinations to admit although they are private or special-purpose (10.0.0.0/8, fc00::/7, ...); the host itself, loopback and link-local stay refused; repeatable")
@@ -321,6 +327,11 @@ func (c *Config) Validate() error {
 	}
 	if _, err := shape.New(shape.Config{Rules: c.Limits}); err != nil {
 		return fmt.Errorf("limit: %w", err)
+	}
+	if c.LimitStore != "" {
+		if _, err := redisstore.ParseURL(c.LimitStore); err != nil {
+			return fmt.Errorf("limit-store: %w", err)
+		}
 	}
 	if len(c.Allow) == 0 && c.AuthFile == "" {
 		// Off loopback with the default allow list, only local clients
@@ -600,6 +611,18 @@ func optHostPortValue(p *string) scalarValue[string] {
 			return s, nil
 		}
 		return parseHostPort(s)
+	}}
+}
+
+// storeValue is -limit-store. It takes any text, for Validate to check, so
+// that no error quotes the URL (the flag package's would), which may hold a
+// password; it prints the URL without the password.
+func storeValue(p *string) scalarValue[string] {
+	return scalarValue[string]{p: p, parse: func(s string) (string, error) { return s, nil }, format: func(s string) string {
+		if s == "" {
+			return ""
+		}
+		return redisstore.Redact(s)
 	}}
 }
 

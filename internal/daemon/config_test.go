@@ -352,7 +352,7 @@ func TestEmptyConfigFile(t *testing.T) {
 func TestUsageListsEveryFlag(t *testing.T) {
 	var names []string
 	flagSet(&Config{}).VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
-	assert.Equal(t, strings.Fields("admin allow allow-dest auth-file client-timeout config connect-ports dial-timeout grace http-ports interface ipv4 limit listen log-level max-addrs max-addrs-per-client max-conns max-conns-per-client mode neigh-window new-addrs pin prefix ready rotate session-idle socks5 tunnel-idle"), names)
+	assert.Equal(t, strings.Fields("admin allow allow-dest auth-file client-timeout config connect-ports dial-timeout grace http-ports interface ipv4 limit limit-store listen log-level max-addrs max-addrs-per-client max-conns max-conns-per-client mode neigh-window new-addrs pin prefix ready rotate session-idle socks5 tunnel-idle"), names)
 }
 
 // TestLoadConfigDest: the destination settings from flags and the file,
@@ -474,6 +474,45 @@ func TestLoadConfigLimits(t *testing.T) {
 			require.NoError(t, err)
 			assert.Equal(t, tt.want, cfg.limits())
 			assert.Equal(t, tt.timeout, cfg.ClientTimeout)
+		})
+	}
+}
+
+// TestLoadConfigLimitStore: -limit-store from a flag or the file; a bad URL
+// is a one-line error naming the flag and never the password, and the
+// flag prints the URL without it.
+func TestLoadConfigLimitStore(t *testing.T) {
+	const secret = "s3cret-Pa55"
+	for _, tt := range []struct {
+		name string
+		args []string
+		file string
+		want string // the URL as the flag prints it
+		err  string
+	}{
+		{name: "default"},
+		{name: "flag", args: []string{"-limit-store", "redis://:" + secret + "@10.0.0.5:6379/2"}, want: "redis://:xxxxx@10.0.0.5:6379/2"},
+		{name: "file", file: "limit-store: rediss://egressd:" + secret + "@[2001:db8::5]/0\n", want: "rediss://egressd:xxxxx@[2001:db8::5]/0"},
+		{name: "flag over file", args: []string{"-limit-store", "redis://store.test"}, file: "limit-store: redis://other.test\n", want: "redis://store.test"},
+		{name: "empty turns it off", args: []string{"-limit-store", ""}, file: "limit-store: redis://other.test\n"},
+		{name: "scheme", args: []string{"-limit-store", "http://:" + secret + "@store.test"}, err: `limit-store: scheme "http": want redis://`},
+		{name: "port", args: []string{"-limit-store", "redis://:" + secret + "@store.test:0"}, err: `limit-store: port "0"`},
+		{name: "database", args: []string{"-limit-store", "redis://:" + secret + "@store.test/db1"}, err: `limit-store: database "db1"`},
+		{name: "bad escape", args: []string{"-limit-store", "redis://:" + secret + "%zz@store.test"}, err: "limit-store: not a URL (a bad %-escape)"},
+		{name: "file bad", file: "limit-store: \"redis://:" + secret + "@store.test?x=1\"\n", err: "limit-store: no query or fragment allowed"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := LoadConfig(withFile(t, tt.args, tt.file))
+			if tt.err != "" {
+				require.Error(t, err)
+				assert.Contains(t, err.Error(), tt.err)
+				assert.NotContains(t, err.Error(), secret)
+				assert.NotContains(t, err.Error(), "\n")
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, tt.want, flagSet(&cfg).Lookup("limit-store").Value.String())
+			assert.Equal(t, tt.want == "", cfg.LimitStore == "")
 		})
 	}
 }

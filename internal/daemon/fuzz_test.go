@@ -90,6 +90,7 @@ func configFile(t *testing.T, cfg Config) []byte {
 		"session-idle":   cfg.SessionIdle.String(),
 		"ipv4":           string(cfg.IPv4),
 		"limit":          strs(len(cfg.Limits), func(i int) string { return cfg.Limits[i].String() }),
+		"limit-store":    cfg.LimitStore,
 		"allow":          strs(len(cfg.Allow), func(i int) string { return cfg.Allow[i].String() }),
 		"auth-file":      cfg.AuthFile,
 		"admin":          cfg.Admin,

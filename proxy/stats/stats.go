@@ -23,6 +23,26 @@ type Stats struct {
 	Upstreams     []UpstreamStats `json:"upstreams"`
 	Addresses     AddressStats    `json:"addresses"`
 	Clients       ClientStats     `json:"clients"`
+	// LimitStore is the store of shared budgets (-limit-store); nil
+	// without one.
+	LimitStore *LimitStore `json:"limit_store,omitempty"`
+}
+
+// LimitStore describes the store that -limit budgets are shared through.
+type LimitStore struct {
+	Store string `json:"store"` // the URL, its password replaced by xxxxx
+	// Shared is whether decisions go to the store now; false while it does
+	// not answer and this egressd enforces every rule alone.
+	Shared bool      `json:"shared"`
+	Since  time.Time `json:"since"` // when Shared last changed, or the start
+	// Decisions counts answers of the store; LocalDecisions decisions made
+	// in-process because it did not answer; Errors store calls that failed
+	// or timed out; Fallbacks the times decisions went in-process.
+	Decisions      uint64 `json:"decisions"`
+	LocalDecisions uint64 `json:"local_decisions"`
+	Errors         uint64 `json:"errors"`
+	Fallbacks      uint64 `json:"fallbacks"`
+	LastError      string `json:"last_error,omitempty"`
 }
 
 // Counters are what egressd counts per upstream (see Upstream for what each

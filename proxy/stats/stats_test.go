@@ -68,6 +68,8 @@ func sampleStats(t testing.TB) *Stats {
 			AddLatencyHistogram: addSnap,
 		},
 		Clients: clients.Snapshot(),
+		LimitStore: &LimitStore{Store: "redis://:xxxxx@store.example:6379/0", Shared: false, Since: started.Add(time.Hour),
+			Decisions: 5000, LocalDecisions: 40, Errors: 3, Fallbacks: 1, LastError: "connection refused"},
 	}
 }
 

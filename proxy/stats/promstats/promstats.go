@@ -149,6 +149,16 @@ func budgetFamily(name, help string, value func(*stats.Budget) float64) family {
 	})
 }
 
+// storeFamily has one sample without labels, or none without a limit
+// store.
+func storeFamily(name, typ, help string, value func(*stats.LimitStore) float64) family {
+	return newFamily(name, typ, help, nil, func(f *family, ch chan<- prometheus.Metric, s *stats.Stats) {
+		if l := s.LimitStore; l != nil {
+			f.sample(ch, value(l))
+		}
+	})
+}
+
 var families = []family{
 	upstreamFamily("egress_upstream_requests_total", "counter",
 		"Requests and CONNECT tunnels to the upstream host that reached the shaper.",
@@ -263,10 +273,33 @@ var families = []family{
 		"Failed accepts of client connections, such as file descriptors running out.",
 		func(s *stats.Stats) float64 { return float64(s.Clients.AcceptErrors) }),
 
+	storeFamily("egress_limit_store_up", "gauge",
+		"1 while the limit store (-limit-store) answers and -limit budgets are shared, 0 while each egressd enforces every rule alone.",
+		func(l *stats.LimitStore) float64 { return boolValue(l.Shared) }),
+	storeFamily("egress_limit_store_decisions_total", "counter",
+		"Shaping decisions the limit store answered.",
+		func(l *stats.LimitStore) float64 { return float64(l.Decisions) }),
+	storeFamily("egress_limit_store_local_decisions_total", "counter",
+		"Shaping decisions made in-process because the limit store did not answer.",
+		func(l *stats.LimitStore) float64 { return float64(l.LocalDecisions) }),
+	storeFamily("egress_limit_store_errors_total", "counter",
+		"Calls to the limit store that failed or timed out.",
+		func(l *stats.LimitStore) float64 { return float64(l.Errors) }),
+	storeFamily("egress_limit_store_fallbacks_total", "counter",
+		"Times the limit store stopped answering and decisions went in-process.",
+		func(l *stats.LimitStore) float64 { return float64(l.Fallbacks) }),
+
 	plainFamily("egress_uptime_seconds", "gauge",
 		"Time since egressd started.",
 		func(s *stats.Stats) float64 { return s.UptimeSeconds }),
 	plainFamily("egress_start_time_seconds", "gauge",
 		"Start time of egressd since the Unix epoch.",
 		func(s *stats.Stats) float64 { return float64(s.Started.UnixNano()) / 1e9 }),
+}
+
+func boolValue(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
