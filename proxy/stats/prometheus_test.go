@@ -185,6 +185,21 @@ func TestExpositionValues(t *testing.T) {
 	assert.Equal(t, uint64(1), ah.GetBucket()[2].GetCumulativeCount()) // (200µs, 400µs]
 	assert.Equal(t, uint64(2), ah.GetBucket()[3].GetCumulativeCount()) // (400µs, 800µs]
 
+	subnets := map[string][2]float64{}
+	for _, m := range mfs["egress_subnet_connections_total"].GetMetric() {
+		require.Len(t, m.GetLabel(), 1)
+		require.Equal(t, "subnet", m.GetLabel()[0].GetName())
+		subnets[m.GetLabel()[0].GetValue()] = [2]float64{m.GetCounter().GetValue(), -1}
+	}
+	for _, m := range mfs["egress_subnet_open_connections"].GetMetric() {
+		v := subnets[m.GetLabel()[0].GetValue()]
+		v[1] = m.GetGauge().GetValue()
+		subnets[m.GetLabel()[0].GetValue()] = v
+	}
+	assert.Equal(t, map[string][2]float64{
+		"3fff:0:0:100::/64": {300, 2}, "3fff:0:0:101::/64": {299, 1}, stats.OtherSubnet: {401, 0},
+	}, subnets, "connections made and open, per /64")
+
 	assert.Equal(t, 7.0, plain("egress_client_connections").GetGauge().GetValue())
 	assert.Equal(t, 3.0, plain("egress_client_accept_errors_total").GetCounter().GetValue())
 	refused := map[string]float64{}
