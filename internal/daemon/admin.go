@@ -58,6 +58,7 @@ func (s *statsSource) Stats() *stats.Stats {
 			Lost:                ps.Lost,
 			AddLatency:          h.Quantiles(),
 			AddLatencyHistogram: h,
+			Subnets:             subnetStats(ps.Subnets, ps.OtherSubnets),
 		},
 		Clients:    s.srv.ClientStats(),
 		LimitStore: limitStoreStats(s.shared),
@@ -82,6 +83,19 @@ func budgetStats(b *netutil.BudgetStats) *stats.Budget {
 		return nil
 	}
 	return &stats.Budget{Rate: b.Rate, MaxRate: b.MaxRate, Burst: b.Burst, Cap: b.Cap, WindowSeconds: b.Window.Seconds()}
+}
+
+// subnetStats is the pool's count of connections per /64 as /stats has
+// it: the others last, once they count any.
+func subnetStats(list []netutil.SubnetStats, others netutil.SubnetStats) []stats.Subnet {
+	out := make([]stats.Subnet, 0, len(list)+1)
+	for _, s := range list {
+		out = append(out, stats.Subnet{Subnet: s.Subnet.String(), Conns: s.Conns, Open: s.Open})
+	}
+	if others.Conns > 0 || others.Open > 0 {
+		out = append(out, stats.Subnet{Subnet: stats.OtherSubnet, Conns: others.Conns, Open: others.Open})
+	}
+	return out
 }
 
 func (s *statsSource) Addrs() []stats.Addr {

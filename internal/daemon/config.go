@@ -39,9 +39,10 @@ type Config struct {
 	// Interface is where egress addresses are added; empty means the
 	// interface of the IPv6 default route.
 	Interface string
-	// Prefix is where egress addresses are drawn from; the zero value means
-	// the /64 of the first global address on Interface.
-	Prefix netip.Prefix
+	// Prefixes are where egress addresses are drawn from, spread evenly
+	// over their /64s (a /56 is its 256 /64s); none means the /64 of the
+	// first global address on Interface. They must not overlap.
+	Prefixes []netip.Prefix
 	// Pin lists addresses never used for egress, never removed.
 	Pin []netip.Addr
 	// MaxAddrs bounds the live egress addresses; 0 means
@@ -150,7 +151,7 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs.Var(optHostPortValue(&cfg.SOCKS5), "socks5", "`ADDR` (host:port) to accept SOCKS5 clients on; empty turns SOCKS5 off")
 	fs.Var(choiceValue(&cfg.Mode, modeOnLink, modeRouted), "mode", "`MODE`: onlink adds every egress address to the interface; routed needs the prefix routed to the host")
 	fs.StringVar(&cfg.Interface, "interface", cfg.Interface, "`NAME` of the interface to add egress addresses to (default: the interface of the IPv6 default route)")
-	fs.Var(prefixValue(&cfg.Prefix), "prefix", "`CIDR` to draw egress addresses from (default: the /64 of the interface's first global address)")
+	fs.Var(&listValue[netip.Prefix]{p: &cfg.Prefixes, parse: parsePrefix}, "prefix", "`CIDR` to draw egress addresses from, spread evenly over its /64s; repeatable (default: the /64 of the interface's first global address)")
 	fs.Var(&listValue[netip.Addr]{p: &cfg.Pin, parse: netip.ParseAddr}, "pin", "`ADDR` never to use for egress nor remove; repeatable")
 	fs.Var(intValue(&cfg.MaxAddrs, 1), "max-addrs", "`N`: most egress addresses live at once (default: 1024 on-link, none in routed mode)")
 	fs.Var(newAddrsValue(&cfg.NewAddrs), "new-addrs", "`RATE[,burst=N]`: never-used egress addresses handed out, on-link; RATE is Nr/s, Nr/m or Nr/h, burst defaults to 96; past it connections reuse warm addresses (the router keeps a neighbour entry per address)")
@@ -324,6 +325,13 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("ipv4 %q: must be direct or deny", c.IPv4)
 	case c.Admin != "" && !admin.IsUnix(c.Admin) && !isLoopback(c.Admin):
 		return fmt.Errorf("admin %s is not a loopback address: the admin API has no authentication, so it listens on a unix socket (a path) or a loopback host:port only", c.Admin)
+	}
+	for i, p := range c.Prefixes {
+		for _, q := range c.Prefixes[:i] {
+			if p.Overlaps(q) {
+				return fmt.Errorf("prefix %s overlaps prefix %s: give each range of addresses once", p, q)
+			}
+		}
 	}
 	if _, err := shape.New(shape.Config{Rules: c.Limits}); err != nil {
 		return fmt.Errorf("limit: %w", err)
@@ -637,15 +645,6 @@ func choiceValue(p *string, choices ...string) scalarValue[string] {
 }
 
 func same(s string) string { return s }
-
-func prefixValue(p *netip.Prefix) scalarValue[netip.Prefix] {
-	return scalarValue[netip.Prefix]{p: p, parse: parsePrefix, format: func(p netip.Prefix) string {
-		if !p.IsValid() {
-			return ""
-		}
-		return p.String()
-	}}
-}
 
 func parsePrefix(s string) (netip.Prefix, error) {
 	p, err := netip.ParsePrefix(s)

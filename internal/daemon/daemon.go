@@ -77,7 +77,7 @@ func Run(ctx context.Context, cfg Config) error {
 	defer notify.Close()
 
 	var (
-		lock      *instanceLock
+		lock      instanceLocks
 		listeners []net.Listener // the -listen ones, then -socks5's
 		adminLn   net.Listener
 	)
@@ -99,7 +99,7 @@ func Run(ctx context.Context, cfg Config) error {
 	addLatency := new(stats.Histogram)
 	eg, err := kernel.Setup(kernel.Config{
 		Interface:   cfg.Interface,
-		Prefix:      cfg.Prefix,
+		Prefixes:    cfg.Prefixes,
 		Routed:      cfg.Mode == modeRouted,
 		Pin:         cfg.Pin,
 		MaxAddrs:    cfg.maxAddrs(),
@@ -111,12 +111,12 @@ func Run(ctx context.Context, cfg Config) error {
 		Logger:      log,
 		ObserveAdd:  addLatency.Observe,
 		// Before egressd changes the system, make sure that no other
-		// egressd serves this prefix, or one overlapping it: that one's
-		// addresses would look like leftovers, and its local route like
-		// ours. Then every listener, so that a port in use ends the start
-		// with nothing changed.
-		Claim: func(ifname string, prefix netip.Prefix) (err error) {
-			if lock, err = acquireLock(runtimeDir(), ifname, prefix); err != nil {
+		// egressd serves one of these prefixes, or one overlapping it: that
+		// one's addresses would look like leftovers, and its local route
+		// like ours. Then every listener, so that a port in use ends the
+		// start with nothing changed.
+		Claim: func(ifname string, prefixes []netip.Prefix) (err error) {
+			if lock, err = acquireLocks(runtimeDir(), ifname, prefixes); err != nil {
 				return err
 			}
 			if listeners, err = listen(cfg); err != nil {
@@ -127,7 +127,7 @@ func Run(ctx context.Context, cfg Config) error {
 			}
 			return err
 		},
-		Shared: func() error { return lock.Overlapping() },
+		Shared: func(prefix netip.Prefix) error { return lock.Overlapping(prefix) },
 	})
 	if err != nil {
 		return err
@@ -179,7 +179,7 @@ func Run(ctx context.Context, cfg Config) error {
 	// Warnings once it runs: a start that fails says only why.
 	warnWeakHashes(log, cfg.AuthFile, lv.access.Users)
 	checkFileLimit(log, cfg.MaxConns)
-	log.Info("egressd ready", "mode", cfg.Mode, "interface", eg.Interface, "prefix", eg.Prefix, "max_addrs", maxAddrsAttr(cfg.maxAddrs()),
+	log.Info("egressd ready", "mode", cfg.Mode, "interface", eg.Interface, "prefix", allowList(eg.Prefixes), "max_addrs", maxAddrsAttr(cfg.maxAddrs()),
 		"new_addrs", budgetAttr(cfg.budget()), "rotate", cfg.Rotate, "allow", allowList(cfg.allowed()), "auth", cfg.AuthFile != "",
 		"limit_store", storeAttr(shared))
 	if err := notify.send("READY=1", "STATUS=serving"); err != nil {
@@ -303,7 +303,7 @@ func budgetAttr(b netutil.Budget) string {
 	return fmt.Sprintf("%gr/s,burst=%d within %s (at most %d distinct)", b.Rate, b.Burst, b.Window, b.Cap())
 }
 
-// allowList is an allow list as the startup line shows it.
+// allowList is an allow list, or the prefixes, as the startup line shows it.
 func allowList(allow []netip.Prefix) string {
 	parts := make([]string, len(allow))
 	for i, p := range allow {

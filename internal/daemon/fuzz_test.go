@@ -111,8 +111,8 @@ func configFile(t *testing.T, cfg Config) []byte {
 			keys[k] = v
 		}
 	}
-	if cfg.Prefix.IsValid() {
-		keys["prefix"] = cfg.Prefix.String()
+	if len(cfg.Prefixes) > 0 {
+		keys["prefix"] = strs(len(cfg.Prefixes), func(i int) string { return cfg.Prefixes[i].String() })
 	}
 	flagSet(new(Config)).VisitAll(func(f *flag.Flag) {
 		if _, ok := derived[f.Name]; ok {

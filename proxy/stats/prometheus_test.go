@@ -190,6 +190,20 @@ func TestExpositionValues(t *testing.T) {
 	assert.Equal(t, 40.0, plain("egress_limit_store_local_decisions_total").GetCounter().GetValue())
 	assert.Equal(t, 3.0, plain("egress_limit_store_errors_total").GetCounter().GetValue())
 	assert.Equal(t, 1.0, plain("egress_limit_store_fallbacks_total").GetCounter().GetValue())
+	subnets := map[string][2]float64{}
+	for _, m := range mfs["egress_subnet_connections_total"].GetMetric() {
+		require.Len(t, m.GetLabel(), 1)
+		require.Equal(t, "subnet", m.GetLabel()[0].GetName())
+		subnets[m.GetLabel()[0].GetValue()] = [2]float64{m.GetCounter().GetValue(), -1}
+	}
+	for _, m := range mfs["egress_subnet_open_connections"].GetMetric() {
+		v := subnets[m.GetLabel()[0].GetValue()]
+		v[1] = m.GetGauge().GetValue()
+		subnets[m.GetLabel()[0].GetValue()] = v
+	}
+	assert.Equal(t, map[string][2]float64{
+		"3fff:0:0:100::/64": {300, 2}, "3fff:0:0:101::/64": {299, 1}, stats.OtherSubnet: {401, 0},
+	}, subnets, "connections made and open, per /64")
 
 	assert.Equal(t, 7.0, plain("egress_client_connections").GetGauge().GetValue())
 	assert.Equal(t, 3.0, plain("egress_client_accept_errors_total").GetCounter().GetValue())

@@ -126,6 +126,26 @@ type AddressStats struct {
 	// AddLatencyHistogram feeds the Prometheus histogram; it is not part of
 	// the JSON.
 	AddLatencyHistogram HistogramSnapshot `json:"-"`
+
+	// Subnets counts upstream connections per /64 of the egress prefixes,
+	// in address order: at most 256 /64s, those with connections open and
+	// then those used last; the connections of the others are counted
+	// together in a last entry named OtherSubnet, present once it counts
+	// any.
+	Subnets []Subnet `json:"subnets,omitempty"`
+}
+
+// OtherSubnet is the name of the entry that counts the connections of the
+// /64s past the bound of AddressStats.Subnets.
+const OtherSubnet = "(other)"
+
+// Subnet is the count of upstream connections from one /64.
+type Subnet struct {
+	Subnet string `json:"subnet"` // 2001:db8:1:2::/64, or OtherSubnet
+	// Conns counts the connections made from the /64 since egressd began
+	// to count it apart; Open those open now.
+	Conns uint64 `json:"conns"`
+	Open  int    `json:"open"`
 }
 
 // Budget is the neighbour budget in force: how many never-used addresses

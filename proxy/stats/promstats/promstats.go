@@ -159,6 +159,17 @@ func storeFamily(name, typ, help string, value func(*stats.LimitStore) float64) 
 	})
 }
 
+// subnetFamily has one sample per /64 of AddressStats.Subnets: a bounded
+// set, never one per address.
+func subnetFamily(name, typ, help string, value func(*stats.Subnet) float64) family {
+	return newFamily(name, typ, help, []string{"subnet"}, func(f *family, ch chan<- prometheus.Metric, s *stats.Stats) {
+		for i := range s.Addresses.Subnets {
+			sn := &s.Addresses.Subnets[i]
+			f.sample(ch, value(sn), sn.Subnet)
+		}
+	})
+}
+
 var families = []family{
 	upstreamFamily("egress_upstream_requests_total", "counter",
 		"Requests and CONNECT tunnels to the upstream host that reached the shaper.",
@@ -258,6 +269,13 @@ var families = []family{
 		nil, func(f *family, ch chan<- prometheus.Metric, s *stats.Stats) {
 			f.histogram(ch, &s.Addresses.AddLatencyHistogram)
 		}),
+
+	subnetFamily("egress_subnet_connections_total", "counter",
+		"Upstream connections made from the /64 of the egress prefixes, since egressd began to count it apart: at most 256 /64s, those with connections open and then those used last; the others are counted together as subnet=\"(other)\".",
+		func(s *stats.Subnet) float64 { return float64(s.Conns) }),
+	subnetFamily("egress_subnet_open_connections", "gauge",
+		"Upstream connections open from the /64 of the egress prefixes (the same /64s as egress_subnet_connections_total).",
+		func(s *stats.Subnet) float64 { return float64(s.Open) }),
 
 	plainFamily("egress_client_connections", "gauge",
 		"Client connections open, HTTP and SOCKS5.",
