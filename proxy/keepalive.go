@@ -18,7 +18,8 @@ import (
 // address, so that its upstream connections carry that one address and
 // serve no other client connection. net/http serves a connection's requests
 // one after the other, so the transport keeps at most one upstream
-// connection idle per upstream host, and a few in all. When the client
+// connection idle per upstream host, and two in all: an idle client
+// connection costs at most three descriptors. When the client
 // connection closes, or is hijacked for a tunnel that then ends, the held
 // address ends (heldAddr.end): the transport's idle connections are closed
 // at once, those still carrying a response close when it ends, and the
@@ -35,7 +36,7 @@ import (
 // (RotateConnection).
 const (
 	connIdlePerHost = 1
-	connIdleMax     = 4
+	connIdleMax     = 2
 )
 
 // connTransport returns the keep-alive transport of the client connection x
