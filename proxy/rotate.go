@@ -2,11 +2,9 @@ package proxy
 
 import (
 	"context"
-	"crypto/tls"
 	"fmt"
 	"net"
 	"net/http"
-	"net/http/httptrace"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -56,6 +54,7 @@ type heldAddr struct {
 	dial    DialFunc
 	release func()
 	ended   bool
+	tr      *http.Transport // RotateConnection: the connection's keep-alive transport, once it forwarded plain HTTP (keepalive.go)
 
 	hijacked atomic.Bool // RotateConnection: the client connection was hijacked
 }
@@ -82,13 +81,20 @@ func (h *heldAddr) dialer(ctx context.Context, hold HoldFunc) (DialFunc, error) 
 	return h.dial, nil
 }
 
-// end gives the address back, if it was ever leased. Later dials fail.
+// end closes the idle upstream connections of its transport, if it has
+// one, and gives the address back, if it was ever leased. Later dials fail.
 func (h *heldAddr) end() {
 	h.mu.Lock()
 	h.ended = true
 	release := h.release
 	h.release = nil
+	tr := h.tr
 	h.mu.Unlock()
+	if tr != nil {
+		// Connections still in use close when their response body does:
+		// the transport keeps no connection idle after this.
+		tr.CloseIdleConnections()
+	}
 	if release != nil {
 		release()
 		h.owner.releaseAddr()
@@ -362,24 +368,12 @@ func (s *Server) newSessionTransport(sess *session) *http.Transport {
 	tr.DisableKeepAlives = false
 	tr.IdleConnTimeout = s.cfg.SessionIdle
 	tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		return s.dialHeld(ctx, &sess.held, network, addr)
+		return s.dialKept(ctx, &sess.held, network, addr)
 	}
 	return tr
 }
 
-// sessionRoundTrip sends req over its session's keep-alive transport, and
-// records the egress address of the connection it got, new or reused.
+// sessionRoundTrip sends req over its session's keep-alive transport.
 func (s *Server) sessionRoundTrip(sess *session, req *http.Request) (*http.Response, error) {
-	if x := requestFrom(req.Context()); x != nil {
-		trace := &x.fwd.trace // one round trip per request: no allocation
-		*trace = httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
-			c := info.Conn
-			if tc, ok := c.(*tls.Conn); ok { // an https:// URL
-				c = tc.NetConn()
-			}
-			x.dialedFrom(c)
-		}}
-		req = req.WithContext(httptrace.WithClientTrace(req.Context(), trace))
-	}
-	return sess.tr.RoundTrip(req)
+	return roundTripKept(sess.tr, req)
 }
