@@ -339,28 +339,38 @@ func (s *Shaper) wait(ctx context.Context, st *state, w *waiter) error {
 		}
 		s.mu.Unlock()
 
-		var fire <-chan time.Time
-		stop := func() bool { return false }
-		if !target.IsZero() {
-			fire, stop = s.clock.NewTimer(target.Sub(s.clock.Now()))
+		if err := s.sleep(ctx, target, w, func() { s.leave(st, w, s.clock.Now()) }); err != nil {
+			return err
 		}
-		s.blocked.Add(1)
-		select {
-		case <-ctx.Done():
-			s.blocked.Add(-1)
-			stop()
-			s.mu.Lock()
-			if !w.done {
-				s.leave(st, w, s.clock.Now())
-			}
-			s.mu.Unlock()
-			return ctx.Err()
-		case <-fire:
-		case <-w.wake:
-		}
+	}
+}
+
+// sleep waits for w's wake-up, or until target unless it is zero. When ctx
+// ends first it takes w out of its line with leave (under s.mu, unless w
+// is done by then) and returns ctx's error.
+func (s *Shaper) sleep(ctx context.Context, target time.Time, w *waiter, leave func()) error {
+	var fire <-chan time.Time
+	stop := func() bool { return false }
+	if !target.IsZero() {
+		fire, stop = s.clock.NewTimer(target.Sub(s.clock.Now()))
+	}
+	s.blocked.Add(1)
+	select {
+	case <-ctx.Done():
 		s.blocked.Add(-1)
 		stop()
+		s.mu.Lock()
+		if !w.done {
+			leave()
+		}
+		s.mu.Unlock()
+		return ctx.Err()
+	case <-fire:
+	case <-w.wake:
 	}
+	s.blocked.Add(-1)
+	stop()
+	return nil
 }
 
 // slot takes a concurrency slot for a request that has its rate turn, by

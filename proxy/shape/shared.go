@@ -263,23 +263,9 @@ func (s *Shaper) waitShared(ctx context.Context, st *state, w *waiter) error {
 			continue
 		}
 
-		fire, stop := s.clock.NewTimer(target.Sub(s.clock.Now()))
-		s.blocked.Add(1)
-		select {
-		case <-ctx.Done():
-			s.blocked.Add(-1)
-			stop()
-			s.mu.Lock()
-			if !w.done {
-				st.drop(w)
-			}
-			s.mu.Unlock()
-			return ctx.Err()
-		case <-fire:
-		case <-w.wake:
+		if err := s.sleep(ctx, target, w, func() { st.drop(w) }); err != nil {
+			return err
 		}
-		s.blocked.Add(-1)
-		stop()
 	}
 }
 
