@@ -23,6 +23,7 @@ type Stats struct {
 	Upstreams     []UpstreamStats `json:"upstreams"`
 	Addresses     AddressStats    `json:"addresses"`
 	Clients       ClientStats     `json:"clients"`
+	Sessions      SessionStats    `json:"sessions"`
 }
 
 // Counters are what egressd counts per upstream (see Upstream for what each

@@ -263,6 +263,17 @@ var families = []family{
 		"Failed accepts of client connections, such as file descriptors running out.",
 		func(s *stats.Stats) float64 { return float64(s.Clients.AcceptErrors) }),
 
+	plainFamily("egress_session_open", "gauge",
+		"Sessions open (-rotate session), each holding one egress address.",
+		func(s *stats.Stats) float64 { return float64(s.Sessions.Open) }),
+	newFamily("egress_session_rotations_total", "counter",
+		"Sessions that gave up their egress address for a new one, by reason: the X-Egress-Rotate header, a user name session-KEY-rotate, the admin API, an upstream status of -rotate-on.",
+		[]string{"reason"}, func(f *family, ch chan<- prometheus.Metric, s *stats.Stats) {
+			for _, r := range stats.RotateReasons {
+				f.sample(ch, float64(s.Sessions.Rotations[r]), r)
+			}
+		}),
+
 	plainFamily("egress_uptime_seconds", "gauge",
 		"Time since egressd started.",
 		func(s *stats.Stats) float64 { return s.UptimeSeconds }),
