@@ -1,7 +1,11 @@
 package daemon
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"net/http"
+	"net/netip"
 	"slices"
 	"time"
 
@@ -27,7 +31,21 @@ func (s *statsSource) adminHandler(reload func() (string, error)) http.Handler {
 		Addrs:   s.Addrs,
 		Metrics: promstats.Handler(s.Stats),
 		Reload:  reload,
+		Rotate:  s.Rotate,
 	})
+}
+
+// Rotate serves POST /sessions/KEY/rotate: the proxy's errors become the
+// admin API's.
+func (s *statsSource) Rotate(ctx context.Context, key string) (bool, netip.Addr, error) {
+	old, rotated, err := s.srv.RotateSession(ctx, key)
+	switch {
+	case errors.Is(err, proxy.ErrNoSession):
+		err = fmt.Errorf("%w: %w", admin.ErrNoSession, err)
+	case errors.Is(err, proxy.ErrNoSessions):
+		err = fmt.Errorf("%w: %w", admin.ErrNoSessions, err)
+	}
+	return rotated, old, err
 }
 
 func (s *statsSource) Stats() *stats.Stats {
@@ -57,7 +75,8 @@ func (s *statsSource) Stats() *stats.Stats {
 			AddLatency:          h.Quantiles(),
 			AddLatencyHistogram: h,
 		},
-		Clients: s.srv.ClientStats(),
+		Clients:  s.srv.ClientStats(),
+		Sessions: s.srv.SessionStats(),
 	}
 }
 
