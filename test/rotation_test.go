@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -151,24 +150,14 @@ func TestRotateOnStatus(t *testing.T) {
 	require.NoError(t, err)
 	defer tunnel.Close()
 	require.Equal(t, http.StatusOK, resp.StatusCode)
-	echoes := func(msg string) {
-		t.Helper()
-		require.NoError(t, tunnel.SetDeadline(time.Now().Add(nstest.Guard)))
-		_, err := io.WriteString(tunnel, msg)
-		require.NoError(t, err)
-		got := make([]byte, len(msg))
-		_, err = io.ReadFull(tunnel, got)
-		require.NoError(t, err)
-		assert.Equal(t, msg, string(got))
-	}
-	echoes("before the 429")
+	assertEchoes(t, tunnel, "before the 429")
 
 	assert.Equal(t, old, get("k", "403"), "403 is not in -rotate-on")
 	assert.Equal(t, old, get("k", "429"), "the 429 came to the old address")
 	next := get("k", "200")
 	assert.NotEqual(t, old, next, "after a 429, the next request of the session leaves from a new address")
 	assert.Equal(t, next, get("k", "200"))
-	echoes("after the 429: the tunnel keeps its address and moves bytes")
+	assertEchoes(t, tunnel, "after the 429: the tunnel keeps its address and moves bytes")
 
 	assert.Equal(t, "in-use", ctlAddrs(t, e)[old], "the open tunnel still holds the old address")
 	require.NoError(t, tunnel.Close())
