@@ -72,6 +72,7 @@ type Conn struct {
 	lease  *Lease // nil for a direct IPv4 connection
 	shared bool   // lease belongs to a holder (DialFrom), not to this connection
 	closed sync.Once
+	subnet *subnetEntry // its count among the pool's connections per /64
 }
 
 // Close closes the connection and releases its address, if it has one. A
@@ -80,9 +81,13 @@ type Conn struct {
 func (c *Conn) Close() error {
 	err := c.TCPConn.Close()
 	if c.lease != nil {
-		if c.shared {
-			c.closed.Do(c.unref)
-		} else {
+		c.closed.Do(func() {
+			c.lease.pool.subnets.closed(c.subnet)
+			if c.shared {
+				c.unref()
+			}
+		})
+		if !c.shared {
 			c.lease.Release()
 		}
 	}
@@ -207,6 +212,7 @@ func (d *Dialer) dialLease(ctx context.Context, ips []netip.Addr, port uint16, l
 		lease.vanished()
 		return nil, errLost
 	}
+	conn.subnet = d.Pool.subnets.opened(lease.Addr())
 	return conn, nil
 }
 

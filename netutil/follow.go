@@ -74,7 +74,7 @@ func (f *follower) link(u LinkUpdate) {
 
 func (f *follower) addr(u AddrUpdate) {
 	a := u.Addr()
-	if !f.p.cfg.Prefix.Contains(a) {
+	if !f.p.contains(a) {
 		return
 	}
 	if u.Added {

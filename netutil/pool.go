@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 )
@@ -71,8 +72,12 @@ const (
 
 // PoolConfig configures a Pool. Zero values take the defaults above.
 type PoolConfig struct {
-	// Prefix is where addresses are drawn from. Required, IPv6, with at
-	// least one host bit.
+	// Prefixes are where addresses are drawn from, spread evenly over
+	// their /64s (see Spread). Required (or Prefix): IPv6, each with at
+	// least one host bit, none overlapping another.
+	Prefixes []netip.Prefix
+	// Prefix is a pool of one prefix: the same as Prefixes holding it
+	// alone. Give one of the two.
 	Prefix netip.Prefix
 	// Exclude lists addresses never to draw: those on the interface when
 	// egressd starts, and the pinned ones.
@@ -132,12 +137,27 @@ func defaultOrOff[T int | time.Duration](v, def T) T {
 	return v
 }
 
+// prefixes are the prefixes the pool draws from.
+func (c *PoolConfig) prefixes() []netip.Prefix {
+	if len(c.Prefixes) > 0 {
+		return c.Prefixes
+	}
+	return []netip.Prefix{c.Prefix}
+}
+
 func (c *PoolConfig) validate() error {
+	if len(c.Prefixes) > 0 && c.Prefix.IsValid() {
+		return fmt.Errorf("prefix %s given besides prefixes %v: give one or the other", c.Prefix, c.Prefixes)
+	}
+	for _, p := range c.prefixes() {
+		switch {
+		case !p.IsValid() || !p.Addr().Is6() || p.Addr().Is4In6():
+			return fmt.Errorf("prefix %s is not an IPv6 prefix", p)
+		case !HasDrawable(p):
+			return fmt.Errorf("prefix %s has no address to draw", p)
+		}
+	}
 	switch {
-	case !c.Prefix.IsValid() || !c.Prefix.Addr().Is6() || c.Prefix.Addr().Is4In6():
-		return fmt.Errorf("prefix %s is not an IPv6 prefix", c.Prefix)
-	case !HasDrawable(c.Prefix):
-		return fmt.Errorf("prefix %s has no address to draw", c.Prefix)
 	case c.Max < 1:
 		return fmt.Errorf("max addresses %d: must be at least 1", c.Max)
 	case c.Lifetime < 4*time.Second:
@@ -224,6 +244,12 @@ type PoolStats struct {
 	// AddTime is the total time spent in successful adds; divide by Added
 	// for the mean latency of an add.
 	AddTime time.Duration
+
+	// Subnets counts the upstream connections per /64, in address order,
+	// for at most DefaultMaxSubnets /64s (see subnetTable); OtherSubnets
+	// those of the /64s past that bound.
+	Subnets      []SubnetStats
+	OtherSubnets SubnetStats
 }
 
 // Pool hands out egress addresses, one connection at a time. It adds them to
@@ -242,6 +268,8 @@ type Pool struct {
 	wake chan struct{}
 
 	mu       sync.Mutex
+	spread   *Spread    // which /64 the next never-used address comes from
+	last     netip.Addr // the address leased last: the next lease avoids its /64
 	live     map[netip.Addr]*entry
 	exclude  map[netip.Addr]struct{}
 	ready    []netip.Addr // oldest first
@@ -258,6 +286,8 @@ type Pool struct {
 	failing  bool    // the last add failed: a failure episode is under way
 	failFrom uint64  // stats.AddFailures when it began
 	stats    PoolStats
+
+	subnets *subnetTable // connections per /64
 }
 
 // fault is a condition outside the pool under which no address may be
@@ -267,13 +297,21 @@ type fault struct {
 	err error
 }
 
-// NewPool returns a pool drawing from cfg.Prefix.
+// NewPool returns a pool drawing from cfg.Prefixes (or cfg.Prefix).
 func NewPool(cfg PoolConfig) (*Pool, error) {
 	cfg.setDefaults()
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
+	cfg.Prefixes = slices.Clone(cfg.prefixes())
+	cfg.Prefix = netip.Prefix{}
+	spread, err := NewSpread(cfg.Prefixes)
+	if err != nil {
+		return nil, err
+	}
 	p := &Pool{
+		spread:  spread,
+		subnets: newSubnetTable(DefaultMaxSubnets),
 		cfg:     cfg,
 		mgr:     cfg.Manager,
 		log:     cfg.Logger,
@@ -294,8 +332,22 @@ func NewPool(cfg PoolConfig) (*Pool, error) {
 	return p, nil
 }
 
-// Prefix returns the prefix the pool draws from.
-func (p *Pool) Prefix() netip.Prefix { return p.cfg.Prefix }
+// Prefixes returns the prefixes the pool draws from.
+func (p *Pool) Prefixes() []netip.Prefix { return slices.Clone(p.cfg.Prefixes) }
+
+// contains reports whether a lies in one of the pool's prefixes.
+func (p *Pool) contains(a netip.Addr) bool {
+	return slices.ContainsFunc(p.cfg.Prefixes, func(q netip.Prefix) bool { return q.Contains(a) })
+}
+
+// prefixList names the pool's prefixes for an error.
+func (p *Pool) prefixList() string {
+	parts := make([]string, len(p.cfg.Prefixes))
+	for i, q := range p.cfg.Prefixes {
+		parts[i] = q.String()
+	}
+	return strings.Join(parts, ", ")
+}
 
 // Lease is one address handed to one holder: a connection (Dialer.DialContext),
 // or a holder such as a proxy session that binds many connections to it with
@@ -478,11 +530,11 @@ func (p *Pool) Acquire(ctx context.Context) (*Lease, error) {
 // It is called with p.mu held, and unlocks it.
 func (p *Pool) acquireFresh(ctx context.Context) (*Lease, error) {
 	l := &Lease{pool: p, fresh: true}
-	if len(p.ready) > 0 {
-		a := p.ready[0]
-		p.ready = p.ready[1:]
+	if i := p.pickLocked(p.ready); i >= 0 {
+		a := p.ready[i]
+		p.ready = slices.Delete(p.ready, i, i+1)
 		p.setStateLocked(a, StateInUse)
-		p.live[a].lease, l.addr = l, a
+		p.live[a].lease, l.addr, p.last = l, a, a
 		p.stats.Fresh++
 		p.mu.Unlock()
 		p.kick()
@@ -524,13 +576,28 @@ func (p *Pool) takeWarmLocked() (*Lease, bool) {
 	if len(p.warm) == 0 {
 		return nil, false
 	}
-	a := p.warm[0]
-	p.warm = p.warm[1:]
+	// When every warm address is on the last /64, past the budget, it is
+	// reused all the same.
+	i := max(p.pickLocked(p.warm), 0)
+	a := p.warm[i]
+	p.warm = slices.Delete(p.warm, i, i+1)
 	l := &Lease{pool: p, addr: a}
 	p.setStateLocked(a, StateInUse)
-	p.live[a].lease = l
+	p.live[a].lease, p.last = l, a
 	p.stats.Reused++
 	return l, true
+}
+
+// pickLocked returns the index of the first of addrs (ready ones, oldest
+// first, or warm ones, unused the longest first) that is not on the /64 of
+// the address leased last, or -1 if there is none. With one /64 only, the
+// first will do.
+func (p *Pool) pickLocked(addrs []netip.Addr) int {
+	if p.spread.Len64() == 0 || !p.last.IsValid() {
+		return min(0, len(addrs)-1)
+	}
+	last := upper64(p.last)
+	return slices.IndexFunc(addrs, func(a netip.Addr) bool { return upper64(a) != last })
 }
 
 // waitLocked waits, with p.mu held (it unlocks it), until an address may be
@@ -729,10 +796,19 @@ func (p *Pool) add(ctx context.Context, to AddrState, l *Lease) (netip.Addr, err
 			p.removeLocked(victim)
 			continue
 		}
-		a, ok := p.drawLocked()
+		// A lease's address avoids the /64 of the one leased before it;
+		// the refiller's follow the Spread, whose consecutive /64s differ.
+		var avoid netip.Addr
+		if to == StateInUse {
+			avoid = p.last
+		}
+		a, ok := p.drawLocked(avoid)
 		if !ok {
 			p.mu.Unlock()
-			return netip.Addr{}, fmt.Errorf("%w: no unused address left in %s", ErrNoAddress, p.cfg.Prefix)
+			return netip.Addr{}, fmt.Errorf("%w: no unused address left in %s", ErrNoAddress, p.prefixList())
+		}
+		if to == StateInUse {
+			p.last = a
 		}
 		p.newLocked(a)
 		p.inflight.Add(1)
@@ -794,13 +870,23 @@ func (p *Pool) add(ctx context.Context, to AddrState, l *Lease) (netip.Addr, err
 		}
 		return a, nil
 	}
-	return netip.Addr{}, fmt.Errorf("%w: no unused address found in %s", ErrNoAddress, p.cfg.Prefix)
+	return netip.Addr{}, fmt.Errorf("%w: no unused address found in %s", ErrNoAddress, p.prefixList())
 }
 
-// drawLocked draws an address that is neither live nor excluded.
-func (p *Pool) drawLocked() (netip.Addr, bool) {
-	for range maxDraws {
-		a := RandomAddr(p.cfg.Prefix)
+// drawSlots is how many /64s (see Spread) drawLocked tries before it gives
+// up; it draws maxDraws addresses in all.
+const drawSlots = 4
+
+// drawLocked draws an address that is neither live nor excluded, from the
+// /64 the Spread deals next (one other than avoid's where there are
+// several), or if that one is full from the following ones.
+func (p *Pool) drawLocked(avoid netip.Addr) (netip.Addr, bool) {
+	var from netip.Prefix
+	for i := range maxDraws {
+		if i%(maxDraws/drawSlots) == 0 {
+			from = p.spread.Next(avoid)
+		}
+		a := RandomAddr(from)
 		if _, ok := p.live[a]; ok {
 			continue
 		}
@@ -1106,6 +1192,7 @@ func (p *Pool) Stats() PoolStats {
 		b := p.budget.stats(p.now())
 		s.Budget = &b
 	}
+	s.Subnets, s.OtherSubnets = p.subnets.snapshot()
 	return s
 }
 

@@ -192,6 +192,19 @@ func closeAll(conns []net.Conn) {
 // keep-alive client's requests share a session, and so its held address
 // and its upstream keep-alive connection.
 func BenchmarkPlainGETSession(b *testing.B) {
+	benchPlainGETHeld(b, RotateSession, "bench")
+}
+
+// BenchmarkPlainGETConnection is BenchmarkPlainGET with -rotate
+// connection: the keep-alive client's requests share its connection's held
+// address and upstream keep-alive connection.
+func BenchmarkPlainGETConnection(b *testing.B) {
+	benchPlainGETHeld(b, RotateConnection, "")
+}
+
+// benchPlainGETHeld is BenchmarkPlainGET from a held address under rotate,
+// with the session key key (none if "").
+func benchPlainGETHeld(b *testing.B, rotate Rotate, key string) {
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = io.WriteString(w, "ok")
 	}))
@@ -206,11 +219,13 @@ func BenchmarkPlainGETSession(b *testing.B) {
 			return boundConn{c.(*net.TCPConn)}, nil
 		}, func() {}, nil
 	}
-	p := startProxy(b, nil, func(c *Config) { c.Rotate, c.Hold = RotateSession, hold })
+	p := startProxy(b, nil, func(c *Config) { c.Rotate, c.Hold = rotate, hold })
 	c := p.client(b)
 	req, err := http.NewRequest(http.MethodGet, up.URL, nil)
 	require.NoError(b, err)
-	req.Header.Set(SessionHeader, "bench")
+	if key != "" {
+		req.Header.Set(SessionHeader, key)
+	}
 
 	b.ReportAllocs()
 	for b.Loop() {

@@ -168,8 +168,13 @@ func (s *Server) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Re
 func (s *Server) roundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*http.Response, error) {
 	var resp *http.Response
 	var err error
+	x := requestFrom(req.Context())
 	if sess := sessionOf(req.Context()); sess != nil {
 		resp, err = s.sessionRoundTrip(sess, req)
+	} else if tr, terr := s.connTransport(x); terr != nil {
+		err = terr
+	} else if tr != nil {
+		resp, err = roundTripKept(tr, req)
 	} else {
 		resp, err = s.tr.RoundTrip(req)
 	}
@@ -179,7 +184,7 @@ func (s *Server) roundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*http.Respon
 	// A 101's body is the upgraded connection, which goproxy needs as an
 	// io.ReadWriter.
 	if resp.StatusCode != http.StatusSwitchingProtocols {
-		fwd := &requestFrom(req.Context()).fwd
+		fwd := &x.fwd
 		b := &fwd.body // one round trip per request: no allocation
 		if b.ReadCloser != nil {
 			b = new(upstreamBody)
@@ -387,16 +392,25 @@ const maxSniff = 1 << 20
 // transport parses it. Go's client deletes a response's Connection header
 // when it contains "close", which every response to our transport's
 // "Connection: close" may: without this, a header the upstream named there
-// (Connection: close, X-Hop) would reach the client. The transport dials one
-// connection per request (no keep-alive), so there is exactly one final head
-// to find. It gives up on anything that is not plain HTTP/1 (TLS to an
-// https:// upstream, for instance).
+// (Connection: close, X-Hop) would reach the client. The proxy's transport
+// dials one connection per request (no keep-alive), so there is exactly one
+// final head to find. A keep-alive transport's connection carries one
+// request after the other: each, when it gets the connection, arms the
+// sniffer for the next head (roundTripKept). It gives up on anything that
+// is not plain HTTP/1 (TLS to an https:// upstream, for instance).
 type headSniffer struct {
 	net.Conn
-	st   *fwdState
+	st   *fwdState // the reading goroutine's, as buf and done
 	buf  []byte
 	done bool
+
+	// next is the request a keep-alive connection carries next, set on the
+	// transport's goroutine before the request is written.
+	next atomic.Pointer[fwdState]
 }
+
+// arm makes the next head read from the connection st's.
+func (c *headSniffer) arm(st *fwdState) { c.next.Store(st) }
 
 func (c *headSniffer) Read(p []byte) (int, error) {
 	n, err := c.Conn.Read(p)
@@ -410,6 +424,11 @@ func (c *headSniffer) Read(p []byte) (int, error) {
 // while a head is incomplete, so that the usual head, read whole in the
 // first read, costs no allocation.
 func (c *headSniffer) sniff(b []byte) {
+	if c.next.Load() != nil {
+		if st := c.next.Swap(nil); st != nil {
+			c.st, c.buf, c.done = st, nil, false
+		}
+	}
 	if c.done {
 		return
 	}

@@ -2,11 +2,9 @@ package proxy
 
 import (
 	"context"
-	"crypto/tls"
 	"fmt"
 	"net"
 	"net/http"
-	"net/http/httptrace"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -57,7 +55,8 @@ type heldAddr struct {
 	dial    DialFunc
 	release func()
 	ended   bool
-	last    netip.Addr // the address its last connection left from, for the admin API
+	tr      *http.Transport // RotateConnection: the connection's keep-alive transport, once it forwarded plain HTTP (keepalive.go)
+	last    netip.Addr      // the address its last connection left from, for the admin API
 
 	hijacked atomic.Bool // RotateConnection: the client connection was hijacked
 }
@@ -107,13 +106,20 @@ func (h *heldAddr) lastAddr() netip.Addr {
 	return h.last
 }
 
-// end gives the address back, if it was ever leased. Later dials fail.
+// end closes the idle upstream connections of its transport, if it has
+// one, and gives the address back, if it was ever leased. Later dials fail.
 func (h *heldAddr) end() {
 	h.mu.Lock()
 	h.ended = true
 	release := h.release
 	h.release = nil
+	tr := h.tr
 	h.mu.Unlock()
+	if tr != nil {
+		// Connections still in use close when their response body does:
+		// the transport keeps no connection idle after this.
+		tr.CloseIdleConnections()
+	}
 	if release != nil {
 		release()
 		h.owner.releaseAddr()
@@ -389,27 +395,17 @@ func (s *Server) newSessionAddr(sess *session) *sessionAddr {
 	tr.DisableKeepAlives = false
 	tr.IdleConnTimeout = s.cfg.SessionIdle
 	tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		return s.dialSession(ctx, sess, network, addr)
+		return kept(s.dialSession(ctx, sess, network, addr))
 	}
 	return &sessionAddr{tr: tr}
 }
 
 // sessionRoundTrip sends req over the keep-alive transport of its session's
-// address, and records the egress address of the connection it got, new or
-// reused.
+// address.
 func (s *Server) sessionRoundTrip(sess *session, req *http.Request) (*http.Response, error) {
 	a := sess.addr.Load()
 	if x := requestFrom(req.Context()); x != nil {
 		x.sessAddr = a
-		trace := &x.fwd.trace // one round trip per request: no allocation
-		*trace = httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
-			c := info.Conn
-			if tc, ok := c.(*tls.Conn); ok { // an https:// URL
-				c = tc.NetConn()
-			}
-			x.dialedFrom(c)
-		}}
-		req = req.WithContext(httptrace.WithClientTrace(req.Context(), trace))
 	}
-	return a.tr.RoundTrip(req)
+	return roundTripKept(a.tr, req)
 }

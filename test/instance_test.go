@@ -372,6 +372,12 @@ func TestPortTakenChangesNothing(t *testing.T) {
 			leftover := tt.prefix.Addr().Next().Next().Next() // ::3, neither H's nor R's
 			e.tp.Host.Run(t, "ip", "addr", "add", leftover.String()+"/128", "dev", e.tp.HostLink,
 				"nodad", "noprefixroute", "preferred_lft", "0", "valid_lft", "600")
+			// The kernel inserts the address's local route from a work
+			// queue, a moment after the add returns: the "before" is taken
+			// once it is there.
+			nstest.WaitFor(t, "the leftover's local route", func() bool {
+				return strings.Contains(e.tp.Host.Run(t, "ip", "-6", "route", "show", "table", "local"), "local "+leftover.String()+" ")
+			})
 			args := append([]string{"-interface", e.tp.HostLink, "-prefix", tt.prefix.String()}, tt.args...)
 			if tt.unix {
 				admin := filepath.Join(t.TempDir(), "admin.sock")

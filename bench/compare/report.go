@@ -201,6 +201,10 @@ func (r *Results) Goals() []Goal {
 		add("(a) -rotate session requests/s", "≥ 1.2× Squid", false, false, "")
 		add("(a) -rotate session p99", "≤ Squid's", false, false, "")
 	}
+	conn, squidA := find(a, EgressdConnection), find(a, Squid)
+	add("(a) -rotate connection requests/s", "≥ Squid", conn != nil && squidA != nil,
+		conn != nil && squidA != nil && conn.Value >= squidA.Value,
+		"%s = %s Squid (%s)", val(conn), ratioOf(conn, squidA), val(squidA))
 	routed, squid := find(b, EgressdRouted), find(b, Squid)
 	add("(b) routed tunnels/s against Squid", "≥ Squid", routed != nil && squid != nil,
 		routed != nil && squid != nil && routed.Value >= squid.Value,

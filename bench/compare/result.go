@@ -42,13 +42,16 @@ const (
 	EgressdOnLink  = "egressd-onlink"  // on-link, -rotate request
 	EgressdRouted  = "egressd-routed"  // routed, -rotate request
 	EgressdSession = "egressd-session" // on-link, -rotate session, a key per client
-	Tinyproxy      = "tinyproxy"
-	Squid          = "squid"
-	SquidRandom10  = "squid-random10" // 10 static addresses picked by acl random
+	// EgressdConnection: on-link, -rotate connection, an address per client
+	// connection.
+	EgressdConnection = "egressd-connection"
+	Tinyproxy         = "tinyproxy"
+	Squid             = "squid"
+	SquidRandom10     = "squid-random10" // 10 static addresses picked by acl random
 )
 
 // egressdSystems are the egressd variants, for the goals.
-var egressdSystems = []string{EgressdOnLink, EgressdRouted, EgressdSession}
+var egressdSystems = []string{EgressdOnLink, EgressdRouted, EgressdSession, EgressdConnection}
 
 // Sample is one system's figures in one scenario in one run.
 type Sample struct {

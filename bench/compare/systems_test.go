@@ -49,6 +49,7 @@ func (s *system) proxyURL() string {
 var (
 	onLinkPrefix  = netip.MustParsePrefix("2001:db8:1:2:1::/80")
 	sessionPrefix = netip.MustParsePrefix("2001:db8:1:2:2::/80")
+	connPrefix    = netip.MustParsePrefix("2001:db8:1:2:3::/80")
 	routedPrefix  = netip.MustParsePrefix("2001:db8:5:5::/64")
 )
 
@@ -61,13 +62,20 @@ func squidAddrs() []netip.Addr {
 	return out
 }
 
-// startSystems starts every proxy, each on its own port of 127.0.0.1 in H,
-// and waits until each accepts connections. Squid and tinyproxy are left out
-// with a logged message when they are not installed, except under CI.
+// startSystems starts every proxy -systems names (all by default), each on
+// its own port of 127.0.0.1 in H, and waits until each accepts connections.
+// Squid and tinyproxy are left out with a logged message when they are not
+// installed, except under CI.
 func (b *bench) startSystems() []*system {
 	t := b.t
-	systems := []*system{{name: Direct}}
+	var systems []*system
+	if b.p.wants(Direct) {
+		systems = append(systems, &system{name: Direct})
+	}
 	egressd := func(name string, port int, s system, args ...string) {
+		if !b.p.wants(name) {
+			return
+		}
 		s.name, s.addr = name, "127.0.0.1:"+strconv.Itoa(port)
 		// Warnings only, as Squid and tinyproxy log nothing per request here.
 		// The load generator is one client address standing in for many
@@ -87,16 +95,23 @@ func (b *bench) startSystems() []*system {
 	// default, and (d) takes one per tunnel.
 	egressd(EgressdRouted, 3102, system{}, "-mode", "routed", "-rotate", "request", "-prefix", routedPrefix.String())
 	egressd(EgressdSession, 3103, system{onLink: sessionPrefix, session: true}, "-rotate", "session", "-prefix", sessionPrefix.String())
+	// An address held per client connection: (d)'s tunnels, each on a
+	// connection of its own, would need as many as -rotate request.
+	egressd(EgressdConnection, 3107, system{onLink: connPrefix, perRequest: true}, "-rotate", "connection", "-prefix", connPrefix.String())
 
-	if b.have("tinyproxy") {
+	if b.p.wants(Tinyproxy) && b.have("tinyproxy") {
 		systems = append(systems, b.startTinyproxy(3104))
 	}
-	if b.have("squid") {
-		systems = append(systems, b.startSquid(Squid, 3105, nil))
-		for _, a := range squidAddrs() {
-			b.tp.Host.Run(t, "ip", "addr", "add", a.String()+"/128", "dev", b.tp.HostLink, "nodad")
+	if (b.p.wants(Squid) || b.p.wants(SquidRandom10)) && b.have("squid") {
+		if b.p.wants(Squid) {
+			systems = append(systems, b.startSquid(Squid, 3105, nil))
 		}
-		systems = append(systems, b.startSquid(SquidRandom10, 3106, squidAddrs()))
+		if b.p.wants(SquidRandom10) {
+			for _, a := range squidAddrs() {
+				b.tp.Host.Run(t, "ip", "addr", "add", a.String()+"/128", "dev", b.tp.HostLink, "nodad")
+			}
+			systems = append(systems, b.startSquid(SquidRandom10, 3106, squidAddrs()))
+		}
 	}
 	return systems
 }

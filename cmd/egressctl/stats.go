@@ -2,12 +2,14 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -42,7 +44,14 @@ and warm. The budget line gives the new addresses a second allowed now
 (-neigh-window), and the connections from a new address that got no answer
 and were made again from a warm one: retries, and overflows when the retry
 worked (the router's neighbour table is full; the rate is lowered for a
-while).
+while). With -limit-store, a last line says whether the store answers and
+the budgets are shared, or this egressd enforces every rule alone, and
+counts the decisions made each way.
+
+Subnet rows: the upstream connections per /64 of the egress prefixes, CONNS
+made and OPEN now, those with the most open first, at most 16 (-json lists
+every /64 egressd counts apart: up to 256, the rest as (other)); the line
+above them gives the spread over all of them.
 
 Flags:
   -json             print the JSON document egressd sends
@@ -162,8 +171,71 @@ func writeStats(w io.Writer, s *stats.Stats) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	_, err := fmt.Fprintf(w, "\nbudget: %s\n", budgetLine(&a))
-	return err
+	if _, err := fmt.Fprintf(w, "\nbudget: %s\n", budgetLine(&a)); err != nil {
+		return err
+	}
+	if l := s.LimitStore; l != nil {
+		if _, err := fmt.Fprintf(w, "limit store: %s\n", limitStoreLine(s, l)); err != nil {
+			return err
+		}
+	}
+	return writeSubnets(w, a.Subnets)
+}
+
+// maxSubnetRows bounds the rows of the subnet table for people.
+const maxSubnetRows = 16
+
+// writeSubnets writes the connections per /64: a line on their spread, and
+// the rows of the /64s with the most connections open, then made.
+func writeSubnets(w io.Writer, subnets []stats.Subnet) error {
+	var named []stats.Subnet
+	var other *stats.Subnet
+	for i := range subnets {
+		if subnets[i].Subnet == stats.OtherSubnet {
+			other = &subnets[i]
+		} else {
+			named = append(named, subnets[i])
+		}
+	}
+	if len(named) == 0 {
+		return nil
+	}
+	lo, hi := named[0].Conns, named[0].Conns
+	for _, s := range named {
+		lo, hi = min(lo, s.Conns), max(hi, s.Conns)
+	}
+	line := fmt.Sprintf("\nsubnets: %d /64s, %d to %d connections each", len(named), lo, hi)
+	if other != nil {
+		line += fmt.Sprintf("; %d connections (%d open) from /64s not counted apart", other.Conns, other.Open)
+	}
+	fmt.Fprintln(w, line)
+	slices.SortStableFunc(named, func(a, b stats.Subnet) int {
+		return cmp.Or(cmp.Compare(b.Open, a.Open), cmp.Compare(b.Conns, a.Conns))
+	})
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "SUBNET\tCONNS\tOPEN")
+	for _, s := range named[:min(len(named), maxSubnetRows)] {
+		fmt.Fprintf(tw, "%s\t%d\t%d\n", s.Subnet, s.Conns, s.Open)
+	}
+	if n := len(named) - maxSubnetRows; n > 0 {
+		fmt.Fprintf(tw, "(%d more)\t\t\n", n)
+	}
+	return tw.Flush()
+}
+
+// limitStoreLine says whether the -limit budgets are shared through the
+// store now, since when, and how its decisions went.
+func limitStoreLine(s *stats.Stats, l *stats.LimitStore) string {
+	state := "answers: -limit budgets shared"
+	if !l.Shared {
+		state = "does not answer: this egressd enforces every rule alone"
+		if l.LastError != "" {
+			state += " (" + l.LastError + ")"
+		}
+	}
+	since := humanDuration(s.Started.Add(time.Duration(s.UptimeSeconds * float64(time.Second))).Sub(l.Since).Seconds())
+	return fmt.Sprintf("%s %s for %s; %d decisions by the store, %d in-process, %d fallbacks, %d errors",
+		l.Store, state, since, l.Decisions, l.LocalDecisions, l.Fallbacks, l.Errors)
 }
 
 // budgetLine says what the neighbour budget in force is, and how often a

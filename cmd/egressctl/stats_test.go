@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -99,6 +100,23 @@ func TestStatsTableEmpty(t *testing.T) {
 	assert.Contains(t, out.String(), "No upstream has been used yet.")
 	assert.Equal(t, []string{"pool", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "-", "-"}, table(t, out.String(), "ADDRESSES")[1])
 	assert.Contains(t, out.String(), "\nbudget: none (routed mode): every connection leaves from a never-used address\n")
+}
+
+func TestLimitStoreLine(t *testing.T) {
+	started := time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)
+	s := &stats.Stats{Started: started, UptimeSeconds: 3600, LimitStore: &stats.LimitStore{
+		Store: "redis://:xxxxx@store.example:6379/0", Shared: true, Since: started.Add(30 * time.Minute),
+		Decisions: 5000, LocalDecisions: 40, Errors: 3, Fallbacks: 1, LastError: "connection refused"}}
+	var out bytes.Buffer
+	require.NoError(t, writeStats(&out, s))
+	assert.Contains(t, out.String(), "\nlimit store: redis://:xxxxx@store.example:6379/0 answers: -limit budgets shared for 30m00s; "+
+		"5000 decisions by the store, 40 in-process, 1 fallbacks, 3 errors\n")
+	s.LimitStore.Shared = false
+	assert.Equal(t, "redis://:xxxxx@store.example:6379/0 does not answer: this egressd enforces every rule alone (connection refused) for 30m00s; "+
+		"5000 decisions by the store, 40 in-process, 1 fallbacks, 3 errors", limitStoreLine(s, s.LimitStore))
+	out.Reset()
+	require.NoError(t, writeStats(&out, &stats.Stats{}))
+	assert.NotContains(t, out.String(), "limit store")
 }
 
 func TestBudgetLine(t *testing.T) {
@@ -209,4 +227,27 @@ func TestWatchFlag(t *testing.T) {
 	for _, bad := range []string{"", "2", "fast", "0", "-1s"} {
 		assert.Error(t, f.Set(bad), "%q", bad)
 	}
+}
+
+// TestStatsSubnets: the connections per /64, their spread in one line, and
+// the rows with the most open first, at most maxSubnetRows.
+func TestStatsSubnets(t *testing.T) {
+	s := &stats.Stats{}
+	for i := range 20 {
+		s.Addresses.Subnets = append(s.Addresses.Subnets, stats.Subnet{Subnet: fmt.Sprintf("2001:db8:0:1%02x::/64", i), Conns: uint64(10 + i%3), Open: i / 19})
+	}
+	s.Addresses.Subnets = append(s.Addresses.Subnets, stats.Subnet{Subnet: stats.OtherSubnet, Conns: 7, Open: 1})
+	var out bytes.Buffer
+	require.NoError(t, writeStats(&out, s))
+	assert.Contains(t, out.String(), "\nsubnets: 20 /64s, 10 to 12 connections each; 7 connections (1 open) from /64s not counted apart\n")
+	rows := table(t, out.String(), "SUBNET")
+	require.Len(t, rows, 1+maxSubnetRows+1)
+	assert.Equal(t, []string{"SUBNET", "CONNS", "OPEN"}, rows[0])
+	assert.Equal(t, []string{"2001:db8:0:113::/64", "11", "1"}, rows[1], "open first")
+	assert.Equal(t, []string{"2001:db8:0:102::/64", "12", "0"}, rows[2], "then the most connections")
+	assert.Equal(t, []string{"(4 more)", "", ""}, rows[len(rows)-1])
+
+	out.Reset()
+	require.NoError(t, writeStats(&out, &stats.Stats{}))
+	assert.NotContains(t, out.String(), "subnets:", "nothing counted yet")
 }

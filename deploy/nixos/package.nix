@@ -16,7 +16,7 @@ buildGoModule {
   # The NAR hash of `go mod vendor` of the module (deploy/nix_test.go
   # recomputes it from go.mod and go.sum and says the new value when they
   # change).
-  vendorHash = "sha256-gPlWuPbfmQKzmbAZ5sLI1ono3rCaUi2U7ymPDn3qRX0=";
+  vendorHash = "sha256-5szWD0m8fd/WH5uXJrBPyRwPC9b5IKsJeVIXX4P7r6s=";
 
   subPackages = [
     "cmd/egressd"

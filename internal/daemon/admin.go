@@ -12,6 +12,7 @@ import (
 	"github.com/egressd/egressd/internal/admin"
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy"
+	"github.com/egressd/egressd/proxy/shape"
 	"github.com/egressd/egressd/proxy/stats"
 	"github.com/egressd/egressd/proxy/stats/promstats"
 )
@@ -22,6 +23,7 @@ type statsSource struct {
 	srv        *proxy.Server
 	pool       *netutil.Pool
 	addLatency *stats.Histogram
+	shared     *shape.Shared // -limit-store; nil without
 }
 
 // adminHandler is the admin API over s; reload serves POST /reload.
@@ -74,10 +76,23 @@ func (s *statsSource) Stats() *stats.Stats {
 			Lost:                ps.Lost,
 			AddLatency:          h.Quantiles(),
 			AddLatencyHistogram: h,
+			Subnets:             subnetStats(ps.Subnets, ps.OtherSubnets),
 		},
-		Clients:  s.srv.ClientStats(),
-		Sessions: s.srv.SessionStats(),
+		Clients:    s.srv.ClientStats(),
+		Sessions:   s.srv.SessionStats(),
+		LimitStore: limitStoreStats(s.shared),
 	}
+}
+
+// limitStoreStats is the state of -limit-store as /stats has it; nil
+// without one.
+func limitStoreStats(sh *shape.Shared) *stats.LimitStore {
+	if sh == nil {
+		return nil
+	}
+	st := sh.Stats()
+	return &stats.LimitStore{Store: st.Store, Shared: st.Shared, Since: st.Since, Decisions: st.Decisions,
+		LocalDecisions: st.LocalDecisions, Errors: st.Errors, Fallbacks: st.Fallbacks, LastError: st.LastError}
 }
 
 // budgetStats is the pool's budget in force as /stats has it; nil without
@@ -87,6 +102,19 @@ func budgetStats(b *netutil.BudgetStats) *stats.Budget {
 		return nil
 	}
 	return &stats.Budget{Rate: b.Rate, MaxRate: b.MaxRate, Burst: b.Burst, Cap: b.Cap, WindowSeconds: b.Window.Seconds()}
+}
+
+// subnetStats is the pool's count of connections per /64 as /stats has
+// it: the others last, once they count any.
+func subnetStats(list []netutil.SubnetStats, others netutil.SubnetStats) []stats.Subnet {
+	out := make([]stats.Subnet, 0, len(list)+1)
+	for _, s := range list {
+		out = append(out, stats.Subnet{Subnet: s.Subnet.String(), Conns: s.Conns, Open: s.Open})
+	}
+	if others.Conns > 0 || others.Open > 0 {
+		out = append(out, stats.Subnet{Subnet: stats.OtherSubnet, Conns: others.Conns, Open: others.Open})
+	}
+	return out
 }
 
 func (s *statsSource) Addrs() []stats.Addr {

@@ -20,6 +20,7 @@ import (
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/proxy"
 	"github.com/egressd/egressd/proxy/shape"
+	"github.com/egressd/egressd/proxy/shape/redisstore"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -38,9 +39,10 @@ type Config struct {
 	// Interface is where egress addresses are added; empty means the
 	// interface of the IPv6 default route.
 	Interface string
-	// Prefix is where egress addresses are drawn from; the zero value means
-	// the /64 of the first global address on Interface.
-	Prefix netip.Prefix
+	// Prefixes are where egress addresses are drawn from, spread evenly
+	// over their /64s (a /56 is its 256 /64s); none means the /64 of the
+	// first global address on Interface. They must not overlap.
+	Prefixes []netip.Prefix
 	// Pin lists addresses never used for egress, never removed.
 	Pin []netip.Addr
 	// MaxAddrs bounds the live egress addresses; 0 means
@@ -73,6 +75,10 @@ type Config struct {
 	IPv4 netutil.IPv4Policy
 	// Limits are the -limit rules that pace requests per upstream.
 	Limits []shape.Rule
+	// LimitStore is the URL of a Redis that keeps the rates of Limits
+	// shared by every egressd naming it; empty keeps them per process. It
+	// may hold a password: never print it, only redisstore.Redact of it.
+	LimitStore string
 	// Allow lists the networks proxy clients may connect from; empty means
 	// loopback only (proxy.DefaultAllow), or every address when AuthFile is
 	// set (see allowed).
@@ -148,7 +154,7 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs.Var(optHostPortValue(&cfg.SOCKS5), "socks5", "`ADDR` (host:port) to accept SOCKS5 clients on; empty turns SOCKS5 off")
 	fs.Var(choiceValue(&cfg.Mode, modeOnLink, modeRouted), "mode", "`MODE`: onlink adds every egress address to the interface; routed needs the prefix routed to the host")
 	fs.StringVar(&cfg.Interface, "interface", cfg.Interface, "`NAME` of the interface to add egress addresses to (default: the interface of the IPv6 default route)")
-	fs.Var(prefixValue(&cfg.Prefix), "prefix", "`CIDR` to draw egress addresses from (default: the /64 of the interface's first global address)")
+	fs.Var(&listValue[netip.Prefix]{p: &cfg.Prefixes, parse: parsePrefix}, "prefix", "`CIDR` to draw egress addresses from, spread evenly over its /64s; repeatable (default: the /64 of the interface's first global address)")
 	fs.Var(&listValue[netip.Addr]{p: &cfg.Pin, parse: netip.ParseAddr}, "pin", "`ADDR` never to use for egress nor remove; repeatable")
 	fs.Var(intValue(&cfg.MaxAddrs, 1), "max-addrs", "`N`: most egress addresses live at once (default: 1024 on-link, none in routed mode)")
 	fs.Var(newAddrsValue(&cfg.NewAddrs), "new-addrs", "`RATE[,burst=N]`: never-used egress addresses handed out, on-link; RATE is Nr/s, Nr/m or Nr/h, burst defaults to 96; past it connections reuse warm addresses (the router keeps a neighbour entry per address)")
@@ -162,6 +168,7 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs.Var(statusesValue(&cfg.RotateOn), "rotate-on", "`STATUSES`, comma-separated (403,429): an upstream answer with one of them to a plain HTTP request of a session (-rotate session) gives its address up, so that its next request leaves from a new one (default: none)")
 	fs.Var(choiceValue((*string)(&cfg.IPv4), string(netutil.IPv4Direct), string(netutil.IPv4Deny)), "ipv4", "`POLICY` for an upstream with no IPv6 address: direct connects from the host's own IPv4 address, deny answers 502")
 	fs.Var(&listValue[shape.Rule]{p: &cfg.Limits, parse: shape.ParseRule}, "limit", "`HOST=RATE[,burst=N][,concurrency=N][,wait=DURATION]` paces requests to upstream HOST (exact, *.suffix or *); RATE is Nr/s, Nr/m or Nr/h; repeatable")
+	fs.Var(storeValue(&cfg.LimitStore), "limit-store", "`URL` of a Redis that keeps the -limit budgets shared by every egressd naming it: "+redisstore.Syntax+"; concurrency stays per egressd (default: none, each egressd keeps its own)")
 	fs.Var(&listValue[netip.Prefix]{p: &cfg.Allow, parse: parseAllow}, "allow", "`CIDR` of clients that may use the proxy (HTTP and SOCKS5); repeatable (default: loopback only, 127.0.0.0/8 and ::1/128; with -auth-file, any address)")
 	fs.StringVar(&cfg.AuthFile, "auth-file", cfg.AuthFile, "htpasswd `FILE` of bcrypt hashes (htpasswd -B): clients must authenticate as one of its users")
 	fs.Var(&listValue[netip.Prefix]{p: &cfg.AllowDest, parse: parseAllow}, "allow-dest", "`CIDR` of destinations to admit although they are private or special-purpose (10.0.0.0/8, fc00::/7, ...); the host itself, loopback and link-local stay refused; repeatable")
@@ -325,8 +332,20 @@ func (c *Config) Validate() error {
 	case c.Admin != "" && !admin.IsUnix(c.Admin) && !isLoopback(c.Admin):
 		return fmt.Errorf("admin %s is not a loopback address: the admin API has no authentication, so it listens on a unix socket (a path) or a loopback host:port only", c.Admin)
 	}
+	for i, p := range c.Prefixes {
+		for _, q := range c.Prefixes[:i] {
+			if p.Overlaps(q) {
+				return fmt.Errorf("prefix %s overlaps prefix %s: give each range of addresses once", p, q)
+			}
+		}
+	}
 	if _, err := shape.New(shape.Config{Rules: c.Limits}); err != nil {
 		return fmt.Errorf("limit: %w", err)
+	}
+	if c.LimitStore != "" {
+		if _, err := redisstore.ParseURL(c.LimitStore); err != nil {
+			return fmt.Errorf("limit-store: %w", err)
+		}
 	}
 	if len(c.Allow) == 0 && c.AuthFile == "" {
 		// Off loopback with the default allow list, only local clients
@@ -609,6 +628,18 @@ func optHostPortValue(p *string) scalarValue[string] {
 	}}
 }
 
+// storeValue is -limit-store. It takes any text, for Validate to check, so
+// that no error quotes the URL (the flag package's would), which may hold a
+// password; it prints the URL without the password.
+func storeValue(p *string) scalarValue[string] {
+	return scalarValue[string]{p: p, parse: func(s string) (string, error) { return s, nil }, format: func(s string) string {
+		if s == "" {
+			return ""
+		}
+		return redisstore.Redact(s)
+	}}
+}
+
 // choiceValue is a flag that takes one of a fixed set of words.
 func choiceValue(p *string, choices ...string) scalarValue[string] {
 	return scalarValue[string]{p: p, format: same, parse: func(s string) (string, error) {
@@ -620,15 +651,6 @@ func choiceValue(p *string, choices ...string) scalarValue[string] {
 }
 
 func same(s string) string { return s }
-
-func prefixValue(p *netip.Prefix) scalarValue[netip.Prefix] {
-	return scalarValue[netip.Prefix]{p: p, parse: parsePrefix, format: func(p netip.Prefix) string {
-		if !p.IsValid() {
-			return ""
-		}
-		return p.String()
-	}}
-}
 
 func parsePrefix(s string) (netip.Prefix, error) {
 	p, err := netip.ParsePrefix(s)

@@ -139,7 +139,7 @@ func TestLoadConfigFlags(t *testing.T) {
 	assert.Equal(t, "127.0.0.1:9090", cfg.Admin)
 	assert.Equal(t, []string{"127.0.0.1:8080", "[::1]:8080"}, cfg.Listen)
 	assert.Equal(t, "eth0", cfg.Interface)
-	assert.Equal(t, netip.MustParsePrefix("2001:db8:1:2::/64"), cfg.Prefix)
+	assert.Equal(t, []netip.Prefix{netip.MustParsePrefix("2001:db8:1:2::/64")}, cfg.Prefixes)
 	assert.Equal(t, []netip.Addr{netip.MustParseAddr("2001:db8:1:2::1"), netip.MustParseAddr("2001:db8:1:2::2")}, cfg.Pin)
 	assert.Equal(t, 64, cfg.MaxAddrs)
 	assert.Equal(t, 4, cfg.Ready)
@@ -212,6 +212,10 @@ func TestLoadConfigErrors(t *testing.T) {
 		{name: "zero max-addrs", args: []string{"-max-addrs", "0"}, want: "-max-addrs: 0: must be at least 1"},
 		{name: "ipv4 prefix", args: []string{"-prefix", "192.0.2.0/24"}, want: `"192.0.2.0/24" is not an IPv6 prefix`},
 		{name: "bad prefix", args: []string{"-prefix", "2001:db8::"}, want: "is not a CIDR prefix"},
+		{name: "prefix given twice", args: []string{"-prefix", "2001:db8:1:2::/64", "-prefix", "2001:db8:1:2::/64"},
+			want: "prefix 2001:db8:1:2::/64 overlaps prefix 2001:db8:1:2::/64: give each range of addresses once"},
+		{name: "prefix inside another", file: "prefix: [2001:db8:0:100::/56, 2001:db8:0:1a0::/60]\n",
+			want: "prefix 2001:db8:0:1a0::/60 overlaps prefix 2001:db8:0:100::/56"},
 		{name: "bad pin", args: []string{"-pin", "nope"}, want: `-pin: ParseAddr("nope")`},
 		{name: "bad listen", args: []string{"-listen", "3128"}, want: `"3128" is not host:port`},
 		{name: "listen by name", args: []string{"-listen", "example.org:3128"}, want: "host must be an IP address"},
@@ -393,7 +397,7 @@ func TestEmptyConfigFile(t *testing.T) {
 func TestUsageListsEveryFlag(t *testing.T) {
 	var names []string
 	flagSet(&Config{}).VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
-	assert.Equal(t, strings.Fields("admin allow allow-dest auth-file client-timeout config connect-ports dial-timeout grace http-ports interface ipv4 limit listen log-level max-addrs max-addrs-per-client max-conns max-conns-per-client mode neigh-window new-addrs pin prefix ready rotate rotate-on session-idle socks5 tunnel-idle"), names)
+	assert.Equal(t, strings.Fields("admin allow allow-dest auth-file client-timeout config connect-ports dial-timeout grace http-ports interface ipv4 limit limit-store listen log-level max-addrs max-addrs-per-client max-conns max-conns-per-client mode neigh-window new-addrs pin prefix ready rotate rotate-on session-idle socks5 tunnel-idle"), names)
 }
 
 // TestLoadConfigDest: the destination settings from flags and the file,
@@ -515,6 +519,78 @@ func TestLoadConfigLimits(t *testing.T) {
 			require.NoError(t, err)
 			assert.Equal(t, tt.want, cfg.limits())
 			assert.Equal(t, tt.timeout, cfg.ClientTimeout)
+		})
+	}
+}
+
+// TestLoadConfigLimitStore: -limit-store from a flag or the file; a bad URL
+// is a one-line error naming the flag and never the password, and the
+// flag prints the URL without it.
+func TestLoadConfigLimitStore(t *testing.T) {
+	const secret = "s3cret-Pa55"
+	for _, tt := range []struct {
+		name string
+		args []string
+		file string
+		want string // the URL as the flag prints it
+		err  string
+	}{
+		{name: "default"},
+		{name: "flag", args: []string{"-limit-store", "redis://:" + secret + "@10.0.0.5:6379/2"}, want: "redis://:xxxxx@10.0.0.5:6379/2"},
+		{name: "file", file: "limit-store: rediss://egressd:" + secret + "@[2001:db8::5]/0\n", want: "rediss://egressd:xxxxx@[2001:db8::5]/0"},
+		{name: "flag over file", args: []string{"-limit-store", "redis://store.test"}, file: "limit-store: redis://other.test\n", want: "redis://store.test"},
+		{name: "empty turns it off", args: []string{"-limit-store", ""}, file: "limit-store: redis://other.test\n"},
+		{name: "scheme", args: []string{"-limit-store", "http://:" + secret + "@store.test"}, err: `limit-store: scheme "http": want redis://`},
+		{name: "port", args: []string{"-limit-store", "redis://:" + secret + "@store.test:0"}, err: `limit-store: port "0"`},
+		{name: "database", args: []string{"-limit-store", "redis://:" + secret + "@store.test/db1"}, err: `limit-store: database "db1"`},
+		{name: "bad escape", args: []string{"-limit-store", "redis://:" + secret + "%zz@store.test"}, err: "limit-store: not a URL (a bad %-escape)"},
+		{name: "file bad", file: "limit-store: \"redis://:" + secret + "@store.test?x=1\"\n", err: "limit-store: no query or fragment allowed"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := LoadConfig(withFile(t, tt.args, tt.file))
+			if tt.err != "" {
+				require.Error(t, err)
+				assert.Contains(t, err.Error(), tt.err)
+				assert.NotContains(t, err.Error(), secret)
+				assert.NotContains(t, err.Error(), "\n")
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, tt.want, flagSet(&cfg).Lookup("limit-store").Value.String())
+			assert.Equal(t, tt.want == "", cfg.LimitStore == "")
+		})
+	}
+}
+
+// TestLoadConfigPrefixes: -prefix is repeatable, and the config key takes a
+// list or one value; a prefix shorter than /64 is kept whole (the pool
+// spreads over its /64s).
+func TestLoadConfigPrefixes(t *testing.T) {
+	p := netip.MustParsePrefix
+	for _, tt := range []struct {
+		name string
+		args []string
+		file string
+		want []netip.Prefix
+	}{
+		{name: "none", want: nil},
+		{name: "one", args: []string{"-prefix", "2001:db8:1:2::/64"}, want: []netip.Prefix{p("2001:db8:1:2::/64")}},
+		{name: "a /56 and a /64", args: []string{"-prefix", "2001:db8:0:100::/56", "-prefix", "2001:db8:5:5::/64"},
+			want: []netip.Prefix{p("2001:db8:0:100::/56"), p("2001:db8:5:5::/64")}},
+		{name: "a list in the file", file: "prefix: [2001:db8:1:2::/64, 2001:db8:5:5::/64]\n",
+			want: []netip.Prefix{p("2001:db8:1:2::/64"), p("2001:db8:5:5::/64")}},
+		{name: "one value in the file", file: "prefix: 2001:db8:0:100::/56\n", want: []netip.Prefix{p("2001:db8:0:100::/56")}},
+		{name: "flags replace the file's list", file: "prefix: [2001:db8:1:2::/64, 2001:db8:5:5::/64]\n",
+			args: []string{"-prefix", "2001:db8:9:9::/64"}, want: []netip.Prefix{p("2001:db8:9:9::/64")}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			args := tt.args
+			if tt.file != "" {
+				args = append([]string{"-config", writeFile(t, "egressd.yaml", tt.file)}, args...)
+			}
+			cfg, err := LoadConfig(args)
+			require.NoError(t, err)
+			assert.Equal(t, tt.want, cfg.Prefixes)
 		})
 	}
 }

@@ -26,6 +26,8 @@ import (
 	"github.com/egressd/egressd/netutil"
 	"github.com/egressd/egressd/netutil/kernel"
 	"github.com/egressd/egressd/proxy"
+	"github.com/egressd/egressd/proxy/shape"
+	"github.com/egressd/egressd/proxy/shape/redisstore"
 	"github.com/egressd/egressd/proxy/stats"
 )
 
@@ -59,7 +61,12 @@ func Run(ctx context.Context, cfg Config) error {
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 
-	lv, err := newLive(cfg)
+	shared, closeStore, err := openLimitStore(cfg, log)
+	if err != nil {
+		return err
+	}
+	defer closeStore()
+	lv, err := newLive(cfg, shared)
 	if err != nil {
 		return err
 	}
@@ -70,7 +77,7 @@ func Run(ctx context.Context, cfg Config) error {
 	defer notify.Close()
 
 	var (
-		lock      *instanceLock
+		lock      instanceLocks
 		listeners []net.Listener // the -listen ones, then -socks5's
 		adminLn   net.Listener
 	)
@@ -92,7 +99,7 @@ func Run(ctx context.Context, cfg Config) error {
 	addLatency := new(stats.Histogram)
 	eg, err := kernel.Setup(kernel.Config{
 		Interface:   cfg.Interface,
-		Prefix:      cfg.Prefix,
+		Prefixes:    cfg.Prefixes,
 		Routed:      cfg.Mode == modeRouted,
 		Pin:         cfg.Pin,
 		MaxAddrs:    cfg.maxAddrs(),
@@ -104,12 +111,12 @@ func Run(ctx context.Context, cfg Config) error {
 		Logger:      log,
 		ObserveAdd:  addLatency.Observe,
 		// Before egressd changes the system, make sure that no other
-		// egressd serves this prefix, or one overlapping it: that one's
-		// addresses would look like leftovers, and its local route like
-		// ours. Then every listener, so that a port in use ends the start
-		// with nothing changed.
-		Claim: func(ifname string, prefix netip.Prefix) (err error) {
-			if lock, err = acquireLock(runtimeDir(), ifname, prefix); err != nil {
+		// egressd serves one of these prefixes, or one overlapping it: that
+		// one's addresses would look like leftovers, and its local route
+		// like ours. Then every listener, so that a port in use ends the
+		// start with nothing changed.
+		Claim: func(ifname string, prefixes []netip.Prefix) (err error) {
+			if lock, err = acquireLocks(runtimeDir(), ifname, prefixes); err != nil {
 				return err
 			}
 			if listeners, err = listen(cfg); err != nil {
@@ -120,7 +127,7 @@ func Run(ctx context.Context, cfg Config) error {
 			}
 			return err
 		},
-		Shared: func() error { return lock.Overlapping() },
+		Shared: func(prefix netip.Prefix) error { return lock.Overlapping(prefix) },
 	})
 	if err != nil {
 		return err
@@ -148,10 +155,10 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 
-	rl := &reloader{srv: srv, guard: eg.Guard, level: level, log: log, notify: notify, cfg: cfg, live: lv}
+	rl := &reloader{srv: srv, guard: eg.Guard, level: level, log: log, notify: notify, cfg: cfg, live: lv, shared: shared}
 	var adminSrv *http.Server
 	if adminLn != nil {
-		src := &statsSource{started: time.Now(), srv: srv, pool: eg.Pool, addLatency: addLatency}
+		src := &statsSource{started: time.Now(), srv: srv, pool: eg.Pool, addLatency: addLatency, shared: shared}
 		adminSrv = &http.Server{Handler: src.adminHandler(rl.Reload), ReadHeaderTimeout: 10 * time.Second}
 		go func() {
 			if err := adminSrv.Serve(adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -173,8 +180,9 @@ func Run(ctx context.Context, cfg Config) error {
 	// Warnings once it runs: a start that fails says only why.
 	warnWeakHashes(log, cfg.AuthFile, lv.access.Users)
 	checkFileLimit(log, cfg.MaxConns)
-	log.Info("egressd ready", "mode", cfg.Mode, "interface", eg.Interface, "prefix", eg.Prefix, "max_addrs", maxAddrsAttr(cfg.maxAddrs()),
-		"new_addrs", budgetAttr(cfg.budget()), "rotate", cfg.Rotate, "allow", allowList(cfg.allowed()), "auth", cfg.AuthFile != "")
+	log.Info("egressd ready", "mode", cfg.Mode, "interface", eg.Interface, "prefix", allowList(eg.Prefixes), "max_addrs", maxAddrsAttr(cfg.maxAddrs()),
+		"new_addrs", budgetAttr(cfg.budget()), "rotate", cfg.Rotate, "allow", allowList(cfg.allowed()), "auth", cfg.AuthFile != "",
+		"limit_store", storeAttr(shared))
 	if err := notify.send("READY=1", "STATUS=serving"); err != nil {
 		log.Warn("telling systemd egressd is ready", "err", err)
 	}
@@ -256,6 +264,30 @@ func listen(cfg Config) ([]net.Listener, error) {
 	return listeners, nil
 }
 
+// openLimitStore opens the Redis of -limit-store, if there is one, and the
+// Shared that every shaper of this run shares its budgets through. It does
+// not connect: a Redis that is down is taken up when it answers. The
+// returned func closes it.
+func openLimitStore(cfg Config, log *slog.Logger) (*shape.Shared, func(), error) {
+	if cfg.LimitStore == "" {
+		return nil, func() {}, nil
+	}
+	store, err := redisstore.Open(cfg.LimitStore, shape.DefaultStoreTimeout, log)
+	if err != nil {
+		return nil, nil, fmt.Errorf("limit-store: %w", err)
+	}
+	shared := shape.NewShared(shape.SharedConfig{Store: store, Name: store.Name(), Logger: log})
+	return shared, func() { store.Close() }, nil
+}
+
+// storeAttr is -limit-store as the startup line shows it, without password.
+func storeAttr(shared *shape.Shared) string {
+	if shared == nil {
+		return "none"
+	}
+	return shared.Stats().Store
+}
+
 // maxAddrsAttr is the bound of live addresses as the startup line shows it.
 func maxAddrsAttr(n int) string {
 	if n == noCap {
@@ -272,7 +304,7 @@ func budgetAttr(b netutil.Budget) string {
 	return fmt.Sprintf("%gr/s,burst=%d within %s (at most %d distinct)", b.Rate, b.Burst, b.Window, b.Cap())
 }
 
-// allowList is an allow list as the startup line shows it.
+// allowList is an allow list, or the prefixes, as the startup line shows it.
 func allowList(allow []netip.Prefix) string {
 	parts := make([]string, len(allow))
 	for i, p := range allow {

@@ -91,6 +91,7 @@ func configFile(t *testing.T, cfg Config) []byte {
 		"rotate-on":      cfg.RotateOn.String(),
 		"ipv4":           string(cfg.IPv4),
 		"limit":          strs(len(cfg.Limits), func(i int) string { return cfg.Limits[i].String() }),
+		"limit-store":    cfg.LimitStore,
 		"allow":          strs(len(cfg.Allow), func(i int) string { return cfg.Allow[i].String() }),
 		"auth-file":      cfg.AuthFile,
 		"admin":          cfg.Admin,
@@ -111,8 +112,8 @@ func configFile(t *testing.T, cfg Config) []byte {
 			keys[k] = v
 		}
 	}
-	if cfg.Prefix.IsValid() {
-		keys["prefix"] = cfg.Prefix.String()
+	if len(cfg.Prefixes) > 0 {
+		keys["prefix"] = strs(len(cfg.Prefixes), func(i int) string { return cfg.Prefixes[i].String() })
 	}
 	flagSet(new(Config)).VisitAll(func(f *flag.Flag) {
 		if _, ok := derived[f.Name]; ok {

@@ -273,3 +273,43 @@ func (l *instanceLock) Release() error {
 	}
 	return errors.Join(err, l.f.Close())
 }
+
+// instanceLocks are egressd's claims on each of its prefixes: a lock file
+// per prefix, so that an egressd of one of them, or of a prefix that
+// overlaps one, conflicts as it would with an egressd of that prefix alone.
+type instanceLocks []*instanceLock
+
+// acquireLocks takes the lock of every prefix on ifname (see acquireLock),
+// or none: on a failure it lets go of those it took.
+func acquireLocks(dir, ifname string, prefixes []netip.Prefix) (instanceLocks, error) {
+	ls := make(instanceLocks, 0, len(prefixes))
+	for _, p := range prefixes {
+		l, err := acquireLock(dir, ifname, p)
+		if err != nil {
+			_ = ls.Release()
+			return nil, err
+		}
+		ls = append(ls, l)
+	}
+	return ls, nil
+}
+
+// Overlapping returns a *heldError if another egressd holds a lock on a
+// prefix that overlaps prefix, one of ls's; nil if none does.
+func (ls instanceLocks) Overlapping(prefix netip.Prefix) error {
+	for _, l := range ls {
+		if l.prefix == prefix {
+			return l.Overlapping()
+		}
+	}
+	return nil
+}
+
+// Release lets go of every lock (see instanceLock.Release).
+func (ls instanceLocks) Release() error {
+	var errs []error
+	for _, l := range ls {
+		errs = append(errs, l.Release())
+	}
+	return errors.Join(errs...)
+}

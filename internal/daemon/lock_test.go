@@ -269,3 +269,42 @@ func TestRuntimeDir(t *testing.T) {
 	t.Setenv("RUNTIME_DIRECTORY", "/tmp/x")
 	assert.Equal(t, "/tmp/x", runtimeDir())
 }
+
+// TestLocksOfSeveralPrefixes: an egressd of several prefixes holds a lock
+// per prefix: another egressd of any of them, or of one overlapping one,
+// is refused; the locks are taken all or none, and Overlapping answers per
+// prefix.
+func TestLocksOfSeveralPrefixes(t *testing.T) {
+	dir := t.TempDir()
+	p56 := netip.MustParsePrefix("2001:db8:0:100::/56")
+	p64 := netip.MustParsePrefix("2001:db8:5:5::/64")
+	ls, err := acquireLocks(dir, "eth0", []netip.Prefix{p56, p64})
+	require.NoError(t, err)
+	require.Len(t, ls, 2)
+
+	for _, other := range []netip.Prefix{p64, netip.MustParsePrefix("2001:db8:0:1ff::/64"), netip.MustParsePrefix("2001:db8::/32")} {
+		_, err := acquireLock(dir, "eth0", other)
+		var h *heldError
+		require.ErrorAs(t, err, &h, "%s", other)
+	}
+
+	// All or none: a set with one prefix taken leaves no lock behind.
+	free := netip.MustParsePrefix("2001:db8:9:9::/64")
+	_, err = acquireLocks(dir, "eth1", []netip.Prefix{free, p64})
+	require.Error(t, err)
+	l, err := acquireLock(dir, "eth1", free)
+	require.NoError(t, err, "the lock of the set that failed was let go")
+	require.NoError(t, l.Release())
+
+	// At stop, each route asks about its own prefix.
+	other, err := lockFile(filepath.Join(ls[0].dir, lockName("eth1", netip.MustParsePrefix("2001:db8:0:1a0::/60"))))
+	require.NoError(t, err)
+	assert.Error(t, ls.Overlapping(p56))
+	assert.NoError(t, ls.Overlapping(p64))
+	require.NoError(t, other.Close())
+
+	require.NoError(t, ls.Release())
+	l, err = acquireLock(dir, "eth0", p64)
+	require.NoError(t, err, "released")
+	require.NoError(t, l.Release())
+}

@@ -31,8 +31,9 @@ type live struct {
 	authHash [sha256.Size]byte
 }
 
-// newLive reads the auth file and builds the shaper of cfg.
-func newLive(cfg Config) (live, error) {
+// newLive reads the auth file and builds the shaper of cfg, sharing its
+// budgets through shared when it is not nil (-limit-store).
+func newLive(cfg Config, shared *shape.Shared) (live, error) {
 	var l live
 	l.access.Allow = cfg.allowed()
 	l.access.ConnectPorts, l.access.HTTPPorts = cfg.ConnectPorts, cfg.HTTPPorts
@@ -48,7 +49,7 @@ func newLive(cfg Config) (live, error) {
 	}
 	if len(cfg.Limits) > 0 {
 		var err error
-		if l.shaper, err = shape.New(shape.Config{Rules: cfg.Limits}); err != nil {
+		if l.shaper, err = shape.New(shape.Config{Rules: cfg.Limits, Shared: shared}); err != nil {
 			return live{}, fmt.Errorf("limit: %w", err)
 		}
 	}
@@ -63,6 +64,7 @@ type reloader struct {
 	level  *slog.LevelVar
 	log    *slog.Logger
 	notify *notifier
+	shared *shape.Shared // -limit-store, for every new shaper; nil without
 
 	mu       sync.Mutex
 	cfg      Config // in force: the reloadable settings as last applied, the others as at start
@@ -105,7 +107,7 @@ func (r *reloader) Reload() (string, error) {
 	next, err := LoadConfig(r.cfg.args)
 	if err == nil {
 		var l live
-		if l, err = newLive(next); err == nil {
+		if l, err = newLive(next, r.shared); err == nil {
 			warnWeakHashes(r.log, next.AuthFile, l.access.Users)
 			return r.apply(next, l), nil
 		}

@@ -105,7 +105,7 @@ func TestReload(t *testing.T) {
 	args := []string{"-config", file, "-grace", "7s", "-listen", "127.0.0.1:3128"}
 	cfg, err := LoadConfig(args)
 	require.NoError(t, err)
-	l, err := newLive(cfg)
+	l, err := newLive(cfg, nil)
 	require.NoError(t, err)
 	srv, err := proxy.New(proxy.Config{
 		Dial:   func(context.Context, string, string) (net.Conn, error) { return nil, os.ErrPermission },

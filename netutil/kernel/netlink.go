@@ -240,3 +240,21 @@ func OnInterface(prefix netip.Prefix, addrs []IfAddr) bool {
 	}
 	return false
 }
+
+// OnLinkRoutes lists the destinations of the main table's IPv6 routes
+// through the interface ifindex without a gateway: the prefixes the host
+// takes as on-link there. Default routes are left out.
+func OnLinkRoutes(h *netlink.Handle, ifindex int) ([]netip.Prefix, error) {
+	routes, err := h.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Table: unix.RT_TABLE_MAIN, LinkIndex: ifindex},
+		netlink.RT_FILTER_TABLE|netlink.RT_FILTER_OIF)
+	if err != nil {
+		return nil, fmt.Errorf("listing IPv6 routes: %w", err)
+	}
+	var out []netip.Prefix
+	for _, r := range routes {
+		if dst := routePrefix(r); dst.IsValid() && dst.Bits() > 0 && r.Gw == nil && len(r.MultiPath) == 0 {
+			out = append(out, dst)
+		}
+	}
+	return out, nil
+}

@@ -19,13 +19,14 @@ type Config struct {
 	// Interface is where egress addresses are added; empty means the
 	// interface of the IPv6 default route.
 	Interface string
-	// Prefix is where egress addresses are drawn from; the zero value
-	// means the /64 of the first global address on Interface.
-	Prefix netip.Prefix
-	// Routed selects routed mode: the prefix is routed to the host, a local
-	// route makes every address of it the host's own, and the dialer binds
-	// with IPV6_FREEBIND. Otherwise (on-link) every address is added to
-	// Interface.
+	// Prefixes are where egress addresses are drawn from, spread evenly
+	// over their /64s (netutil.Spread); none means the /64 of the first
+	// global address on Interface. They must not overlap.
+	Prefixes []netip.Prefix
+	// Routed selects routed mode: the prefixes are routed to the host, a
+	// local route for each makes every address of it the host's own, and
+	// the dialer binds with IPV6_FREEBIND. Otherwise (on-link) every
+	// address is added to Interface, and each prefix must be on it.
 	Routed bool
 	// Pin lists addresses never used for egress, never removed.
 	Pin []netip.Addr
@@ -44,15 +45,15 @@ type Config struct {
 	Logger *slog.Logger
 	// ObserveAdd is the pool's (netutil.PoolConfig.ObserveAdd).
 	ObserveAdd func(time.Duration)
-	// Claim, if set, is called once the interface and the prefix are known
-	// and checked, before anything on the host changes: the daemon takes
-	// its instance lock and opens its listeners there. Its error ends
+	// Claim, if set, is called once the interface and the prefixes are
+	// known and checked, before anything on the host changes: the daemon
+	// takes its instance lock and opens its listeners there. Its error ends
 	// Setup, unchanged, with nothing changed.
-	Claim func(ifname string, prefix netip.Prefix) error
+	Claim func(ifname string, prefixes []netip.Prefix) error
 	// Shared, if set, is asked when Egress.Close comes to the local route
-	// of routed mode: a non-nil answer (another egressd holds a prefix
-	// overlapping this one) leaves the route in place, and is logged.
-	Shared func() error
+	// of a prefix in routed mode: a non-nil answer (another egressd holds a
+	// prefix overlapping that one) leaves the route in place, and is logged.
+	Shared func(prefix netip.Prefix) error
 }
 
 // Egress is the address side of a running egressd, as Setup made it: the
@@ -60,28 +61,29 @@ type Config struct {
 // mode the local route, all kept true to the host's network by a watcher.
 // Close takes it down.
 type Egress struct {
-	Interface string       // where the addresses are added, or the uplink in routed mode
-	Prefix    netip.Prefix // where they are drawn from
+	Interface string         // where the addresses are added, or the uplink in routed mode
+	Prefixes  []netip.Prefix // where they are drawn from
 	Pool      *netutil.Pool
 	Dialer    *netutil.Dialer
 	Guard     *netutil.Guard
 
-	cfg   Config
-	log   *slog.Logger
-	h     *netlink.Handle
-	route *LocalRoute // routed mode's; nil on-link
-	stop  func()      // ends the pool's background work and the watch
+	cfg    Config
+	log    *slog.Logger
+	h      *netlink.Handle
+	routes []*LocalRoute // routed mode's, one per prefix; none on-link
+	stop   func()        // ends the pool's background work and the watch
 }
 
 // Setup checks that the process may add addresses, finds the interface and
-// the prefix (cfg's, or the defaults), checks that the prefix suits the
-// mode (on-link: an address of it is on the interface; routed: it captures
-// no other route nor the default gateway), calls cfg.Claim, removes the
-// egress addresses a killed earlier run left behind, and builds the pool,
-// the guard and the dialer of the mode. In routed mode it then installs the
-// local route. Last it starts the pool's background work and the watcher
-// that keeps the pool, the guard and the local route true to the host's
-// network (Pool.Follow, Guard.Follow, LocalRoute.Keep).
+// the prefixes (cfg's, or the default), checks that each suits the mode
+// (on-link: an address or an on-link route of it is on the interface;
+// routed: it captures no other route nor the default gateway), calls
+// cfg.Claim, removes the egress addresses a killed earlier run left behind,
+// and builds the pool, the guard and the dialer of the mode. In routed mode
+// it then installs a local route per prefix. Last it starts the pool's
+// background work and the watcher that keeps the pool, the guard and the
+// local routes true to the host's network (Pool.Follow, Guard.Follow,
+// LocalRoute.Keep).
 func Setup(cfg Config) (e *Egress, err error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -98,16 +100,21 @@ func Setup(cfg Config) (e *Egress, err error) {
 			h.Close()
 		}
 	}()
-	mgr, prefix, err := locate(h, cfg)
+	mgr, prefixes, err := locate(h, cfg)
 	if err != nil {
 		return nil, err
 	}
 	if cfg.Claim != nil {
-		if err := cfg.Claim(mgr.Name(), prefix); err != nil {
+		if err := cfg.Claim(mgr.Name(), prefixes); err != nil {
 			return nil, err
 		}
 	}
-	e = &Egress{Interface: mgr.Name(), Prefix: prefix, cfg: cfg, log: cfg.Logger, h: h}
+	e = &Egress{Interface: mgr.Name(), Prefixes: prefixes, cfg: cfg, log: cfg.Logger, h: h}
+	defer func() {
+		if err != nil {
+			e.removeRoutes() // those installed before a later one failed
+		}
+	}()
 	if err := e.build(mgr); err != nil {
 		return nil, err
 	}
@@ -115,41 +122,51 @@ func Setup(cfg Config) (e *Egress, err error) {
 	return e, nil
 }
 
-// locate resolves cfg's interface and prefix, and checks the prefix against
-// the mode. It changes nothing.
-func locate(h *netlink.Handle, cfg Config) (*Netlink, netip.Prefix, error) {
+// locate resolves cfg's interface and prefixes, and checks each prefix
+// against the mode. It changes nothing.
+func locate(h *netlink.Handle, cfg Config) (*Netlink, []netip.Prefix, error) {
 	var err error
 	ifname := cfg.Interface
 	if ifname == "" {
 		if ifname, err = DefaultInterface(h); err != nil {
-			return nil, netip.Prefix{}, err
+			return nil, nil, err
 		}
 	}
 	mgr, err := NewNetlink(h, ifname)
 	if err != nil {
 		if _, ok := errors.AsType[netlink.LinkNotFoundError](err); ok {
-			return nil, netip.Prefix{}, fmt.Errorf("interface %s does not exist", ifname)
+			return nil, nil, fmt.Errorf("interface %s does not exist", ifname)
 		}
-		return nil, netip.Prefix{}, err
+		return nil, nil, err
 	}
 	addrs, err := mgr.Addrs()
 	if err != nil {
-		return nil, netip.Prefix{}, err
+		return nil, nil, err
 	}
-	prefix := cfg.Prefix
-	if !prefix.IsValid() {
-		if prefix, err = DefaultPrefix(addrs); err != nil {
-			return nil, netip.Prefix{}, fmt.Errorf("interface %s: %w", ifname, err)
+	prefixes := slices.Clone(cfg.Prefixes)
+	if len(prefixes) == 0 {
+		prefix, err := DefaultPrefix(addrs)
+		if err != nil {
+			return nil, nil, fmt.Errorf("interface %s: %w", ifname, err)
+		}
+		prefixes = []netip.Prefix{prefix}
+	}
+	var onLink []netip.Prefix // the interface's on-link routes, listed once
+	if !cfg.Routed && slices.ContainsFunc(prefixes, func(p netip.Prefix) bool { return !OnInterface(p, addrs) }) {
+		if onLink, err = OnLinkRoutes(h, mgr.Index()); err != nil {
+			return nil, nil, err
 		}
 	}
-	if cfg.Routed {
-		if err := CheckRoutedPrefix(h, prefix, mgr.Index()); err != nil {
-			return nil, netip.Prefix{}, err
+	for _, prefix := range prefixes {
+		if cfg.Routed {
+			if err := CheckRoutedPrefix(h, prefix, mgr.Index()); err != nil {
+				return nil, nil, err
+			}
+		} else if !OnInterface(prefix, addrs) && !slices.ContainsFunc(onLink, prefix.Overlaps) {
+			return nil, nil, fmt.Errorf("prefix %s is not on interface %s: no address or on-link route of it is there (if it is routed to this host, use -mode routed)", prefix, ifname)
 		}
-	} else if !OnInterface(prefix, addrs) {
-		return nil, netip.Prefix{}, fmt.Errorf("prefix %s is not on interface %s: no address of it is configured there (if it is routed to this host, use -mode routed)", prefix, ifname)
 	}
-	return mgr, prefix, nil
+	return mgr, prefixes, nil
 }
 
 // build removes the leftovers of an earlier run and makes the pool, the
@@ -159,9 +176,13 @@ func (e *Egress) build(mgr *Netlink) error {
 	// Addresses that a killed earlier run left behind go first; every
 	// address the host has now, on any interface, is its own and is never
 	// drawn.
-	left, err := mgr.RemoveLeftovers(e.Prefix, cfg.Pin)
-	if err != nil {
-		return fmt.Errorf("removing leftover egress addresses: %w", err)
+	left := 0
+	for _, prefix := range e.Prefixes {
+		n, err := mgr.RemoveLeftovers(prefix, cfg.Pin)
+		left += n
+		if err != nil {
+			return fmt.Errorf("removing leftover egress addresses: %w", err)
+		}
 	}
 	if left > 0 {
 		log.Info("removed leftover egress addresses of an earlier run", "count", left)
@@ -182,7 +203,7 @@ func (e *Egress) build(mgr *Netlink) error {
 		am, ready, linger, budget = netutil.NoAddrs{}, -1, -1, netutil.Budget{}
 	}
 	e.Pool, err = netutil.NewPool(netutil.PoolConfig{
-		Prefix:     e.Prefix,
+		Prefixes:   e.Prefixes,
 		Exclude:    append(slices.Clone(cfg.Pin), hostAddrs...),
 		Max:        cfg.MaxAddrs,
 		Ready:      ready,
@@ -197,19 +218,23 @@ func (e *Egress) build(mgr *Netlink) error {
 	}
 
 	// Clients must not reach the host's own services through the proxy:
-	// not its addresses, its loopback, its link, nor its egress prefix,
+	// not its addresses, its loopback, its link, nor its egress prefixes,
 	// every address of which is the host's own in routed mode; nor, unless
 	// -allow-dest says so, its private networks.
-	e.Guard = netutil.NewGuard([]netip.Prefix{e.Prefix}, cfg.AllowDest)
+	e.Guard = netutil.NewGuard(e.Prefixes, cfg.AllowDest)
 	e.Guard.SetHostAddrs(hostAddrs)
 	e.Dialer = &netutil.Dialer{Pool: e.Pool, Timeout: cfg.DialTimeout, FreeBind: cfg.Routed, IPv4: cfg.IPv4, Guard: e.Guard}
 
 	if cfg.Routed {
-		if e.route, err = InstallLocalRoute(e.h, e.Prefix); err != nil {
-			return err
-		}
-		if !e.route.Ours() {
-			log.Info("using the local route for the prefix that is already there", "prefix", e.Prefix)
+		for _, prefix := range e.Prefixes {
+			route, err := InstallLocalRoute(e.h, prefix)
+			if err != nil {
+				return err
+			}
+			e.routes = append(e.routes, route)
+			if !route.Ours() {
+				log.Info("using the local route for the prefix that is already there", "prefix", prefix)
+			}
 		}
 	}
 	return nil
@@ -224,10 +249,10 @@ func (e *Egress) build(mgr *Netlink) error {
 // background work. The function it returns ends the pool's work, then the
 // watch.
 func (e *Egress) start(uplink *Netlink) (stop func()) {
-	w := NewWatcher(WatchConfig{Handle: e.h, Routes: e.route != nil, Logger: e.log})
+	w := NewWatcher(WatchConfig{Handle: e.h, Routes: len(e.routes) > 0, Logger: e.log})
 	cancels := []func(){e.Pool.Follow(w, uplink), e.Guard.Follow(w)}
-	if e.route != nil {
-		cancels = append(cancels, e.route.Keep(w, e.Pool, e.log))
+	for _, route := range e.routes {
+		cancels = append(cancels, route.Keep(w, e.Pool, e.log))
 	}
 	stopWatch := background(w.Run)
 	stopPool := background(e.Pool.Run)
@@ -258,7 +283,7 @@ func background(fn func(context.Context)) (stop func()) {
 // Close takes the address side down, in order: the pool's background work
 // and the watch end (the watch before the route goes, which it would
 // restore), every address the pool still has is removed, in use or not,
-// and then routed mode's local route, if egressd installed it and
+// and then routed mode's local routes, each if egressd installed it and
 // Config.Shared does not object. Failures are logged. It returns how many
 // addresses it removed, and the first failure.
 func (e *Egress) Close() (removed int, err error) {
@@ -269,25 +294,33 @@ func (e *Egress) Close() (removed int, err error) {
 		e.log.Error("removing egress addresses", "removed", removed, "err", perr)
 		err = fmt.Errorf("removing egress addresses: %w", perr)
 	}
-	if e.route == nil {
-		return removed, err
-	}
-	// Only a route egressd installed is removed, and not while another
-	// egressd holds a prefix that overlaps this one: the lock keeps a
-	// second one from starting, this is the second guard.
-	var shared error
-	if e.cfg.Shared != nil {
-		shared = e.cfg.Shared()
-	}
-	if shared != nil {
-		e.log.Warn("leaving the local route in place", "prefix", e.Prefix, "reason", shared)
-	} else if rerr := e.route.Remove(); rerr != nil {
-		e.log.Error("removing the local route", "err", rerr)
-		if err == nil {
-			err = rerr
-		}
+	if rerr := e.removeRoutes(); err == nil {
+		err = rerr
 	}
 	return removed, err
+}
+
+// removeRoutes removes routed mode's local routes that egressd installed.
+// Not while another egressd holds a prefix that overlaps one: the lock
+// keeps a second one from starting, this is the second guard. Failures are
+// logged; it returns the first.
+func (e *Egress) removeRoutes() error {
+	var first error
+	for _, route := range e.routes {
+		var shared error
+		if e.cfg.Shared != nil {
+			shared = e.cfg.Shared(route.prefix)
+		}
+		if shared != nil {
+			e.log.Warn("leaving the local route in place", "prefix", route.prefix, "reason", shared)
+		} else if err := route.Remove(); err != nil {
+			e.log.Error("removing the local route", "err", err)
+			if first == nil {
+				first = err
+			}
+		}
+	}
+	return first
 }
 
 // checkNetAdmin fails unless the process may add addresses.

@@ -27,5 +27,13 @@
 // that is full, idle states are dropped, and if none is idle the new hosts of
 // a rule share one overflow state.
 //
+// With a Shared (egressd's -limit-store), the rate and burst of every rule
+// are a budget that all egressd instances naming the same Store share, one
+// bucket per rule and upstream host (package redisstore keeps them in
+// Redis): only the head of a host's line asks the store, and waits the
+// retry it names before asking again. Concurrency caps and Pushback holds
+// stay per process. A store that does not answer in time is replaced by
+// the in-process buckets until it answers again.
+//
 // All time comes from a Clock, so tests drive the shaper with a fake one.
 package shape

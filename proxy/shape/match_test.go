@@ -95,7 +95,12 @@ func TestNew(t *testing.T) {
 // system clock.
 func newShaper(t testing.TB, clock Clock, rules ...string) *Shaper {
 	t.Helper()
-	cfg := Config{Clock: clock}
+	return newShaperWith(t, Config{Clock: clock}, rules...)
+}
+
+// newShaperWith is newShaper with cfg's clock and Shared.
+func newShaperWith(t testing.TB, cfg Config, rules ...string) *Shaper {
+	t.Helper()
 	for _, s := range rules {
 		r, err := ParseRule(s)
 		require.NoError(t, err)

@@ -50,6 +50,10 @@ type Config struct {
 	Rules []Rule
 	// Clock is where the shaper reads the time; SystemClock when nil.
 	Clock Clock
+	// Shared, when set, makes the rate and burst of every rule a budget
+	// that all egressd instances naming the same store share (see
+	// Shared); nil keeps them in this process alone.
+	Shared *Shared
 }
 
 // Shaper paces requests per upstream host by the rules it was given. It is
@@ -60,6 +64,7 @@ type Shaper struct {
 	exact  map[string]int // host -> index in rules
 	suffix map[string]int // ".archlinux.org" for "*.archlinux.org" -> index
 	star   int            // index of "*", -1 when there is none
+	shared *Shared        // nil: rates are this process's own
 
 	maxStates  int
 	maxLine    int
@@ -83,6 +88,7 @@ type state struct {
 
 	active int       // requests waiting or holding a Permit
 	hold   time.Time // Pushback: nobody goes before this
+	retry  time.Time // shared: the head asks again then, as the store said
 	head   *waiter   // the line, first come first served
 	tail   *waiter
 	n      int // waiters in the line
@@ -117,6 +123,7 @@ func New(cfg Config) (*Shaper, error) {
 		sweepEvery: sweepEvery,
 		states:     make(map[string]*state),
 		overflow:   make([]*state, len(cfg.Rules)),
+		shared:     cfg.Shared,
 	}
 	if s.clock == nil {
 		s.clock = SystemClock
@@ -239,6 +246,9 @@ func (s *Shaper) Acquire(ctx context.Context, host string) (Permit, error) {
 	// Read the time under the lock, so that the limiter sees it go forward.
 	now := s.clock.Now()
 	st := s.stateFor(h, i, now)
+	if s.shared != nil {
+		return s.queue(ctx, st, h, now) // only the line's head asks the store
+	}
 	if st.head != nil {
 		s.pump(st, now)
 	}
@@ -257,8 +267,9 @@ func (s *Shaper) Acquire(ctx context.Context, host string) (Permit, error) {
 	return s.queue(ctx, st, h, now)
 }
 
-// queue puts a request that cannot go at once in line, or rejects it. It is
-// called with s.mu held and unlocks it.
+// queue puts a request that cannot go at once in line, or rejects it; with
+// a Shared, every request of a shaped host comes here. It is called with
+// s.mu held and unlocks it.
 func (s *Shaper) queue(ctx context.Context, st *state, host string, now time.Time) (Permit, error) {
 	rule := st.rule
 	if err := ctx.Err(); err != nil {
@@ -271,7 +282,12 @@ func (s *Shaper) queue(ctx context.Context, st *state, host string, now time.Tim
 		s.mu.Unlock()
 		return Permit{}, reject(host, rule, left, "%s asked to slow down (Retry-After)", host)
 	}
-	delay := st.expect(now, st.unreserved()+1)
+	var delay time.Duration
+	if s.shared != nil {
+		delay = st.least(now, st.n+1)
+	} else {
+		delay = st.expect(now, st.unreserved()+1)
+	}
 	if st.n >= s.maxLine {
 		s.mu.Unlock()
 		return Permit{}, reject(host, rule, delay, "too many requests waiting for %s", host)
@@ -283,10 +299,16 @@ func (s *Shaper) queue(ctx context.Context, st *state, host string, now time.Tim
 	w := &waiter{host: host, deadline: deadline, wake: make(chan struct{}, 1)}
 	st.push(w)
 	st.active++
-	s.pump(st, now)
-	s.mu.Unlock()
-
-	if err := s.wait(ctx, st, w); err != nil {
+	var err error
+	if s.shared != nil {
+		s.mu.Unlock()
+		err = s.waitShared(ctx, st, w)
+	} else {
+		s.pump(st, now)
+		s.mu.Unlock()
+		err = s.wait(ctx, st, w)
+	}
+	if err != nil {
 		s.mu.Lock()
 		st.active--
 		s.mu.Unlock()
@@ -317,28 +339,38 @@ func (s *Shaper) wait(ctx context.Context, st *state, w *waiter) error {
 		}
 		s.mu.Unlock()
 
-		var fire <-chan time.Time
-		stop := func() bool { return false }
-		if !target.IsZero() {
-			fire, stop = s.clock.NewTimer(target.Sub(s.clock.Now()))
+		if err := s.sleep(ctx, target, w, func() { s.leave(st, w, s.clock.Now()) }); err != nil {
+			return err
 		}
-		s.blocked.Add(1)
-		select {
-		case <-ctx.Done():
-			s.blocked.Add(-1)
-			stop()
-			s.mu.Lock()
-			if !w.done {
-				s.leave(st, w, s.clock.Now())
-			}
-			s.mu.Unlock()
-			return ctx.Err()
-		case <-fire:
-		case <-w.wake:
-		}
+	}
+}
+
+// sleep waits for w's wake-up, or until target unless it is zero. When ctx
+// ends first it takes w out of its line with leave (under s.mu, unless w
+// is done by then) and returns ctx's error.
+func (s *Shaper) sleep(ctx context.Context, target time.Time, w *waiter, leave func()) error {
+	var fire <-chan time.Time
+	stop := func() bool { return false }
+	if !target.IsZero() {
+		fire, stop = s.clock.NewTimer(target.Sub(s.clock.Now()))
+	}
+	s.blocked.Add(1)
+	select {
+	case <-ctx.Done():
 		s.blocked.Add(-1)
 		stop()
+		s.mu.Lock()
+		if !w.done {
+			leave()
+		}
+		s.mu.Unlock()
+		return ctx.Err()
+	case <-fire:
+	case <-w.wake:
 	}
+	s.blocked.Add(-1)
+	stop()
+	return nil
 }
 
 // slot takes a concurrency slot for a request that has its rate turn, by
@@ -408,6 +440,10 @@ func (s *Shaper) Pushback(host string, retryAfter time.Duration) bool {
 		return true
 	}
 	st.hold = until
+	if s.shared != nil {
+		st.rejectLate(now)
+		return true
+	}
 	if w := st.head; w != nil && w.r != nil {
 		w.r.CancelAt(now) // the head takes its token after the hold
 		w.r, w.at = nil, time.Time{}

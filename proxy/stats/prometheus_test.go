@@ -185,6 +185,26 @@ func TestExpositionValues(t *testing.T) {
 	assert.Equal(t, uint64(1), ah.GetBucket()[2].GetCumulativeCount()) // (200µs, 400µs]
 	assert.Equal(t, uint64(2), ah.GetBucket()[3].GetCumulativeCount()) // (400µs, 800µs]
 
+	assert.Equal(t, 0.0, plain("egress_limit_store_up").GetGauge().GetValue())
+	assert.Equal(t, 5000.0, plain("egress_limit_store_decisions_total").GetCounter().GetValue())
+	assert.Equal(t, 40.0, plain("egress_limit_store_local_decisions_total").GetCounter().GetValue())
+	assert.Equal(t, 3.0, plain("egress_limit_store_errors_total").GetCounter().GetValue())
+	assert.Equal(t, 1.0, plain("egress_limit_store_fallbacks_total").GetCounter().GetValue())
+	subnets := map[string][2]float64{}
+	for _, m := range mfs["egress_subnet_connections_total"].GetMetric() {
+		require.Len(t, m.GetLabel(), 1)
+		require.Equal(t, "subnet", m.GetLabel()[0].GetName())
+		subnets[m.GetLabel()[0].GetValue()] = [2]float64{m.GetCounter().GetValue(), -1}
+	}
+	for _, m := range mfs["egress_subnet_open_connections"].GetMetric() {
+		v := subnets[m.GetLabel()[0].GetValue()]
+		v[1] = m.GetGauge().GetValue()
+		subnets[m.GetLabel()[0].GetValue()] = v
+	}
+	assert.Equal(t, map[string][2]float64{
+		"3fff:0:0:100::/64": {300, 2}, "3fff:0:0:101::/64": {299, 1}, stats.OtherSubnet: {401, 0},
+	}, subnets, "connections made and open, per /64")
+
 	assert.Equal(t, 7.0, plain("egress_client_connections").GetGauge().GetValue())
 	assert.Equal(t, 3.0, plain("egress_client_accept_errors_total").GetCounter().GetValue())
 	refused := map[string]float64{}
@@ -278,6 +298,7 @@ func TestExpositionEmpty(t *testing.T) {
 	assert.Equal(t, uint64(0), mfs["egress_address_add_duration_seconds"].GetMetric()[0].GetHistogram().GetSampleCount())
 	assert.NotContains(t, mfs, "egress_address_budget_rate", "no budget (routed mode): no sample")
 	assert.NotContains(t, text, "egress_address_budget_rate")
+	assert.NotContains(t, mfs, "egress_limit_store_up", "no -limit-store: no sample")
 }
 
 func TestExpositionError(t *testing.T) {
@@ -326,6 +347,6 @@ func TestDocsListEverySeries(t *testing.T) {
 	doc, err := os.ReadFile("../../docs/design.md")
 	require.NoError(t, err)
 	for _, f := range promstats.Series {
-		assert.Contains(t, string(doc), "| `"+f.Name+"` |", "docs/design.md does not list %s", f.Name)
+		assert.True(t, strings.Contains(string(doc), "| `"+f.Name+"` |"), "docs/design.md's table does not list %s", f.Name)
 	}
 }

@@ -24,6 +24,26 @@ type Stats struct {
 	Addresses     AddressStats    `json:"addresses"`
 	Clients       ClientStats     `json:"clients"`
 	Sessions      SessionStats    `json:"sessions"`
+	// LimitStore is the store of shared budgets (-limit-store); nil
+	// without one.
+	LimitStore *LimitStore `json:"limit_store,omitempty"`
+}
+
+// LimitStore describes the store that -limit budgets are shared through.
+type LimitStore struct {
+	Store string `json:"store"` // the URL, its password replaced by xxxxx
+	// Shared is whether decisions go to the store now; false while it does
+	// not answer and this egressd enforces every rule alone.
+	Shared bool      `json:"shared"`
+	Since  time.Time `json:"since"` // when Shared last changed, or the start
+	// Decisions counts answers of the store; LocalDecisions decisions made
+	// in-process because it did not answer; Errors store calls that failed
+	// or timed out; Fallbacks the times decisions went in-process.
+	Decisions      uint64 `json:"decisions"`
+	LocalDecisions uint64 `json:"local_decisions"`
+	Errors         uint64 `json:"errors"`
+	Fallbacks      uint64 `json:"fallbacks"`
+	LastError      string `json:"last_error,omitempty"`
 }
 
 // Counters are what egressd counts per upstream (see Upstream for what each
@@ -107,6 +127,26 @@ type AddressStats struct {
 	// AddLatencyHistogram feeds the Prometheus histogram; it is not part of
 	// the JSON.
 	AddLatencyHistogram HistogramSnapshot `json:"-"`
+
+	// Subnets counts upstream connections per /64 of the egress prefixes,
+	// in address order: at most 256 /64s, those with connections open and
+	// then those used last; the connections of the others are counted
+	// together in a last entry named OtherSubnet, present once it counts
+	// any.
+	Subnets []Subnet `json:"subnets,omitempty"`
+}
+
+// OtherSubnet is the name of the entry that counts the connections of the
+// /64s past the bound of AddressStats.Subnets.
+const OtherSubnet = "(other)"
+
+// Subnet is the count of upstream connections from one /64.
+type Subnet struct {
+	Subnet string `json:"subnet"` // 2001:db8:1:2::/64, or OtherSubnet
+	// Conns counts the connections made from the /64 since egressd began
+	// to count it apart; Open those open now.
+	Conns uint64 `json:"conns"`
+	Open  int    `json:"open"`
 }
 
 // Budget is the neighbour budget in force: how many never-used addresses

@@ -71,9 +71,18 @@ func sampleStats(t testing.TB) *Stats {
 			Added:  1000, Removed: 991, AddFailures: 1, RemoveFailures: 2,
 			AddLatency:          addSnap.Quantiles(),
 			AddLatencyHistogram: addSnap,
+			// 3fff::/20 is a documentation prefix too (RFC 9637); /64s are
+			// labels, addresses never are (TestExpositionText).
+			Subnets: []Subnet{
+				{Subnet: "3fff:0:0:100::/64", Conns: 300, Open: 2},
+				{Subnet: "3fff:0:0:101::/64", Conns: 299, Open: 1},
+				{Subnet: OtherSubnet, Conns: 401},
+			},
 		},
 		Clients:  clients.Snapshot(),
 		Sessions: sessions.Snapshot(5),
+		LimitStore: &LimitStore{Store: "redis://:xxxxx@store.example:6379/0", Shared: false, Since: started.Add(time.Hour),
+			Decisions: 5000, LocalDecisions: 40, Errors: 3, Fallbacks: 1, LastError: "connection refused"},
 	}
 }
 

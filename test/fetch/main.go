@@ -5,9 +5,10 @@
 //
 //	HTTPS_PROXY=http://127.0.0.1:3128 fetch -cacert ca.pem https://upstream.test/
 //
-// Each request uses its own connection, so each gets its own tunnel. A
-// response other than 200 is an error: the status line goes to stderr and
-// fetch exits 1.
+// Each request uses its own connection, so each gets its own tunnel; with
+// -keepalive, the requests share one kept-alive connection, as a Go
+// program's do by default. A response other than 200 is an error: the
+// status line goes to stderr and fetch exits 1.
 package main
 
 import (
@@ -24,19 +25,20 @@ import (
 
 func main() {
 	cacert := flag.String("cacert", "", "PEM file of certificates to trust for HTTPS")
+	keepAlive := flag.Bool("keepalive", false, "send the requests over one kept-alive connection")
 	flag.Parse()
-	if err := run(*cacert, flag.Args()); err != nil {
+	if err := run(*cacert, *keepAlive, flag.Args()); err != nil {
 		fmt.Fprintln(os.Stderr, "fetch:", err)
 		os.Exit(1)
 	}
 }
 
-func run(cacert string, urls []string) error {
+func run(cacert string, keepAlive bool, urls []string) error {
 	if len(urls) == 0 {
 		return errors.New("no URL given")
 	}
 	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.DisableKeepAlives = true
+	tr.DisableKeepAlives = !keepAlive
 	if cacert != "" {
 		pem, err := os.ReadFile(cacert)
 		if err != nil {

@@ -198,12 +198,18 @@ func (ns *NS) Start(t testing.TB, env []string, name string, args ...string) *Pr
 // test's own (Process.Admin), never on the machine's /run/egressd.
 func (tp *Topo) StartEgressd(t testing.TB, bin string, args ...string) *Process {
 	t.Helper()
+	return tp.Host.StartEgressd(t, bin, args...)
+}
+
+// StartEgressd is Topo.StartEgressd in the namespace ns.
+func (ns *NS) StartEgressd(t testing.TB, bin string, args ...string) *Process {
+	t.Helper()
 	admin := ""
 	if !slices.Contains(args, "-admin") {
 		admin = filepath.Join(t.TempDir(), "admin.sock")
 		args = append([]string{"-admin", admin}, args...)
 	}
-	p := tp.Host.Start(t, nil, bin, args...)
+	p := ns.Start(t, nil, bin, args...)
 	p.Admin = admin
 	return p
 }

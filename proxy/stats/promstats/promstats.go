@@ -149,6 +149,27 @@ func budgetFamily(name, help string, value func(*stats.Budget) float64) family {
 	})
 }
 
+// storeFamily has one sample without labels, or none without a limit
+// store.
+func storeFamily(name, typ, help string, value func(*stats.LimitStore) float64) family {
+	return newFamily(name, typ, help, nil, func(f *family, ch chan<- prometheus.Metric, s *stats.Stats) {
+		if l := s.LimitStore; l != nil {
+			f.sample(ch, value(l))
+		}
+	})
+}
+
+// subnetFamily has one sample per /64 of AddressStats.Subnets: a bounded
+// set, never one per address.
+func subnetFamily(name, typ, help string, value func(*stats.Subnet) float64) family {
+	return newFamily(name, typ, help, []string{"subnet"}, func(f *family, ch chan<- prometheus.Metric, s *stats.Stats) {
+		for i := range s.Addresses.Subnets {
+			sn := &s.Addresses.Subnets[i]
+			f.sample(ch, value(sn), sn.Subnet)
+		}
+	})
+}
+
 var families = []family{
 	upstreamFamily("egress_upstream_requests_total", "counter",
 		"Requests and CONNECT tunnels to the upstream host that reached the shaper.",
@@ -249,6 +270,13 @@ var families = []family{
 			f.histogram(ch, &s.Addresses.AddLatencyHistogram)
 		}),
 
+	subnetFamily("egress_subnet_connections_total", "counter",
+		"Upstream connections made from the /64 of the egress prefixes, since egressd began to count it apart: at most 256 /64s, those with connections open and then those used last; the others are counted together as subnet=\"(other)\".",
+		func(s *stats.Subnet) float64 { return float64(s.Conns) }),
+	subnetFamily("egress_subnet_open_connections", "gauge",
+		"Upstream connections open from the /64 of the egress prefixes (the same /64s as egress_subnet_connections_total).",
+		func(s *stats.Subnet) float64 { return float64(s.Open) }),
+
 	plainFamily("egress_client_connections", "gauge",
 		"Client connections open, HTTP and SOCKS5.",
 		func(s *stats.Stats) float64 { return float64(s.Clients.Connections) }),
@@ -273,6 +301,21 @@ var families = []family{
 				f.sample(ch, float64(s.Sessions.Rotations[r]), r)
 			}
 		}),
+	storeFamily("egress_limit_store_up", "gauge",
+		"1 while the limit store (-limit-store) answers and -limit budgets are shared, 0 while each egressd enforces every rule alone.",
+		func(l *stats.LimitStore) float64 { return boolValue(l.Shared) }),
+	storeFamily("egress_limit_store_decisions_total", "counter",
+		"Shaping decisions the limit store answered.",
+		func(l *stats.LimitStore) float64 { return float64(l.Decisions) }),
+	storeFamily("egress_limit_store_local_decisions_total", "counter",
+		"Shaping decisions made in-process because the limit store did not answer.",
+		func(l *stats.LimitStore) float64 { return float64(l.LocalDecisions) }),
+	storeFamily("egress_limit_store_errors_total", "counter",
+		"Calls to the limit store that failed or timed out.",
+		func(l *stats.LimitStore) float64 { return float64(l.Errors) }),
+	storeFamily("egress_limit_store_fallbacks_total", "counter",
+		"Times the limit store stopped answering and decisions went in-process.",
+		func(l *stats.LimitStore) float64 { return float64(l.Fallbacks) }),
 
 	plainFamily("egress_uptime_seconds", "gauge",
 		"Time since egressd started.",
@@ -280,4 +323,11 @@ var families = []family{
 	plainFamily("egress_start_time_seconds", "gauge",
 		"Start time of egressd since the Unix epoch.",
 		func(s *stats.Stats) float64 { return float64(s.Started.UnixNano()) / 1e9 }),
+}
+
+func boolValue(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }
