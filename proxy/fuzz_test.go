@@ -18,6 +18,7 @@ import (
 
 	"github.com/egressd/egressd/proxy/auth"
 	"github.com/egressd/egressd/proxy/shape"
+	"github.com/egressd/egressd/proxy/stats"
 )
 
 // The fuzz targets of the parsers in this package that read what clients
@@ -107,7 +108,8 @@ func FuzzConnectTarget(f *testing.F) {
 // it accepts were Basic, case aside, and encode back to a value that reads as
 // the same. A session key is split off a user name at the first
 // "-session-", and a user name the auth file accepts always comes back
-// whole from USER-session-KEY.
+// whole from USER-session-KEY; a key ending in "-rotate" asks for a new
+// address for the key before it, and is refused when there is none.
 func FuzzProxyCredentials(f *testing.F) {
 	f.Fuzz(func(t *testing.T, value string) {
 		user, pass, ok := proxyCredentials(http.Header{"Proxy-Authorization": {value}})
@@ -151,6 +153,39 @@ func checkSessionUser(t *testing.T, name string) {
 	key, ok := sessionFromUser(name)
 	if ok != (key != "") || (ok && "session-"+key != name) || (!ok && len(name) > len("session-") && strings.HasPrefix(name, "session-")) {
 		t.Fatalf("sessionFromUser(%q) = %q, %v", name, key, ok)
+	}
+	checkRotateKey(t, key)
+	_, key = splitSessionUser(name)
+	checkRotateKey(t, key)
+	if authAccepts(user) {
+		// USER-session-KEY-rotate asks for a new address for KEY, any KEY.
+		k, _ := cutRotate(key)
+		if u, k2 := splitSessionUser(user + auth.ReservedInfix + k + rotateSuffix); u != user || k2 != k+rotateSuffix {
+			t.Fatalf("user %q asking to rotate key %q: split as %q and key %q", user, k, u, k2)
+		}
+	}
+}
+
+// checkRotateKey checks how the session key of a user name is split into
+// the key and the ask for a new address: a key ending in -rotate asks, and
+// the key is what comes before; asking without a key is refused with a 400.
+func checkRotateKey(t *testing.T, key string) {
+	t.Helper()
+	k, rotate := cutRotate(key)
+	switch {
+	case rotate != strings.HasSuffix(key, rotateSuffix),
+		rotate && k+rotateSuffix != key,
+		!rotate && k != key:
+		t.Fatalf("cutRotate(%q) = %q, %v", key, k, rotate)
+	}
+	reason, e := askedRotation(nil, k, rotate)
+	switch {
+	case rotate && k == "" && (e == nil || e.Status != http.StatusBadRequest || strings.Contains(e.Reason, "\n")):
+		t.Fatalf("key %q: asking to rotate no key: %v", key, e)
+	case rotate && k != "" && (e != nil || reason != stats.RotatedUserName):
+		t.Fatalf("key %q: asking to rotate %q: %v, %v", key, k, reason, e)
+	case !rotate && (e != nil || reason != 0):
+		t.Fatalf("key %q: no ask to rotate, yet %v, %v", key, reason, e)
 	}
 }
 

@@ -156,6 +156,7 @@ func (s *Server) onResponse(resp *http.Response, ctx *goproxy.ProxyCtx) *http.Re
 	x.fwd.flush = resp.ContentLength < 0 || isEventStream(resp.Header)
 	x.answered = time.Now()
 	s.pushback(x, resp)
+	s.rotateOn(r.Context(), x, resp.StatusCode)
 	return resp
 }
 

@@ -79,14 +79,24 @@ func (s *Server) admitHTTP(w http.ResponseWriter, r *http.Request, x *request) b
 	if !ok {
 		return false
 	}
-	// The session key is egressd's own: it never goes upstream. The header
-	// wins over the proxy user name.
+	// The session key and the ask for a new address are egressd's own:
+	// they never go upstream. The header wins over the proxy user name,
+	// whose -rotate goes with its key.
 	if s.cfg.Rotate == RotateSession {
-		if x.sessionKey = r.Header.Get(SessionHeader); x.sessionKey == "" {
+		userKey, userRotate := cutRotate(userKey)
+		if x.sessionKey = r.Header.Get(SessionHeader); x.sessionKey != "" {
+			userRotate = false
+		} else {
 			x.sessionKey = userKey
+		}
+		var e *Error
+		if x.rotate, e = askedRotation(r.Header, x.sessionKey, userRotate); e != nil {
+			refuse(w, x, e, r.Method == http.MethodConnect)
+			return false
 		}
 	}
 	r.Header.Del(SessionHeader)
+	r.Header.Del(RotateHeader)
 	return true
 }
 

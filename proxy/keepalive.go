@@ -70,7 +70,12 @@ func (s *Server) connTransport(x *request) (*http.Transport, error) {
 // connection records the Connection header of each response it carries, for
 // the request that got it (see roundTripKept).
 func (s *Server) dialKept(ctx context.Context, h *heldAddr, network, addr string) (net.Conn, error) {
-	c, err := s.dialHeld(ctx, h, network, addr)
+	return kept(s.dialHeld(ctx, h, network, addr))
+}
+
+// kept is a connection dialed for a keep-alive transport, c unless err,
+// made to record the Connection header of each response it carries.
+func kept(c net.Conn, err error) (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}

@@ -52,6 +52,9 @@ type request struct {
 	access     *Access // the same rules for the whole request, across a reload
 	user       string  // the proxy user, when users authenticate; never a password
 	sessionKey string  // the session key the client asked for, "" for none (RotateSession uses it)
+	// rotate says how the client asked its session for a new address, if
+	// it did (RotateSession): the header, or the user name's -rotate.
+	rotate stats.RotateReason
 
 	// The target.
 	host string // host:port the client asked for, for the log
@@ -60,10 +63,11 @@ type request struct {
 	// ends the request's use of its session (RotateSession).
 	held      *heldAddr
 	done      func()
-	holdsAddr atomic.Bool // a fresh egress address is counted against client (see dial)
-	ipv4      atomic.Bool // the upstream connection left from the host's own IPv4 address
-	mu        sync.Mutex  // egress is set from the transport's goroutine
-	egress    string      // source IP of the upstream connection
+	sessAddr  *sessionAddr // the session address a plain HTTP request's round trip took (RotateSession)
+	holdsAddr atomic.Bool  // a fresh egress address is counted against client (see dial)
+	ipv4      atomic.Bool  // the upstream connection left from the host's own IPv4 address
+	mu        sync.Mutex   // egress is set from the transport's goroutine
+	egress    string       // source IP of the upstream connection
 
 	// Shaping: the normalized upstream host and its statistics, set once
 	// the request was attributed to it; when the shaper let it through, and
@@ -158,8 +162,9 @@ func (x *request) releaseAddr() {
 
 // useSession begins the request's use of its session (RotateSession with a
 // key): the session's address is the one its dials leave from, and the
-// session does not idle out until the request (or its tunnel) ends. It
-// returns ctx carrying the session.
+// session does not idle out until the request (or its tunnel) ends. A
+// request that asked for a new address (x.rotate) gets it here. It returns
+// ctx carrying the session.
 func (s *Server) useSession(ctx context.Context, x *request) (context.Context, *Error) {
 	ctx, done, err := s.beginSession(ctx, x.sessionKey)
 	if err != nil {
@@ -170,6 +175,9 @@ func (s *Server) useSession(ctx context.Context, x *request) (context.Context, *
 		return ctx, e
 	}
 	x.done = done
+	if sess := sessionOf(ctx); sess != nil && x.rotate != 0 {
+		s.rotate(ctx, sess, nil, x.rotate) // before its dial: the request leaves from the new address
+	}
 	return ctx, nil
 }
 
@@ -236,9 +244,12 @@ func (s *Server) shape(ctx context.Context, x *request, host string) (_ *Error, 
 // the egress address, and whether the connection went over the host's own
 // IPv4 address, in the request ctx carries, if any.
 func (s *Server) dial(ctx context.Context, network, addr string) (net.Conn, error) {
-	h, err := s.heldFor(ctx)
+	h, sess, err := s.heldFor(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("dialing %s: %w", addr, err)
+	}
+	if sess != nil {
+		return s.dialSession(ctx, sess, network, addr)
 	}
 	return s.dialHeld(ctx, h, network, addr)
 }
@@ -266,6 +277,9 @@ func (s *Server) dialHeld(ctx context.Context, h *heldAddr, network, addr string
 	conn, err := dial(ctx, network, addr)
 	if err != nil {
 		return nil, fmt.Errorf("dialing %s: %w", addr, err)
+	}
+	if h != nil {
+		h.dialed(conn)
 	}
 	if x != nil && x.dialedFrom(conn) {
 		x.releaseAddr() // the host's own IPv4 address: no egress address held
@@ -345,6 +359,7 @@ func (s *Server) record(x *request, extra ...slog.Attr) {
 	if x.done != nil {
 		x.done()
 	}
+	x.sessAddr.closeIdleIfRetired()
 	if x.held != nil && x.held.hijacked.Load() {
 		x.held.end()
 	}

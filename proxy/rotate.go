@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -55,6 +56,7 @@ type heldAddr struct {
 	release func()
 	ended   bool
 	tr      *http.Transport // RotateConnection: the connection's keep-alive transport, once it forwarded plain HTTP (keepalive.go)
+	last    netip.Addr      // the address its last connection left from, for the admin API
 
 	hijacked atomic.Bool // RotateConnection: the client connection was hijacked
 }
@@ -79,6 +81,29 @@ func (h *heldAddr) dialer(ctx context.Context, hold HoldFunc) (DialFunc, error) 
 		h.dial, h.release = dial, release
 	}
 	return h.dial, nil
+}
+
+// leased reports whether the address was leased and not given back.
+func (h *heldAddr) leased() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.dial != nil && !h.ended
+}
+
+// dialed records c as the held address's latest connection.
+func (h *heldAddr) dialed(c net.Conn) {
+	if ta, ok := c.LocalAddr().(*net.TCPAddr); ok {
+		h.mu.Lock()
+		h.last = ta.AddrPort().Addr().Unmap()
+		h.mu.Unlock()
+	}
+}
+
+// lastAddr is the address the latest connection from h left from, if any.
+func (h *heldAddr) lastAddr() netip.Addr {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.last
 }
 
 // end closes the idle upstream connections of its transport, if it has
@@ -146,29 +171,30 @@ func (s *Server) connState(c net.Conn, state http.ConnState) {
 	h.end()
 }
 
-// heldFor returns the address a dial with ctx must leave from, or nil for a
-// fresh one.
-func (s *Server) heldFor(ctx context.Context) (*heldAddr, error) {
+// heldFor returns the address a dial with ctx must leave from: the client
+// connection's (RotateConnection), or its session's (RotateSession); or
+// neither, for a fresh one.
+func (s *Server) heldFor(ctx context.Context) (*heldAddr, *session, error) {
 	switch s.cfg.Rotate {
 	case RotateConnection:
 		h, _ := ctx.Value(connHeldKey{}).(*heldAddr)
-		return h, nil
+		return h, nil, nil
 	case RotateSession:
 		if sess := sessionOf(ctx); sess != nil {
-			return &sess.held, nil
+			return nil, sess, nil
 		}
 		// A session key set by another front end (SOCKS5) without
 		// beginSession: the dial itself keeps the session alive.
 		if key := sessionFrom(ctx); key != "" {
 			sess, err := s.sessions.begin(key, clientOf(ctx))
 			if err != nil {
-				return nil, err
+				return nil, nil, err
 			}
 			s.sessions.end(sess)
-			return &sess.held, nil
+			return nil, sess, nil
 		}
 	}
-	return nil, nil
+	return nil, nil, nil
 }
 
 type sessionCtxKey struct{}
@@ -193,12 +219,11 @@ func (s *Server) beginSession(ctx context.Context, key string) (_ context.Contex
 	return context.WithValue(ctx, sessionCtxKey{}, sess), func() { s.sessions.end(sess) }, nil
 }
 
-// session is one session key's held address and upstream transport.
+// session is one session key and the address it leaves from.
 type session struct {
 	key   string
-	held  heldAddr
-	tr    *http.Transport // keep-alive, dialing from held
-	owner *client         // the client that opened it: it counts against its MaxAddrsPerClient
+	addr  atomic.Pointer[sessionAddr] // its address now; a rotation replaces it (see rotation.go)
+	owner *client                     // the client that opened it: it counts against its MaxAddrsPerClient
 
 	refs int       // requests and tunnels using it; table mutex
 	last time.Time // when it was last used; table mutex
@@ -208,10 +233,11 @@ type session struct {
 // and holds at most max of them. Its janitor is a timer armed only while
 // sessions exist, so that an idle proxy runs no goroutine for it.
 type sessionTable struct {
-	idle  time.Duration
-	max   int
-	now   func() time.Time
-	newTr func(*session) *http.Transport
+	idle    time.Duration
+	max     int
+	now     func() time.Time
+	newAddr func(*session) *sessionAddr
+	hold    HoldFunc
 
 	mu     sync.Mutex
 	m      map[string]*session
@@ -219,8 +245,8 @@ type sessionTable struct {
 	closed bool
 }
 
-func newSessionTable(idle time.Duration, max int, newTr func(*session) *http.Transport) *sessionTable {
-	return &sessionTable{idle: idle, max: max, now: time.Now, newTr: newTr, m: make(map[string]*session)}
+func newSessionTable(idle time.Duration, max int, hold HoldFunc, newAddr func(*session) *sessionAddr) *sessionTable {
+	return &sessionTable{idle: idle, max: max, now: time.Now, hold: hold, newAddr: newAddr, m: make(map[string]*session)}
 }
 
 // begin returns the session of key, made now if there is none or it idled
@@ -255,7 +281,7 @@ func (t *sessionTable) begin(key string, owner *client) (*session, error) {
 			return nil, e
 		}
 		sess = &session{key: key, owner: owner}
-		sess.tr = t.newTr(sess)
+		sess.addr.Store(t.newAddr(sess))
 		t.m[key] = sess
 		if t.timer == nil {
 			t.timer = time.AfterFunc(t.idle, t.janitor)
@@ -343,11 +369,11 @@ func (s *Server) closeSessions() {
 }
 
 // finish closes the idle upstream connections of ended sessions and gives
-// their addresses back.
+// their addresses back. Sessions leave the table before they are finished,
+// so no rotation replaces their address meanwhile.
 func finish(ended []*session) {
 	for _, sess := range ended {
-		sess.tr.CloseIdleConnections()
-		sess.held.end()
+		sess.addr.Load().end()
 		sess.owner.releaseAddr()
 	}
 }
@@ -361,19 +387,25 @@ func clientOf(ctx context.Context) *client {
 	return nil
 }
 
-// newSessionTransport returns a session's transport: the proxy's, with
-// upstream keep-alive, dialing from the session's address.
-func (s *Server) newSessionTransport(sess *session) *http.Transport {
+// newSessionAddr returns a new address of sess, to be leased on first use,
+// and its transport: the proxy's, with upstream keep-alive, dialing from
+// the session's address.
+func (s *Server) newSessionAddr(sess *session) *sessionAddr {
 	tr := s.newTransport()
 	tr.DisableKeepAlives = false
 	tr.IdleConnTimeout = s.cfg.SessionIdle
 	tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		return s.dialKept(ctx, &sess.held, network, addr)
+		return kept(s.dialSession(ctx, sess, network, addr))
 	}
-	return tr
+	return &sessionAddr{tr: tr}
 }
 
-// sessionRoundTrip sends req over its session's keep-alive transport.
+// sessionRoundTrip sends req over the keep-alive transport of its session's
+// address.
 func (s *Server) sessionRoundTrip(sess *session, req *http.Request) (*http.Response, error) {
-	return roundTripKept(sess.tr, req)
+	a := sess.addr.Load()
+	if x := requestFrom(req.Context()); x != nil {
+		x.sessAddr = a
+	}
+	return roundTripKept(a.tr, req)
 }

@@ -82,7 +82,7 @@ func startConnUpstream(t *testing.T) *connUpstream {
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		u.mu.Lock()
 		u.peers = append(u.peers, r.RemoteAddr)
-		u.headers = append(u.headers, r.Header.Get(SessionHeader)+r.Header.Get("Proxy-Authorization"))
+		u.headers = append(u.headers, r.Header.Get(SessionHeader)+r.Header.Get("Proxy-Authorization")+r.Header.Get(RotateHeader))
 		u.mu.Unlock()
 		host, _, _ := net.SplitHostPort(r.RemoteAddr)
 		fmt.Fprintln(w, host)

@@ -85,6 +85,12 @@ type Config struct {
 	// session past it is answered 503. Default netutil.DefaultMaxAddrs.
 	MaxSessions int
 
+	// RotateOn lists upstream statuses (403, 429, ...) that end the address
+	// of a session (RotateSession only) when one answers a plain HTTP
+	// request of it: its next request leaves from a new address (see
+	// rotation.go). Empty: none.
+	RotateOn []int
+
 	// ClientTimeout bounds how long a client may take to send its request
 	// head (or SOCKS5 handshake, within 10s), and how long it may stall,
 	// with no byte moving, while sending a request body (then 408) or
@@ -148,6 +154,14 @@ func (c Config) Validate() error {
 		}
 	default:
 		return fmt.Errorf("proxy config: Rotate %q is not one of request, connection, session", c.Rotate)
+	}
+	for _, st := range c.RotateOn {
+		switch {
+		case st < 100 || st > 599:
+			return fmt.Errorf("proxy config: RotateOn %d is not an HTTP status (100-599)", st)
+		case c.Rotate != RotateSession:
+			return fmt.Errorf("proxy config: RotateOn needs Rotate %q, not %q", RotateSession, c.Rotate)
+		}
 	}
 	for _, n := range []struct {
 		name string
@@ -221,9 +235,10 @@ type Server struct {
 
 	socks socksListeners // listeners passed to ServeSOCKS5; see socks5.go
 
-	sessions *sessionTable // RotateSession
-	heldMu   sync.Mutex
-	held     map[net.Conn]*heldAddr // RotateConnection: by client connection, until it closes or is hijacked
+	sessions     *sessionTable  // RotateSession
+	sessionStats stats.Sessions // rotations, for the admin API
+	heldMu       sync.Mutex
+	held         map[net.Conn]*heldAddr // RotateConnection: by client connection, until it closes or is hijacked
 
 	clients     *clientTable  // what each client address holds, against the limits
 	clientStats stats.Clients // open connections and refusals, for the admin API
@@ -270,7 +285,7 @@ func New(cfg Config) (*Server, error) {
 	case RotateConnection:
 		s.held = make(map[net.Conn]*heldAddr)
 	case RotateSession:
-		s.sessions = newSessionTable(cfg.SessionIdle, cfg.MaxSessions, s.newSessionTransport)
+		s.sessions = newSessionTable(cfg.SessionIdle, cfg.MaxSessions, cfg.Hold, s.newSessionAddr)
 	}
 	return s, nil
 }

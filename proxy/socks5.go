@@ -212,7 +212,16 @@ func (s *Server) serveSOCKS(c *clientConn) {
 
 	// 3. Pick the address: the session's, if any, in use while the tunnel
 	// is open, as a CONNECT tunnel's is, so that it cannot idle out from
-	// under it.
+	// under it; a new one if the user name ends in -rotate.
+	if s.cfg.Rotate == RotateSession {
+		var rotate bool
+		x.sessionKey, rotate = cutRotate(x.sessionKey)
+		var e *Error
+		if x.rotate, e = askedRotation(nil, x.sessionKey, rotate); e != nil {
+			refuseWith(e)
+			return
+		}
+	}
 	ctx, e := s.useSession(withSession(ctx, x.sessionKey), x)
 	if e != nil {
 		refuseWith(e)

@@ -81,6 +81,19 @@ func startTCPEcho(t *testing.T, tp *nstest.Topo) string {
 	return addr
 }
 
+// assertEchoes sends msg through tunnel, a tunnel to startTCPEcho's
+// server, and checks that it comes back.
+func assertEchoes(t *testing.T, tunnel net.Conn, msg string) {
+	t.Helper()
+	require.NoError(t, tunnel.SetDeadline(time.Now().Add(nstest.Guard)))
+	_, err := io.WriteString(tunnel, msg)
+	require.NoError(t, err)
+	got := make([]byte, len(msg))
+	_, err = io.ReadFull(tunnel, got)
+	require.NoError(t, err)
+	assert.Equal(t, msg, string(got))
+}
+
 // TestReload: egressd under a NOTIFY_SOCKET tells READY=1 once it listens.
 // A SIGHUP with a new -limit rule in the config file applies to the next
 // request, while a CONNECT tunnel opened before keeps moving bytes; the
@@ -119,13 +132,7 @@ func TestReload(t *testing.T) {
 	require.Equal(t, http.StatusOK, resp.StatusCode)
 	echoes := func(msg string) {
 		t.Helper()
-		require.NoError(t, tunnel.SetDeadline(time.Now().Add(nstest.Guard)))
-		_, err := io.WriteString(tunnel, msg)
-		require.NoError(t, err)
-		got := make([]byte, len(msg))
-		_, err = io.ReadFull(tunnel, got)
-		require.NoError(t, err)
-		assert.Equal(t, msg, string(got))
+		assertEchoes(t, tunnel, msg)
 	}
 	echoes("before the reload")
 

@@ -19,6 +19,7 @@ var commands = map[string]func(env) command{
 	"stats":  func(e env) command { return &statsCommand{env: e} },
 	"addrs":  func(e env) command { return &addrsCommand{e} },
 	"reload": func(e env) command { return &reloadCommand{e} },
+	"rotate": func(e env) command { return &rotateCommand{e} },
 }
 
 // env is what a command works with.

@@ -1,8 +1,9 @@
 // Command egressctl shows what a running egressd is doing: per-upstream
 // counters and latencies (egressctl stats) and its egress addresses
-// (egressctl addrs), read from egressd's admin API, and makes it reload its
-// configuration (egressctl reload). Each command prints a
-// table for people, or with -json the document egressd sent, for scripts.
+// (egressctl addrs), read from egressd's admin API, makes it reload its
+// configuration (egressctl reload) and gives a session a new address
+// (egressctl rotate). Each command prints a table or a line for people, or
+// with -json the document egressd sent, for scripts.
 package main
 
 import (

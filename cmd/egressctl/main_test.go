@@ -50,6 +50,10 @@ func cannedStats() stats.Stats {
 			Connections: 7, AcceptErrors: 3,
 			Refused: map[string]uint64{"header_timeout": 1000, "login_throttled": 190, "max_conns": 0},
 		},
+		Sessions: stats.SessionStats{
+			Open:      2,
+			Rotations: map[string]uint64{"header": 1, "user_name": 0, "admin": 0, "status": 3},
+		},
 	}
 }
 

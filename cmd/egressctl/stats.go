@@ -22,8 +22,11 @@ const statsUsage = `Usage: egressctl [-admin ADDR] stats [-json] [-watch DURATIO
 
 Shows egressd's counters: totals, the client connections open and the
 clients refused by reason (a connection or address cap, a timeout, a
-malformed request or body, a failed or throttled login), a row per upstream
-host, and the pool of egress addresses.
+malformed request or body, a failed or throttled login), the sessions open
+(-rotate session) and how many gave up their address for a new one, by
+reason (header: X-Egress-Rotate; user_name: session-KEY-rotate; admin:
+egressctl rotate; status: an upstream status of -rotate-on), a row per
+upstream host, and the pool of egress addresses.
 
 Columns: REQS requests and tunnels that reached the shaper; IPV4 of those, the
 ones that left from egressd's own IPv4 address because the upstream has no
@@ -142,7 +145,8 @@ func writeStats(w io.Writer, s *stats.Stats) error {
 	fmt.Fprintf(w, "egressd up %s: %d requests (%d over IPv4), %d in flight, %d waiting (waited %s in all), %d rejected (429 ours), %d throttled (429 upstream), %d errors, up %s, down %s\n",
 		humanDuration(s.UptimeSeconds), t.Requests, t.IPv4, t.InFlight, t.Waiting, humanDuration(t.WaitSeconds),
 		t.Rejected, t.Throttled, t.Errors, humanBytes(t.BytesUp), humanBytes(t.BytesDown))
-	fmt.Fprintf(w, "clients: %s\n\n", clientsLine(&s.Clients))
+	fmt.Fprintf(w, "clients: %s\n", clientsLine(&s.Clients))
+	fmt.Fprintf(w, "sessions: %s\n\n", sessionsLine(&s.Sessions))
 
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	if len(s.Upstreams) == 0 {
@@ -269,6 +273,23 @@ func clientsLine(c *stats.ClientStats) string {
 		return line + "none"
 	}
 	return line + strings.Join(refused, ", ")
+}
+
+// sessionsLine says what the sessions section holds: the sessions open (-rotate
+// session), and the rotations so far by reason, in the order egressd lists
+// them.
+func sessionsLine(s *stats.SessionStats) string {
+	var rotated []string
+	for _, name := range stats.RotateReasons {
+		if n := s.Rotations[name]; n > 0 {
+			rotated = append(rotated, fmt.Sprintf("%d %s", n, name))
+		}
+	}
+	line := fmt.Sprintf("%d open; rotated: ", s.Open)
+	if len(rotated) == 0 {
+		return line + "none"
+	}
+	return line + strings.Join(rotated, ", ")
 }
 
 // watchFlag is the -watch interval: a positive duration.

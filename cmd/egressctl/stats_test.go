@@ -72,6 +72,7 @@ func TestStatsTable(t *testing.T) {
 			assert.Equal(t, "egressd up 1h01m: 121 requests (1 over IPv4), 3 in flight, 2 waiting (waited 2.50s in all), "+
 				"4 rejected (429 ours), 1 throttled (429 upstream), 2 errors, up 1.0 MiB, down 3.3 MiB", lines[0])
 			assert.Equal(t, "clients: 7 connections open, 3 accept errors; refused: 1000 header_timeout, 190 login_throttled", lines[1])
+			assert.True(t, strings.HasPrefix(lines[2], "sessions: 2 open; rotated: 1 header, 3 status\n"), lines[2])
 
 			assert.Equal(t, [][]string{
 				{"UPSTREAM", "RULE", "REQS", "IPV4", "INFLIGHT", "WAITING", "WAITED", "429-OURS", "429-UPSTREAM", "ERRORS", "UP", "DOWN", "P50", "P99"},
@@ -95,6 +96,7 @@ func TestStatsTableEmpty(t *testing.T) {
 	require.NoError(t, writeStats(&out, &stats.Stats{}))
 	assert.Contains(t, out.String(), "egressd up 0s: 0 requests")
 	assert.Contains(t, out.String(), "\nclients: 0 connections open, 0 accept errors; refused: none\n")
+	assert.Contains(t, out.String(), "\nsessions: 0 open; rotated: none\n")
 	assert.Contains(t, out.String(), "No upstream has been used yet.")
 	assert.Equal(t, []string{"pool", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "-", "-"}, table(t, out.String(), "ADDRESSES")[1])
 	assert.Contains(t, out.String(), "\nbudget: none (routed mode): every connection leaves from a never-used address\n")

@@ -9,7 +9,7 @@ import (
 	"github.com/egressd/egressd/internal/admin"
 )
 
-const usage = `egressctl shows what a running egressd is doing and makes it reload its configuration.
+const usage = `egressctl shows what a running egressd is doing, makes it reload its configuration and rotates sessions.
 
 Usage: egressctl [-admin ADDR] COMMAND [flags]
 
@@ -17,6 +17,7 @@ Commands:
   stats   per-upstream requests, waits, errors, bytes and latency, and the address pool
   addrs   the egress addresses egressd holds, oldest first
   reload  read the configuration again (as SIGHUP does) and say what changed
+  rotate  give a session (-rotate session) a new egress address
 
 Flags:
   -admin ADDR   egressd's admin API: a unix socket path or host:port

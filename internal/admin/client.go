@@ -83,6 +83,36 @@ func (c *Client) Reload(ctx context.Context) (string, error) {
 	return res.Message, nil
 }
 
+// Rotate asks egressd to give the session of key a new address (POST
+// /sessions/KEY/rotate). When egressd refuses (no such session, no
+// sessions), the error is its reason.
+func (c *Client) Rotate(ctx context.Context, key string) (RotateResult, error) {
+	if key == "" {
+		return RotateResult{}, errors.New("empty session key")
+	}
+	path := "/sessions/" + url.PathEscape(key) + "/rotate"
+	status, body, err := c.do(ctx, http.MethodPost, path, http.StatusBadRequest, http.StatusNotFound, http.StatusConflict)
+	if err != nil {
+		return RotateResult{}, err
+	}
+	var res RotateResult
+	if err := json.Unmarshal(body, &res); err != nil {
+		if status != http.StatusOK {
+			// Not our JSON: an egressd that does not serve this path.
+			return RotateResult{}, fmt.Errorf("egressd at %s answered POST %s with %d %s: %s",
+				c.addr, path, status, http.StatusText(status), strings.Join(strings.Fields(string(body)), " "))
+		}
+		return RotateResult{}, fmt.Errorf("decoding %s from egressd at %s: %w", path, c.addr, err)
+	}
+	if !res.OK {
+		if res.Error == "" {
+			res.Error = "rotation refused"
+		}
+		return res, errors.New(res.Error)
+	}
+	return res, nil
+}
+
 // do sends a request with method to path and returns the status and body of
 // an answer whose status is 200 or one of also; any other is an error.
 func (c *Client) do(ctx context.Context, method, path string, also ...int) (int, []byte, error) {

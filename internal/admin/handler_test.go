@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -180,4 +181,71 @@ func TestClientContext(t *testing.T) {
 	defer cancel()
 	_, err := c.Get(ctx, "/stats")
 	assert.ErrorIs(t, err, context.DeadlineExceeded)
+}
+
+// TestRotate: POST /sessions/KEY/rotate and Client.Rotate. A session that
+// held an address says which; an unknown session is 404, egressd without
+// sessions 409, each with one line that Client.Rotate returns as its error.
+// Keys travel escaped.
+func TestRotate(t *testing.T) {
+	var got []string
+	c := serve(t, NewHandler(Config{Rotate: func(_ context.Context, key string) (bool, netip.Addr, error) {
+		got = append(got, key)
+		switch key {
+		case "a":
+			return true, netip.MustParseAddr("2001:db8::5"), nil
+		case "new":
+			return false, netip.Addr{}, nil
+		case "off":
+			return false, netip.Addr{}, fmt.Errorf("%w: the proxy says so", ErrNoSessions)
+		case "broken":
+			return false, netip.Addr{}, errors.New("something else")
+		}
+		return false, netip.Addr{}, fmt.Errorf("%w: the proxy says so", ErrNoSession)
+	}}))
+
+	res, err := c.Rotate(t.Context(), "a")
+	require.NoError(t, err)
+	assert.Equal(t, RotateResult{OK: true, Session: "a", Rotated: true, Old: "2001:db8::5",
+		Message: `session "a" gave up 2001:db8::5: its next connection leaves from a new address; connections open from the old one keep going`}, res)
+
+	res, err = c.Rotate(t.Context(), "new")
+	require.NoError(t, err)
+	assert.False(t, res.Rotated)
+	assert.Equal(t, `session "new" holds no address yet: its first connection leaves from a fresh one`, res.Message)
+
+	code, body := post(t, c, "/sessions/gone/rotate")
+	assert.Equal(t, http.StatusNotFound, code)
+	assert.JSONEq(t, `{"ok":false,"session":"gone","rotated":false,"error":"no session \"gone\" is open: no request had that key, or it idled out (-session-idle)"}`, body)
+	_, err = c.Rotate(t.Context(), "gone")
+	assert.EqualError(t, err, `no session "gone" is open: no request had that key, or it idled out (-session-idle)`)
+
+	_, err = c.Rotate(t.Context(), "off")
+	assert.EqualError(t, err, "egressd does not run -rotate session: it has no sessions to rotate")
+	code, _ = post(t, c, "/sessions/off/rotate")
+	assert.Equal(t, http.StatusConflict, code)
+
+	_, err = c.Rotate(t.Context(), "broken")
+	assert.ErrorContains(t, err, "answered POST /sessions/broken/rotate with 500 Internal Server Error")
+	assert.ErrorContains(t, err, "something else")
+
+	// Keys with a slash, a space, a percent sign or non-ASCII arrive whole.
+	got = nil
+	for _, key := range []string{"a/b", "build 42", "100%", "ключ"} {
+		_, err = c.Rotate(t.Context(), key)
+		assert.ErrorContains(t, err, "no session")
+	}
+	assert.Equal(t, []string{"a/b", "build 42", "100%", "ключ"}, got)
+
+	_, err = c.Rotate(t.Context(), "")
+	assert.EqualError(t, err, "empty session key")
+	code, _ = post(t, c, "/sessions//rotate")
+	assert.NotEqual(t, http.StatusOK, code)
+	code, _, _ = get(t, c, "/sessions/a/rotate")
+	assert.Equal(t, http.StatusMethodNotAllowed, code, "POST only")
+
+	// An egressd without rotation (an older one) answers 404 with no JSON.
+	old := serve(t, NewHandler(Config{}))
+	_, err = old.Rotate(t.Context(), "a")
+	assert.ErrorContains(t, err, "answered POST /sessions/a/rotate with 404 Not Found: 404 page not found")
 }

@@ -1,7 +1,11 @@
 package daemon
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"net/http"
+	"net/netip"
 	"slices"
 	"time"
 
@@ -29,7 +33,21 @@ func (s *statsSource) adminHandler(reload func() (string, error)) http.Handler {
 		Addrs:   s.Addrs,
 		Metrics: promstats.Handler(s.Stats),
 		Reload:  reload,
+		Rotate:  s.Rotate,
 	})
+}
+
+// Rotate serves POST /sessions/KEY/rotate: the proxy's errors become the
+// admin API's.
+func (s *statsSource) Rotate(ctx context.Context, key string) (bool, netip.Addr, error) {
+	old, rotated, err := s.srv.RotateSession(ctx, key)
+	switch {
+	case errors.Is(err, proxy.ErrNoSession):
+		err = fmt.Errorf("%w: %w", admin.ErrNoSession, err)
+	case errors.Is(err, proxy.ErrNoSessions):
+		err = fmt.Errorf("%w: %w", admin.ErrNoSessions, err)
+	}
+	return rotated, old, err
 }
 
 func (s *statsSource) Stats() *stats.Stats {
@@ -61,6 +79,7 @@ func (s *statsSource) Stats() *stats.Stats {
 			Subnets:             subnetStats(ps.Subnets, ps.OtherSubnets),
 		},
 		Clients:    s.srv.ClientStats(),
+		Sessions:   s.srv.SessionStats(),
 		LimitStore: limitStoreStats(s.shared),
 	}
 }

@@ -67,6 +67,9 @@ type Config struct {
 	Rotate proxy.Rotate
 	// SessionIdle ends a session (-rotate session) idle for this long.
 	SessionIdle time.Duration
+	// RotateOn lists the upstream statuses that end a session's address
+	// when one answers a plain HTTP request of it (-rotate session).
+	RotateOn Statuses
 	// IPv4 says what happens to a request for a host with no IPv6 address:
 	// direct sends it from the host's own IPv4 address, deny answers 502.
 	IPv4 netutil.IPv4Policy
@@ -162,6 +165,7 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs.Var(durationValue(&cfg.DialTimeout), "dial-timeout", "`DURATION` an upstream connection attempt may take")
 	fs.Var(choiceValue((*string)(&cfg.Rotate), string(proxy.RotateRequest), string(proxy.RotateConnection), string(proxy.RotateSession)), "rotate", "`POLICY`: request gives every upstream connection a fresh address; connection one per client connection; session one per session key (X-Egress-Session header or proxy user session-KEY)")
 	fs.Var(durationValue(&cfg.SessionIdle), "session-idle", "`DURATION` after which an unused session (-rotate session) gives its address back")
+	fs.Var(statusesValue(&cfg.RotateOn), "rotate-on", "`STATUSES`, comma-separated (403,429): an upstream answer with one of them to a plain HTTP request of a session (-rotate session) gives its address up, so that its next request leaves from a new one (default: none)")
 	fs.Var(choiceValue((*string)(&cfg.IPv4), string(netutil.IPv4Direct), string(netutil.IPv4Deny)), "ipv4", "`POLICY` for an upstream with no IPv6 address: direct connects from the host's own IPv4 address, deny answers 502")
 	fs.Var(&listValue[shape.Rule]{p: &cfg.Limits, parse: shape.ParseRule}, "limit", "`HOST=RATE[,burst=N][,concurrency=N][,wait=DURATION]` paces requests to upstream HOST (exact, *.suffix or *); RATE is Nr/s, Nr/m or Nr/h; repeatable")
 	fs.Var(storeValue(&cfg.LimitStore), "limit-store", "`URL` of a Redis that keeps the -limit budgets shared by every egressd naming it: "+redisstore.Syntax+"; concurrency stays per egressd (default: none, each egressd keeps its own)")
@@ -319,6 +323,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("dial-timeout %s: must be positive", c.DialTimeout)
 	case c.SessionIdle <= 0:
 		return fmt.Errorf("session-idle %s: must be positive", c.SessionIdle)
+	case len(c.RotateOn) > 0 && c.Rotate != proxy.RotateSession:
+		return fmt.Errorf("rotate-on %s: needs -rotate session (only a session holds an address to give up), not -rotate %s", c.RotateOn, c.Rotate)
 	case c.ClientTimeout <= 0:
 		return fmt.Errorf("client-timeout %s: must be positive", c.ClientTimeout)
 	case c.IPv4 != netutil.IPv4Direct && c.IPv4 != netutil.IPv4Deny:
@@ -679,6 +685,40 @@ func intValue(p *int, min int) scalarValue[int] {
 		}
 		return strconv.Itoa(n)
 	}}
+}
+
+// Statuses is -rotate-on: HTTP statuses, in the order given.
+type Statuses []int
+
+func (s Statuses) String() string {
+	parts := make([]string, len(s))
+	for i, st := range s {
+		parts[i] = strconv.Itoa(st)
+	}
+	return strings.Join(parts, ",")
+}
+
+// parseStatuses reads a comma-separated list of HTTP statuses, 100 to 599;
+// empty is none.
+func parseStatuses(s string) (Statuses, error) {
+	var out Statuses
+	for f := range strings.SplitSeq(s, ",") {
+		if f = strings.TrimSpace(f); f == "" && strings.TrimSpace(s) == "" {
+			continue
+		}
+		n, err := strconv.Atoi(f)
+		if err != nil || n < 100 || n > 599 {
+			return nil, fmt.Errorf("%q: %q is not an HTTP status (100-599); want a list like 403,429", s, f)
+		}
+		if !slices.Contains(out, n) {
+			out = append(out, n)
+		}
+	}
+	return out, nil
+}
+
+func statusesValue(p *Statuses) scalarValue[Statuses] {
+	return scalarValue[Statuses]{p: p, parse: parseStatuses, format: Statuses.String}
 }
 
 func newAddrsValue(p *NewAddrs) scalarValue[NewAddrs] {

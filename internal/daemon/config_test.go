@@ -347,6 +347,47 @@ func TestLoadConfigRotate(t *testing.T) {
 	}
 }
 
+// TestLoadConfigRotateOn: -rotate-on is a list of HTTP statuses, from the
+// flag or the config key, for -rotate session only; a bad one is a
+// one-line error naming it.
+func TestLoadConfigRotateOn(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		file string
+		want Statuses
+		err  string
+	}{
+		{name: "default", args: []string{"-rotate", "session"}},
+		{name: "flag", args: []string{"-rotate", "session", "-rotate-on", "403,429"}, want: Statuses{403, 429}},
+		{name: "spaces and repeats", args: []string{"-rotate", "session", "-rotate-on", " 429 , 403,429"}, want: Statuses{429, 403}},
+		{name: "file", file: "rotate: session\nrotate-on: 429\n", want: Statuses{429}},
+		{name: "file list as text", file: "rotate: session\nrotate-on: \"403,429\"\n", want: Statuses{403, 429}},
+		{name: "empty flag turns the file's off", args: []string{"-rotate-on", ""}, file: "rotate: session\nrotate-on: 429\n"},
+		{name: "not a number", args: []string{"-rotate", "session", "-rotate-on", "403,often"},
+			err: `invalid value "403,often" for flag -rotate-on: "403,often": "often" is not an HTTP status (100-599); want a list like 403,429`},
+		{name: "too low", args: []string{"-rotate", "session", "-rotate-on", "99"}, err: `"99" is not an HTTP status (100-599)`},
+		{name: "too high", args: []string{"-rotate", "session", "-rotate-on", "600"}, err: `"600" is not an HTTP status (100-599)`},
+		{name: "empty item", args: []string{"-rotate", "session", "-rotate-on", "403,,429"}, err: `"" is not an HTTP status`},
+		{name: "in file", file: "rotate: session\nrotate-on: 4290\n", err: `line 2: key "rotate-on": "4290": "4290" is not an HTTP status (100-599)`},
+		{name: "without sessions", args: []string{"-rotate-on", "429"},
+			err: "rotate-on 429: needs -rotate session (only a session holds an address to give up), not -rotate request"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := LoadConfig(withFile(t, tt.args, tt.file))
+			if tt.err != "" {
+				require.Error(t, err)
+				assert.Contains(t, err.Error(), tt.err)
+				assert.NotContains(t, err.Error(), "\n")
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, tt.want, cfg.RotateOn)
+		})
+	}
+}
+
 func TestEmptyConfigFile(t *testing.T) {
 	cfg, err := LoadConfig([]string{"-config", writeFile(t, "empty.yaml", "")})
 	require.NoError(t, err)
@@ -356,7 +397,7 @@ func TestEmptyConfigFile(t *testing.T) {
 func TestUsageListsEveryFlag(t *testing.T) {
 	var names []string
 	flagSet(&Config{}).VisitAll(func(f *flag.Flag) { names = append(names, f.Name) })
-	assert.Equal(t, strings.Fields("admin allow allow-dest auth-file client-timeout config connect-ports dial-timeout grace http-ports interface ipv4 limit limit-store listen log-level max-addrs max-addrs-per-client max-conns max-conns-per-client mode neigh-window new-addrs pin prefix ready rotate session-idle socks5 tunnel-idle"), names)
+	assert.Equal(t, strings.Fields("admin allow allow-dest auth-file client-timeout config connect-ports dial-timeout grace http-ports interface ipv4 limit limit-store listen log-level max-addrs max-addrs-per-client max-conns max-conns-per-client mode neigh-window new-addrs pin prefix ready rotate rotate-on session-idle socks5 tunnel-idle"), names)
 }
 
 // TestLoadConfigDest: the destination settings from flags and the file,

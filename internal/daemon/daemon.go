@@ -146,6 +146,7 @@ func Run(ctx context.Context, cfg Config) error {
 		},
 		SessionIdle:   cfg.SessionIdle,
 		MaxSessions:   cfg.maxSessions(),
+		RotateOn:      cfg.RotateOn,
 		ClientTimeout: cfg.ClientTimeout,
 		Limits:        cfg.limits(),
 	})

@@ -88,6 +88,7 @@ func configFile(t *testing.T, cfg Config) []byte {
 		"dial-timeout":   cfg.DialTimeout.String(),
 		"rotate":         string(cfg.Rotate),
 		"session-idle":   cfg.SessionIdle.String(),
+		"rotate-on":      cfg.RotateOn.String(),
 		"ipv4":           string(cfg.IPv4),
 		"limit":          strs(len(cfg.Limits), func(i int) string { return cfg.Limits[i].String() }),
 		"limit-store":    cfg.LimitStore,

@@ -218,6 +218,15 @@ func TestExpositionValues(t *testing.T) {
 	assert.Equal(t, 2.0, refused["login_throttled"])
 	assert.Equal(t, 0.0, refused["header_timeout"])
 
+	assert.Equal(t, 5.0, plain("egress_session_open").GetGauge().GetValue())
+	rotations := map[string]float64{}
+	for _, m := range mfs["egress_session_rotations_total"].GetMetric() {
+		require.Len(t, m.GetLabel(), 1)
+		require.Equal(t, "reason", m.GetLabel()[0].GetName())
+		rotations[m.GetLabel()[0].GetValue()] = m.GetCounter().GetValue()
+	}
+	assert.Equal(t, map[string]float64{"header": 1, "user_name": 0, "admin": 0, "status": 2}, rotations, "a series per reason, zeros included")
+
 	assert.Equal(t, 3661.5, plain("egress_uptime_seconds").GetGauge().GetValue())
 	assert.Equal(t, float64(s.Started.Unix())+0.5, plain("egress_start_time_seconds").GetGauge().GetValue())
 }

@@ -23,6 +23,7 @@ type Stats struct {
 	Upstreams     []UpstreamStats `json:"upstreams"`
 	Addresses     AddressStats    `json:"addresses"`
 	Clients       ClientStats     `json:"clients"`
+	Sessions      SessionStats    `json:"sessions"`
 	// LimitStore is the store of shared budgets (-limit-store); nil
 	// without one.
 	LimitStore *LimitStore `json:"limit_store,omitempty"`

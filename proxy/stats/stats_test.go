@@ -52,6 +52,11 @@ func sampleStats(t testing.TB) *Stats {
 	clients.Refuse(RefusedLoginThrottled)
 	clients.Refuse(RefusedLoginThrottled)
 
+	var sessions Sessions
+	sessions.Rotated(RotatedHeader)
+	sessions.Rotated(RotatedStatus)
+	sessions.Rotated(RotatedStatus)
+
 	ups := r.Snapshot()
 	started := time.Date(2025, 3, 1, 12, 0, 0, 500_000_000, time.UTC)
 	return &Stats{
@@ -74,7 +79,8 @@ func sampleStats(t testing.TB) *Stats {
 				{Subnet: OtherSubnet, Conns: 401},
 			},
 		},
-		Clients: clients.Snapshot(),
+		Clients:  clients.Snapshot(),
+		Sessions: sessions.Snapshot(5),
 		LimitStore: &LimitStore{Store: "redis://:xxxxx@store.example:6379/0", Shared: false, Since: started.Add(time.Hour),
 			Decisions: 5000, LocalDecisions: 40, Errors: 3, Fallbacks: 1, LastError: "connection refused"},
 	}
@@ -133,6 +139,22 @@ func TestJSONRoundTrip(t *testing.T) {
 	}
 	want.Addresses.AddLatencyHistogram = HistogramSnapshot{}
 	assert.Equal(t, want, back)
+}
+
+func TestSessions(t *testing.T) {
+	var s Sessions
+	assert.Equal(t, SessionStats{Open: 0, Rotations: map[string]uint64{"header": 0, "user_name": 0, "admin": 0, "status": 0}},
+		s.Snapshot(0), "every reason is listed, zeros included")
+	s.Rotated(RotatedAdmin)
+	s.Rotated(RotatedAdmin)
+	s.Rotated(RotatedUserName)
+	s.Rotated(0) // none: not counted
+	s.Rotated(RotateReason(-1))
+	s.Rotated(numRotateReasons)
+	assert.Equal(t, SessionStats{Open: 3, Rotations: map[string]uint64{"header": 0, "user_name": 1, "admin": 2, "status": 0}},
+		s.Snapshot(3))
+	assert.Equal(t, "unknown", numRotateReasons.String())
+	assert.Equal(t, []string{"header", "user_name", "admin", "status"}, RotateReasons)
 }
 
 func TestClients(t *testing.T) {

@@ -72,6 +72,12 @@ func (c *Client) Fetch(ctx context.Context, url string) (int, string, error) {
 // proxy's response; when that is 200 the returned connection is the tunnel.
 // The caller closes the connection in every case.
 func (ns *NS) Connect(ctx context.Context, proxyAddr, target string) (net.Conn, *http.Response, error) {
+	return ns.ConnectWith(ctx, proxyAddr, target, nil)
+}
+
+// ConnectWith is Connect with the request header fields header (a session
+// key, say) on the CONNECT request.
+func (ns *NS) ConnectWith(ctx context.Context, proxyAddr, target string, header http.Header) (net.Conn, *http.Response, error) {
 	conn, err := ns.DialContext(ctx, "tcp", proxyAddr)
 	if err != nil {
 		return nil, nil, err
@@ -83,7 +89,10 @@ func (ns *NS) Connect(ctx context.Context, proxyAddr, target string) (net.Conn, 
 		Method: http.MethodConnect,
 		URL:    &url.URL{Opaque: target},
 		Host:   target,
-		Header: http.Header{},
+		Header: header.Clone(),
+	}
+	if req.Header == nil {
+		req.Header = http.Header{}
 	}
 	if err := req.Write(conn); err != nil {
 		conn.Close()

@@ -291,6 +291,16 @@ var families = []family{
 		"Failed accepts of client connections, such as file descriptors running out.",
 		func(s *stats.Stats) float64 { return float64(s.Clients.AcceptErrors) }),
 
+	plainFamily("egress_session_open", "gauge",
+		"Sessions open (-rotate session), each holding one egress address.",
+		func(s *stats.Stats) float64 { return float64(s.Sessions.Open) }),
+	newFamily("egress_session_rotations_total", "counter",
+		"Sessions that gave up their egress address for a new one, by reason: the X-Egress-Rotate header, a user name session-KEY-rotate, the admin API, an upstream status of -rotate-on.",
+		[]string{"reason"}, func(f *family, ch chan<- prometheus.Metric, s *stats.Stats) {
+			for _, r := range stats.RotateReasons {
+				f.sample(ch, float64(s.Sessions.Rotations[r]), r)
+			}
+		}),
 	storeFamily("egress_limit_store_up", "gauge",
 		"1 while the limit store (-limit-store) answers and -limit budgets are shared, 0 while each egressd enforces every rule alone.",
 		func(l *stats.LimitStore) float64 { return boolValue(l.Shared) }),
