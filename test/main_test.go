@@ -45,14 +45,14 @@ type env struct {
 }
 
 // egressdArgs are the flags every test passes: the interface and prefix of
-// the topology and the default listen address, spelled out.
+// the topology and the default listen address, spelled out. -prefix is
+// repeatable: extra flags that name prefixes replace the topology's.
 func egressdArgs(tp *nstest.Topo, extra ...string) []string {
-	return append([]string{
-		"-listen", proxyAddr,
-		"-interface", tp.HostLink,
-		"-prefix", nstest.Prefix.String(),
-		"-log-level", "debug",
-	}, extra...)
+	args := []string{"-listen", proxyAddr, "-interface", tp.HostLink, "-log-level", "debug"}
+	if !slices.Contains(extra, "-prefix") {
+		args = append(args, "-prefix", nstest.Prefix.String())
+	}
+	return append(args, extra...)
 }
 
 // setup builds a topology and starts the upstream, without egressd.

@@ -118,7 +118,7 @@ func TestOnLinkTwoPrefixes(t *testing.T) {
 	e := setup(t)
 	e.tp.Host.Run(t, "ip", "addr", "add", "2001:db8:1:3::2/64", "dev", e.tp.HostLink, "nodad")
 	e.tp.Router.Run(t, "ip", "addr", "add", "2001:db8:1:3::1/64", "dev", e.tp.RouterLink, "nodad")
-	e.restart(t, "-prefix", second64.String()) // after egressdArgs' -prefix nstest.Prefix
+	e.restart(t, "-prefix", nstest.Prefix.String(), "-prefix", second64.String())
 
 	const n = 40
 	got := curlMany(t, e, e.up.HTTPURL, n)
