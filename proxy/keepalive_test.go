@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -122,12 +123,45 @@ func do(t *testing.T, c *http.Client, method, rawURL, body string) (int, string,
 	return resp.StatusCode, string(b), resp.Header
 }
 
-// openFDs counts this process's open file descriptors.
-func openFDs(t *testing.T) int {
+// connFDs counts this process's descriptors of TCP connections (not
+// listeners) with an end on one of ports: the test's own, whatever else
+// the process has open meanwhile.
+func connFDs(t *testing.T, ports ...string) int {
 	t.Helper()
+	inodes := map[string]bool{} // socket inodes of connections on ports
+	for _, table := range []string{"/proc/self/net/tcp", "/proc/self/net/tcp6"} {
+		b, err := os.ReadFile(table)
+		require.NoError(t, err)
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) < 10 || f[3] == "0A" { // 0A: LISTEN
+				continue
+			}
+			for _, port := range ports {
+				hex := fmt.Sprintf(":%04X", atoiPort(t, port))
+				if strings.HasSuffix(f[1], hex) || strings.HasSuffix(f[2], hex) {
+					inodes[f[9]] = true
+				}
+			}
+		}
+	}
 	fds, err := os.ReadDir("/proc/self/fd")
 	require.NoError(t, err)
-	return len(fds)
+	n := 0
+	for _, fd := range fds {
+		link, err := os.Readlink("/proc/self/fd/" + fd.Name())
+		if err == nil && strings.HasPrefix(link, "socket:[") && inodes[strings.Trim(link[len("socket:"):], "[]")] {
+			n++
+		}
+	}
+	return n
+}
+
+func atoiPort(t *testing.T, port string) int {
+	t.Helper()
+	n, err := strconv.Atoi(port)
+	require.NoError(t, err)
+	return n
 }
 
 // TestRotateConnectionKeepAlive: with -rotate connection, the requests of
@@ -142,7 +176,8 @@ func TestRotateConnectionKeepAlive(t *testing.T) {
 	up := startKeptUpstream(t, keptOpts{})
 	target := "http://" + up.addr + "/"
 	base := goleak.IgnoreCurrent()
-	fds := openFDs(t)
+	_, upPort, _ := net.SplitHostPort(up.addr)
+	_, proxyPort, _ := net.SplitHostPort(p.addr)
 
 	const n = 20
 	clients := []*http.Client{p.client(t), p.client(t)}
@@ -202,8 +237,8 @@ func TestRotateConnectionKeepAlive(t *testing.T) {
 	}, 5*time.Second, time.Millisecond, "upstream connections open %d", up.open())
 	require.Eventually(t, func() bool { return goleak.Find(base) == nil }, 5*time.Second, 10*time.Millisecond,
 		"goroutines left: %v", goleak.Find(base))
-	require.Eventually(t, func() bool { return openFDs(t) <= fds }, 5*time.Second, 10*time.Millisecond,
-		"descriptors: %d, %d before", openFDs(t), fds)
+	require.Eventually(t, func() bool { return connFDs(t, upPort, proxyPort) == 0 }, 5*time.Second, 10*time.Millisecond,
+		"descriptors of connections to the upstream or the proxy left: %d", connFDs(t, upPort, proxyPort))
 }
 
 // TestKeepAliveUpstreamConnections: a keep-alive client sends n requests
