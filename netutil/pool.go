@@ -516,7 +516,7 @@ func (p *Pool) Acquire(ctx context.Context) (*Lease, error) {
 		if p.budget == nil || p.freshAllowedLocked(now) {
 			return p.acquireFresh(ctx)
 		}
-		if l, ok := p.takeWarmLocked(); ok {
+		if l, ok := p.takeWarmLocked(ctx); ok {
 			p.mu.Unlock()
 			return l, nil
 		}
@@ -530,7 +530,7 @@ func (p *Pool) Acquire(ctx context.Context) (*Lease, error) {
 // It is called with p.mu held, and unlocks it.
 func (p *Pool) acquireFresh(ctx context.Context) (*Lease, error) {
 	l := &Lease{pool: p, fresh: true}
-	if i := p.pickLocked(p.ready); i >= 0 {
+	if i := p.pickLocked(p.ready, p.avoidLocked(ctx)); i >= 0 {
 		a := p.ready[i]
 		p.ready = slices.Delete(p.ready, i, i+1)
 		p.setStateLocked(a, StateInUse)
@@ -572,13 +572,13 @@ func (p *Pool) distinctLocked() int {
 
 // takeWarmLocked leases the warm address unused the longest, if there is
 // one.
-func (p *Pool) takeWarmLocked() (*Lease, bool) {
+func (p *Pool) takeWarmLocked(ctx context.Context) (*Lease, bool) {
 	if len(p.warm) == 0 {
 		return nil, false
 	}
 	// When every warm address is on the last /64, past the budget, it is
 	// reused all the same.
-	i := max(p.pickLocked(p.warm), 0)
+	i := max(p.pickLocked(p.warm, p.avoidLocked(ctx)), 0)
 	a := p.warm[i]
 	p.warm = slices.Delete(p.warm, i, i+1)
 	l := &Lease{pool: p, addr: a}
@@ -590,14 +590,31 @@ func (p *Pool) takeWarmLocked() (*Lease, bool) {
 
 // pickLocked returns the index of the first of addrs (ready ones, oldest
 // first, or warm ones, unused the longest first) that is not on the /64 of
-// the address leased last, or -1 if there is none. With one /64 only, the
-// first will do.
-func (p *Pool) pickLocked(addrs []netip.Addr) int {
-	if p.spread.Len64() == 0 || !p.last.IsValid() {
+// avoid, or -1 if there is none. With one /64 only, the first will do.
+func (p *Pool) pickLocked(addrs []netip.Addr, avoid netip.Addr) int {
+	if p.spread.Len64() == 0 || !avoid.IsValid() {
 		return min(0, len(addrs)-1)
 	}
-	last := upper64(p.last)
+	last := upper64(avoid)
 	return slices.IndexFunc(addrs, func(a netip.Addr) bool { return upper64(a) != last })
+}
+
+type avoidKey struct{}
+
+// AvoidingSubnetOf returns a copy of ctx that asks Acquire (and
+// Dialer.Hold) for an address on another /64 than a's, where the pool has
+// several: a session that rotates away from a leaves its /64 too. Without
+// it, a lease avoids the /64 of the address leased before it.
+func AvoidingSubnetOf(ctx context.Context, a netip.Addr) context.Context {
+	return context.WithValue(ctx, avoidKey{}, a)
+}
+
+// avoidLocked is the address whose /64 a lease for ctx avoids.
+func (p *Pool) avoidLocked(ctx context.Context) netip.Addr {
+	if a, ok := ctx.Value(avoidKey{}).(netip.Addr); ok && a.IsValid() {
+		return a
+	}
+	return p.last
 }
 
 // waitLocked waits, with p.mu held (it unlocks it), until an address may be
@@ -643,7 +660,7 @@ func (p *Pool) acquireWarm(ctx context.Context) (*Lease, error) {
 			p.mu.Unlock()
 			return nil, err
 		}
-		if l, ok := p.takeWarmLocked(); ok {
+		if l, ok := p.takeWarmLocked(ctx); ok {
 			p.mu.Unlock()
 			return l, nil
 		}
@@ -796,11 +813,12 @@ func (p *Pool) add(ctx context.Context, to AddrState, l *Lease) (netip.Addr, err
 			p.removeLocked(victim)
 			continue
 		}
-		// A lease's address avoids the /64 of the one leased before it;
-		// the refiller's follow the Spread, whose consecutive /64s differ.
+		// A lease's address avoids the /64 of the one leased before it
+		// (or the one its ctx names); the refiller's follow the Spread,
+		// whose consecutive /64s differ.
 		var avoid netip.Addr
 		if to == StateInUse {
-			avoid = p.last
+			avoid = p.avoidLocked(ctx)
 		}
 		a, ok := p.drawLocked(avoid)
 		if !ok {

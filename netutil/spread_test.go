@@ -243,3 +243,56 @@ func TestPoolWarmAvoidsLastSlash64(t *testing.T) {
 	assert.EqualValues(t, 8, st.Fresh)
 	assert.EqualValues(t, 40, st.Reused)
 }
+
+// TestPoolAvoidingSubnetOf: a lease whose ctx names an address (a session
+// rotating away from it) is on another /64 than that address, not only
+// than the lease before; ready, made on demand and warm alike.
+func TestPoolAvoidingSubnetOf(t *testing.T) {
+	two := prefixes("2001:db8:1:2::/64", "2001:db8:5:5::/64")
+	for _, tt := range []struct {
+		name string
+		cfg  func(*PoolConfig)
+	}{
+		{"on demand", func(c *PoolConfig) { c.Ready = -1 }},
+		{"ready", func(c *PoolConfig) { c.Ready = 4 }},
+		{"warm", func(c *PoolConfig) { c.Budget = Budget{Rate: 0.001, Burst: 4, Window: time.Hour} }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			p := newTestPool(t, newFakeManager(), func(c *PoolConfig) {
+				c.Prefix = netip.Prefix{}
+				c.Prefixes = two
+				tt.cfg(c)
+			})
+			ctx := context.Background()
+			if tt.name == "ready" {
+				require.NoError(t, p.fill(ctx))
+			}
+			if tt.name == "warm" { // spend the budget: every later lease is a warm one
+				var held []*Lease
+				for range 4 {
+					l, err := p.Acquire(ctx)
+					require.NoError(t, err)
+					held = append(held, l)
+				}
+				for _, l := range held {
+					l.Release()
+				}
+			}
+			for i := range 20 {
+				// A session holds old; another lease comes between, so
+				// that by default the next lease would avoid its /64 and
+				// land on old's. Rotating away from old asks otherwise.
+				old, err := p.Acquire(ctx)
+				require.NoError(t, err)
+				between, err := p.Acquire(ctx)
+				require.NoError(t, err)
+				between.Release()
+				l, err := p.Acquire(AvoidingSubnetOf(ctx, old.Addr()))
+				require.NoError(t, err)
+				assert.NotEqual(t, slash64(old.Addr()), slash64(l.Addr()), "lease %d", i)
+				old.Release()
+				l.Release()
+			}
+		})
+	}
+}

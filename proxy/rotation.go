@@ -107,7 +107,11 @@ func (s *Server) rotate(ctx context.Context, sess *session, from *sessionAddr, r
 	}
 	next := t.newAddr(sess)
 	// Best effort: if no address can be had now, the next dial asks again
-	// and tells its client why.
+	// and tells its client why. Where there are several /64s, the new
+	// address is on another than the old one.
+	if a := cur.held.lastAddr(); a.IsValid() {
+		ctx = netutil.AvoidingSubnetOf(ctx, a)
+	}
 	_, _ = next.held.dialer(ctx, t.hold)
 	t.mu.Lock()
 	if t.closed || t.m[sess.key] != sess || !sess.addr.CompareAndSwap(cur, next) {
