@@ -708,6 +708,9 @@ func parseStatuses(s string) (Statuses, error) {
 		}
 		n, err := strconv.Atoi(f)
 		if err != nil || n < 100 || n > 599 {
+			if f == strings.TrimSpace(s) { // one value: name it once
+				return nil, fmt.Errorf("%q is not an HTTP status (100-599); want a list like 403,429", f)
+			}
 			return nil, fmt.Errorf("%q: %q is not an HTTP status (100-599); want a list like 403,429", s, f)
 		}
 		if !slices.Contains(out, n) {

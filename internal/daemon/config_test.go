@@ -369,7 +369,7 @@ func TestLoadConfigRotateOn(t *testing.T) {
 		{name: "too low", args: []string{"-rotate", "session", "-rotate-on", "99"}, err: `"99" is not an HTTP status (100-599)`},
 		{name: "too high", args: []string{"-rotate", "session", "-rotate-on", "600"}, err: `"600" is not an HTTP status (100-599)`},
 		{name: "empty item", args: []string{"-rotate", "session", "-rotate-on", "403,,429"}, err: `"" is not an HTTP status`},
-		{name: "in file", file: "rotate: session\nrotate-on: 4290\n", err: `line 2: key "rotate-on": "4290": "4290" is not an HTTP status (100-599)`},
+		{name: "in file", file: "rotate: session\nrotate-on: 4290\n", err: `line 2: key "rotate-on": "4290" is not an HTTP status (100-599)`},
 		{name: "without sessions", args: []string{"-rotate-on", "429"},
 			err: "rotate-on 429: needs -rotate session (only a session holds an address to give up), not -rotate request"},
 	}
