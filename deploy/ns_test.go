@@ -358,7 +358,8 @@ func TestNixConfigRuns(t *testing.T) {
 			socks5 = "127.0.0.1:1081"; tunnel-idle = "4m"; allow-dest = [ "10.0.9.0/24" ];
 			connect-ports = [ 443 8443 ]; http-ports = "80,8080"; max-conns = 500;
 			max-conns-per-client = 50; max-addrs-per-client = 8; client-timeout = "20s";
-			new-addrs = "2r/s,burst=20"; neigh-window = "90s"; limit-store = "redis://[2001:db8::6379]:6379/0"; };`,
+			new-addrs = "2r/s,burst=20"; neigh-window = "90s"; limit-store = "redis://[2001:db8::6379]:6379/0";
+			rotate-on = "403,429"; };`,
 		nstest.UpstreamName, filepath.Join(dir, "bob.htpasswd")))
 	var keys map[string]any
 	require.NoError(t, json.Unmarshal([]byte(next), &keys))
