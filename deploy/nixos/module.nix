@@ -59,10 +59,13 @@ in
     };
 
     prefix = mkOption {
-      type = types.nullOr types.str;
+      type = types.nullOr (types.either types.str (types.listOf types.str));
       default = null;
-      example = "2001:db8:1:2::/64";
-      description = "Prefix egress addresses are drawn from. null: the /64 of the interface's first global address.";
+      example = [
+        "2001:db8:1:2::/64"
+        "2001:db8:0:100::/56"
+      ];
+      description = "Prefix, or list of prefixes, egress addresses are drawn from; one shorter than /64 is used as its /64s. null: the /64 of the interface's first global address.";
     };
 
     mode = mkOption {
