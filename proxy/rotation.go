@@ -106,9 +106,13 @@ func (s *Server) rotate(ctx context.Context, sess *session, from *sessionAddr, r
 		return netip.Addr{}, false
 	}
 	next := t.newAddr(sess)
-	// Best effort: if no address can be had now, the next dial asks again
-	// and tells its client why. Where there are several /64s, the new
-	// address is on another than the old one.
+	// Best effort: if no address can be had within DialTimeout (the pool
+	// waits for one as long as its context lets it), the next dial asks
+	// again and tells its client why. Unbounded, a -rotate-on answer would
+	// not reach its client, nor the admin API answer, until one came. Where
+	// there are several /64s, the new address is on another than the old one.
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
+	defer cancel()
 	if a := cur.held.lastAddr(); a.IsValid() {
 		ctx = netutil.AvoidingSubnetOf(ctx, a)
 	}

@@ -437,3 +437,71 @@ func TestRotateOnValidate(t *testing.T) {
 		})
 	}
 }
+
+// TestRotateLeaseBounded: when the pool has no address to give now (past
+// the neighbour budget Acquire waits until its context is done), a
+// rotation waits for the new address no longer than DialTimeout, as every
+// lease does: RotateSession returns, and the 429 that triggered -rotate-on
+// still reaches its client. The session's next request then leases again,
+// and gets its 503 within DialTimeout.
+func TestRotateLeaseBounded(t *testing.T) {
+	h := &fakeHold{}
+	var starved atomic.Bool
+	hold := func(ctx context.Context) (DialFunc, func(), error) {
+		if starved.Load() {
+			<-ctx.Done() // as Pool.Acquire waits for an address
+			return nil, nil, fmt.Errorf("%w: every address the budget allows is in use", netutil.ErrNoAddress)
+		}
+		return h.Hold(ctx)
+	}
+	p := startProxy(t, nil, withDialTimeout(200*time.Millisecond),
+		func(c *Config) { c.Rotate, c.Hold, c.RotateOn = RotateSession, hold, []int{http.StatusTooManyRequests} })
+	var status atomic.Int32
+	status.Store(http.StatusOK)
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	require.NoError(t, err)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.WriteHeader(int(status.Load()))
+		fmt.Fprintln(w, "answer")
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	target := "http://" + ln.Addr().String() + "/"
+	c := p.client(t)
+	c.Timeout = 10 * time.Second
+	leased := func() {
+		t.Helper()
+		starved.Store(false)
+		code, body := getWith(t, c, target, SessionHeader, "a")
+		require.Equal(t, http.StatusOK, code, body)
+		starved.Store(true)
+	}
+
+	leased()
+	done := make(chan bool, 1)
+	go func() {
+		_, rotated, err := p.RotateSession(context.Background(), "a")
+		assert.NoError(t, err)
+		done <- rotated
+	}()
+	select {
+	case rotated := <-done:
+		assert.True(t, rotated, "the old address is given up all the same")
+	case <-time.After(10 * time.Second):
+		t.Fatal("RotateSession still waits for an address")
+	}
+
+	leased()
+	status.Store(http.StatusTooManyRequests)
+	req, err := http.NewRequest(http.MethodGet, target, nil)
+	require.NoError(t, err)
+	req.Header.Set(SessionHeader, "a")
+	resp, err := c.Do(req)
+	require.NoError(t, err, "the upstream's 429 reaches the client while the pool has no address")
+	resp.Body.Close()
+	assert.Equal(t, http.StatusTooManyRequests, resp.StatusCode)
+	assert.EqualValues(t, 1, rotations(p)["status"])
+
+	code, body := getWith(t, c, target, SessionHeader, "a")
+	assert.Equal(t, http.StatusServiceUnavailable, code, body)
+}

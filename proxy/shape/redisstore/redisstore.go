@@ -51,6 +51,11 @@ func ParseURL(s string) (*url.URL, error) {
 		switch {
 		case errors.As(err, &esc):
 			err = errors.New("a bad %-escape") // it would quote part of the URL
+		case errors.As(err, &ue) && strings.Contains(ue.Err.Error(), `"`):
+			// It quotes part of the URL: the port or host it could not
+			// read, which is the start of a password holding / ? or #
+			// (the authority ends there).
+			err = errors.New("a host or port that does not parse; a password holding / ? # or @ must be %-escaped")
 		case errors.As(err, &ue):
 			err = ue.Err // without the URL
 		}

@@ -49,6 +49,11 @@ func TestParseURL(t *testing.T) {
 		{"fragment", "redis://h/0#x", "no query or fragment allowed"},
 		{"bad escape in the password", "redis://:" + secret + "%zz@h/0", "not a URL (a bad %-escape)"},
 		{"space in the password", "redis://:" + secret + " x@h/0", "not a URL"},
+		// A password holding / ? or # unescaped ends the authority there:
+		// url.Parse then reads its start as a port, and quotes it.
+		{"slash in the password", "redis://:" + secret + "/x@h/0", "not a URL"},
+		{"hash in the password", "redis://:" + secret + "#x@h/0", "not a URL"},
+		{"question mark in the password", "redis://u:" + secret + "?x@h/0", "not a URL"},
 	}
 	for _, tt := range bad {
 		t.Run(tt.name, func(t *testing.T) {
