@@ -64,7 +64,7 @@ type request struct {
 	held      *heldAddr
 	done      func()
 	sessAddr  *sessionAddr // the session address a plain HTTP request's round trip took (RotateSession)
-	holdsAddr atomic.Bool  // a fresh egress address is counted against client (see dial)
+	addrs     atomic.Int32 // addrNone, addrCounted or addrEnded: a fresh egress address counted against client (see dialHeld)
 	ipv4      atomic.Bool  // the upstream connection left from the host's own IPv4 address
 	mu        sync.Mutex   // egress is set from the transport's goroutine
 	egress    string       // source IP of the upstream connection
@@ -150,10 +150,42 @@ func (x *request) dialedFrom(c net.Conn) bool {
 	return false
 }
 
+// Whether a request counts a fresh egress address against its client
+// (MaxAddrsPerClient).
+const (
+	addrNone    int32 = iota
+	addrCounted       // its dial took a fresh address, counted until it ends
+	addrEnded         // it ended: a dial still running counts nothing more
+)
+
+// countAddr counts the fresh egress address a dial of x is about to take
+// against its client, unless x counts one already. A dial that outlives
+// its request (the transport finishes a dial its request gave up on) gets
+// an error, so that the count finish gave back is never taken again.
+func (x *request) countAddr() error {
+	if x.addrs.CompareAndSwap(addrNone, addrCounted) {
+		if e := x.client.reserveAddr(); e != nil {
+			x.addrs.Store(addrNone)
+			return e
+		}
+		return nil
+	}
+	if x.addrs.Load() == addrEnded {
+		return context.Canceled // the request is over: its client went away
+	}
+	return nil
+}
+
 // releaseAddr gives back the fresh egress address the request counted
-// against its client, if it did.
-func (x *request) releaseAddr() {
-	if x.holdsAddr.CompareAndSwap(true, false) {
+// against its client, if it did; end says the request is over.
+func (x *request) releaseAddr(end bool) {
+	var released bool
+	if end {
+		released = x.addrs.Swap(addrEnded) == addrCounted
+	} else {
+		released = x.addrs.CompareAndSwap(addrCounted, addrNone)
+	}
+	if released {
 		x.client.releaseAddr()
 	}
 }
@@ -259,10 +291,9 @@ func (s *Server) dial(ctx context.Context, network, addr string) (net.Conn, erro
 // MaxAddrsPerClient until the request ends (see finish).
 func (s *Server) dialHeld(ctx context.Context, h *heldAddr, network, addr string) (net.Conn, error) {
 	x := requestFrom(ctx)
-	if h == nil && x != nil && x.holdsAddr.CompareAndSwap(false, true) {
-		if e := x.client.reserveAddr(); e != nil {
-			x.holdsAddr.Store(false)
-			return nil, e
+	if h == nil && x != nil {
+		if err := x.countAddr(); err != nil {
+			return nil, err
 		}
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
@@ -282,7 +313,7 @@ func (s *Server) dialHeld(ctx context.Context, h *heldAddr, network, addr string
 		h.dialed(conn)
 	}
 	if x != nil && x.dialedFrom(conn) {
-		x.releaseAddr() // the host's own IPv4 address: no egress address held
+		x.releaseAddr(false) // the host's own IPv4 address: no egress address held
 	}
 	return conn, nil
 }
@@ -374,7 +405,7 @@ func (s *Server) record(x *request, extra ...slog.Attr) {
 // through (x.admitted is set only then) its permit, in-flight count,
 // whether it went over IPv4, error and latency.
 func (s *Server) finish(x *request) {
-	x.releaseAddr()
+	x.releaseAddr(true)
 	s.clientStats.Refuse(x.refused)
 	s.clientStats.Refuse(x.fwd.refused)
 	up := x.upstream
