@@ -61,13 +61,13 @@ type request struct {
 
 	// The address. held is the client connection's (RotateConnection), done
 	// ends the request's use of its session (RotateSession).
-	held      *heldAddr
-	done      func()
-	sessAddr  *sessionAddr // the session address a plain HTTP request's round trip took (RotateSession)
-	addrs     atomic.Int32 // addrNone, addrCounted or addrEnded: a fresh egress address counted against client (see dialHeld)
-	ipv4      atomic.Bool  // the upstream connection left from the host's own IPv4 address
-	mu        sync.Mutex   // egress is set from the transport's goroutine
-	egress    string       // source IP of the upstream connection
+	held     *heldAddr
+	done     func()
+	sessAddr *sessionAddr // the session address a plain HTTP request's round trip took (RotateSession)
+	addrs    atomic.Int32 // addrNone, addrCounted or addrEnded: a fresh egress address counted against client (see dialHeld)
+	ipv4     atomic.Bool  // the upstream connection left from the host's own IPv4 address
+	mu       sync.Mutex   // egress is set from the transport's goroutine
+	egress   string       // source IP of the upstream connection
 
 	// Shaping: the normalized upstream host and its statistics, set once
 	// the request was attributed to it; when the shaper let it through, and
