@@ -334,7 +334,10 @@ func (c *Config) Validate() error {
 	}
 	for i, p := range c.Prefixes {
 		for _, q := range c.Prefixes[:i] {
-			if p.Overlaps(q) {
+			switch {
+			case p == q:
+				return fmt.Errorf("prefix %s is given twice: give each range of addresses once", p)
+			case p.Overlaps(q):
 				return fmt.Errorf("prefix %s overlaps prefix %s: give each range of addresses once", p, q)
 			}
 		}
@@ -652,13 +655,26 @@ func choiceValue(p *string, choices ...string) scalarValue[string] {
 
 func same(s string) string { return s }
 
+// minPrefixBits is the shortest -prefix: a /48, what a provider assigns to
+// a site at most.
+const minPrefixBits = 48
+
 func parsePrefix(s string) (netip.Prefix, error) {
 	p, err := netip.ParsePrefix(s)
 	if err != nil {
+		if strings.ContainsAny(strings.TrimSpace(s), ", ") {
+			return netip.Prefix{}, fmt.Errorf("%q is not a CIDR prefix: give one per -prefix (-prefix A -prefix B; in the config file prefix: [A, B])", s)
+		}
 		return netip.Prefix{}, fmt.Errorf("%q is not a CIDR prefix like 2001:db8:1:2::/64", s)
 	}
 	if !p.Addr().Is6() || p.Addr().Is4In6() {
 		return netip.Prefix{}, fmt.Errorf("%q is not an IPv6 prefix", s)
+	}
+	if p.Bits() < minPrefixBits {
+		// A /6 for a /64 would take a sixty-fourth of the Internet for
+		// the host's own (routed mode's local route, the destination
+		// guard).
+		return netip.Prefix{}, fmt.Errorf("%q is wider than a /%d, the widest prefix egressd takes (a /%d is 65,536 /64s)", s, minPrefixBits, minPrefixBits)
 	}
 	if !netutil.HasDrawable(p) {
 		return netip.Prefix{}, fmt.Errorf("%q has no address to draw", s)
