@@ -189,8 +189,13 @@ func notOnLink(prefix netip.Prefix, ifname string, addrs []IfAddr, onLink []neti
 		add(r)
 	}
 	if len(parts) > 0 {
-		return fmt.Errorf("prefix %s is not on interface %s: only %s of it is (give that as -prefix; if all of %s is routed to this host, use -mode routed)",
-			prefix, ifname, strings.Join(parts, ", "), prefix)
+		slices.Sort(parts)
+		is, that := "is", "that"
+		if len(parts) > 1 {
+			is, that = "are", "those"
+		}
+		return fmt.Errorf("prefix %s is not on interface %s: only %s of it %s (give %s as -prefix; if all of %s is routed to this host, use -mode routed)",
+			prefix, ifname, strings.Join(parts, ", "), is, that, prefix)
 	}
 	return fmt.Errorf("prefix %s is not on interface %s: no address or on-link route of it is there (if it is routed to this host, use -mode routed)", prefix, ifname)
 }
