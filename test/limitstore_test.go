@@ -194,7 +194,7 @@ func TestLimitStoreShared(t *testing.T) {
 		assert.NotEmpty(t, st.LastError, h.ns.Name)
 		assert.Greater(t, served(h), before[i], "%s served nothing while Redis was down", h.ns.Name)
 		out := h.ns.Run(t, ctl, "-admin", h.ed.Admin, "stats")
-		assert.Contains(t, out, "limit store: redis://:xxxxx@"+storeAddr+"/0 does not answer: this egressd enforces every rule alone")
+		assert.Contains(t, out, "limit store: redis://:xxxxx@"+storeAddr+"/0 fails: this egressd enforces every rule alone")
 	}
 
 	// Redis back: every host returns to it, and the rule holds for all
@@ -221,7 +221,7 @@ func TestLimitStoreShared(t *testing.T) {
 		assert.Equal(t, uint64(1), st.Fallbacks, "%s: one fallback", h.ns.Name)
 		assert.Positive(t, st.Decisions, h.ns.Name)
 		assert.Equal(t, "redis://:xxxxx@"+storeAddr+"/0", st.Store)
-		assert.Len(t, h.ed.Log("limit store does not answer: each egressd enforces every -limit rule alone until it does"), 1, h.ns.Name)
+		assert.Len(t, h.ed.Log("limit store fails: each egressd enforces every -limit rule alone until it answers"), 1, h.ns.Name)
 		assert.Len(t, h.ed.Log("limit store answers again: -limit rules are shared again"), 1, h.ns.Name)
 		ready := h.ed.Log("egressd ready")
 		require.Len(t, ready, 1)

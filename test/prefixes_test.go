@@ -162,6 +162,15 @@ func TestOnLinkPrefixNotOnInterface(t *testing.T) {
 	require.NoError(t, err)
 	assert.Empty(t, locks, "no lock file left")
 
+	// A /48 typed where one /64 of it is on the link: one line naming the
+	// /64, not a start that draws from /64s the router never delivers.
+	p = tp.Host.Start(t, nil, bin, "-interface", tp.HostLink, "-prefix", "2001:db8:1::/48",
+		"-admin", filepath.Join(t.TempDir(), "admin.sock"))
+	assert.Equal(t, 1, p.Wait(t), "exit status")
+	assert.Equal(t, "egressd: prefix 2001:db8:1::/48 is not on interface "+tp.HostLink+": only "+nstest.Prefix.String()+
+		" of it is (give that as -prefix; if all of 2001:db8:1::/48 is routed to this host, use -mode routed)\n", p.Stderr())
+	assert.Equal(t, before, show(), "addresses and routes of H")
+
 	// Overlapping prefixes: one line too.
 	p = tp.Host.Start(t, nil, bin, "-interface", tp.HostLink, "-prefix", nstest.Prefix.String(), "-prefix", "2001:db8:1:2:8000::/65")
 	assert.Equal(t, 1, p.Wait(t), "exit status")

@@ -228,7 +228,7 @@ func writeSubnets(w io.Writer, subnets []stats.Subnet) error {
 func limitStoreLine(s *stats.Stats, l *stats.LimitStore) string {
 	state := "answers: -limit budgets shared"
 	if !l.Shared {
-		state = "does not answer: this egressd enforces every rule alone"
+		state = "fails: this egressd enforces every rule alone"
 		if l.LastError != "" {
 			state += " (" + l.LastError + ")"
 		}

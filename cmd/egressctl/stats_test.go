@@ -112,7 +112,7 @@ func TestLimitStoreLine(t *testing.T) {
 	assert.Contains(t, out.String(), "\nlimit store: redis://:xxxxx@store.example:6379/0 answers: -limit budgets shared for 30m00s; "+
 		"5000 decisions by the store, 40 in-process, 1 fallbacks, 3 errors\n")
 	s.LimitStore.Shared = false
-	assert.Equal(t, "redis://:xxxxx@store.example:6379/0 does not answer: this egressd enforces every rule alone (connection refused) for 30m00s; "+
+	assert.Equal(t, "redis://:xxxxx@store.example:6379/0 fails: this egressd enforces every rule alone (connection refused) for 30m00s; "+
 		"5000 decisions by the store, 40 in-process, 1 fallbacks, 3 errors", limitStoreLine(s, s.LimitStore))
 	out.Reset()
 	require.NoError(t, writeStats(&out, &stats.Stats{}))

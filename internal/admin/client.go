@@ -90,7 +90,13 @@ func (c *Client) Rotate(ctx context.Context, key string) (RotateResult, error) {
 	if key == "" {
 		return RotateResult{}, errors.New("empty session key")
 	}
-	path := "/sessions/" + url.PathEscape(key) + "/rotate"
+	seg := url.PathEscape(key)
+	if key == "." || key == ".." {
+		// PathEscape leaves dots alone, and the server's mux would clean
+		// /sessions/../rotate away; %2E is a segment it keeps.
+		seg = strings.ReplaceAll(key, ".", "%2E")
+	}
+	path := "/sessions/" + seg + "/rotate"
 	status, body, err := c.do(ctx, http.MethodPost, path, http.StatusBadRequest, http.StatusNotFound, http.StatusConflict)
 	if err != nil {
 		return RotateResult{}, err

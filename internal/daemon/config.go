@@ -165,7 +165,7 @@ func flagSet(cfg *Config) *flag.FlagSet {
 	fs.Var(durationValue(&cfg.DialTimeout), "dial-timeout", "`DURATION` an upstream connection attempt may take")
 	fs.Var(choiceValue((*string)(&cfg.Rotate), string(proxy.RotateRequest), string(proxy.RotateConnection), string(proxy.RotateSession)), "rotate", "`POLICY`: request gives every upstream connection a fresh address; connection one per client connection; session one per session key (X-Egress-Session header or proxy user session-KEY)")
 	fs.Var(durationValue(&cfg.SessionIdle), "session-idle", "`DURATION` after which an unused session (-rotate session) gives its address back")
-	fs.Var(statusesValue(&cfg.RotateOn), "rotate-on", "`STATUSES`, comma-separated (403,429): an upstream answer with one of them to a plain HTTP request of a session (-rotate session) gives its address up, so that its next request leaves from a new one (default: none)")
+	fs.Var(&statusesValue{p: &cfg.RotateOn}, "rotate-on", "`STATUSES`, comma-separated (403,429; 300-599): an upstream answer with one of them to a plain HTTP request of a session (-rotate session) gives its address up, so that its next request leaves from a new one (default: none)")
 	fs.Var(choiceValue((*string)(&cfg.IPv4), string(netutil.IPv4Direct), string(netutil.IPv4Deny)), "ipv4", "`POLICY` for an upstream with no IPv6 address: direct connects from the host's own IPv4 address, deny answers 502")
 	fs.Var(&listValue[shape.Rule]{p: &cfg.Limits, parse: shape.ParseRule}, "limit", "`HOST=RATE[,burst=N][,concurrency=N][,wait=DURATION]` paces requests to upstream HOST (exact, *.suffix or *); RATE is Nr/s, Nr/m or Nr/h; repeatable")
 	fs.Var(storeValue(&cfg.LimitStore), "limit-store", "`URL` of a Redis that keeps the -limit budgets shared by every egressd naming it: "+redisstore.Syntax+"; concurrency stays per egressd (default: none, each egressd keeps its own)")
@@ -334,7 +334,10 @@ func (c *Config) Validate() error {
 	}
 	for i, p := range c.Prefixes {
 		for _, q := range c.Prefixes[:i] {
-			if p.Overlaps(q) {
+			switch {
+			case p == q:
+				return fmt.Errorf("prefix %s is given twice: give each range of addresses once", p)
+			case p.Overlaps(q):
 				return fmt.Errorf("prefix %s overlaps prefix %s: give each range of addresses once", p, q)
 			}
 		}
@@ -652,13 +655,26 @@ func choiceValue(p *string, choices ...string) scalarValue[string] {
 
 func same(s string) string { return s }
 
+// minPrefixBits is the shortest -prefix: a /48, what a provider assigns to
+// a site at most.
+const minPrefixBits = 48
+
 func parsePrefix(s string) (netip.Prefix, error) {
 	p, err := netip.ParsePrefix(s)
 	if err != nil {
+		if strings.ContainsAny(strings.TrimSpace(s), ", ") {
+			return netip.Prefix{}, fmt.Errorf("%q is not a CIDR prefix: give one per -prefix (-prefix A -prefix B; in the config file prefix: [A, B])", s)
+		}
 		return netip.Prefix{}, fmt.Errorf("%q is not a CIDR prefix like 2001:db8:1:2::/64", s)
 	}
 	if !p.Addr().Is6() || p.Addr().Is4In6() {
 		return netip.Prefix{}, fmt.Errorf("%q is not an IPv6 prefix", s)
+	}
+	if p.Bits() < minPrefixBits {
+		// A /6 for a /64 would take a sixty-fourth of the Internet for
+		// the host's own (routed mode's local route, the destination
+		// guard).
+		return netip.Prefix{}, fmt.Errorf("%q is wider than a /%d, the widest prefix egressd takes (a /%d is 65,536 /64s)", s, minPrefixBits, minPrefixBits)
 	}
 	if !netutil.HasDrawable(p) {
 		return netip.Prefix{}, fmt.Errorf("%q has no address to draw", s)
@@ -698,20 +714,27 @@ func (s Statuses) String() string {
 	return strings.Join(parts, ",")
 }
 
-// parseStatuses reads a comma-separated list of HTTP statuses, 100 to 599;
-// empty is none.
+// parseStatuses reads a comma-separated list of HTTP statuses, 300 to 599;
+// empty is none. A success (2xx) would give a session's address up after
+// every answer, which -rotate request does without the cost.
 func parseStatuses(s string) (Statuses, error) {
 	var out Statuses
 	for f := range strings.SplitSeq(s, ",") {
 		if f = strings.TrimSpace(f); f == "" && strings.TrimSpace(s) == "" {
 			continue
 		}
-		n, err := strconv.Atoi(f)
-		if err != nil || n < 100 || n > 599 {
+		name := func(why string) error {
 			if f == strings.TrimSpace(s) { // one value: name it once
-				return nil, fmt.Errorf("%q is not an HTTP status (100-599); want a list like 403,429", f)
+				return fmt.Errorf("%q %s; want a list like 403,429", f, why)
 			}
-			return nil, fmt.Errorf("%q: %q is not an HTTP status (100-599); want a list like 403,429", s, f)
+			return fmt.Errorf("%q: %q %s; want a list like 403,429", s, f, why)
+		}
+		n, err := strconv.Atoi(f)
+		switch {
+		case err != nil || n < 100 || n > 599:
+			return nil, name("is not an HTTP status (100-599)")
+		case n < 300:
+			return nil, name("is not a refusal (300-599): the session would move after every answer")
 		}
 		if !slices.Contains(out, n) {
 			out = append(out, n)
@@ -720,8 +743,38 @@ func parseStatuses(s string) (Statuses, error) {
 	return out, nil
 }
 
-func statusesValue(p *Statuses) scalarValue[Statuses] {
-	return scalarValue[Statuses]{p: p, parse: parseStatuses, format: Statuses.String}
+// statusesValue is -rotate-on: a comma-separated list; a repeated flag, or
+// a list in the config file (rotate-on: [403, 429]), adds to the list its
+// first use started.
+type statusesValue struct {
+	p    *Statuses
+	used bool
+}
+
+func (v *statusesValue) repeatable() {}
+func (v *statusesValue) reset()      { *v.p = nil; v.used = true }
+
+func (v *statusesValue) String() string {
+	if v == nil || v.p == nil {
+		return ""
+	}
+	return v.p.String()
+}
+
+func (v *statusesValue) Set(s string) error {
+	add, err := parseStatuses(s)
+	if err != nil {
+		return err
+	}
+	if !v.used {
+		v.reset()
+	}
+	for _, n := range add {
+		if !slices.Contains(*v.p, n) {
+			*v.p = append(*v.p, n)
+		}
+	}
+	return nil
 }
 
 func newAddrsValue(p *NewAddrs) scalarValue[NewAddrs] {

@@ -227,18 +227,27 @@ func DefaultPrefix(addrs []IfAddr) (netip.Prefix, error) {
 	return netip.Prefix{}, errors.New("no global IPv6 address on the interface: give the prefix with -prefix")
 }
 
-// OnInterface reports whether prefix is on-link at the interface: some
-// address of it, other than a leftover egress address, shares the prefix.
+// OnInterface reports whether prefix is on-link at the interface: it lies
+// within the link prefix (LinkPrefix) of some address there other than a
+// leftover egress address. An address of a narrower part is not enough: a
+// /48 whose one /64 is on the link would draw from /64s the router never
+// delivers.
 func OnInterface(prefix netip.Prefix, addrs []IfAddr) bool {
-	for _, a := range addrs {
-		if IsLeftover(a, prefix) {
-			continue
-		}
-		if a.Prefix.Masked().Overlaps(prefix) {
-			return true
-		}
-	}
-	return false
+	return slices.ContainsFunc(addrs, func(a IfAddr) bool {
+		return !IsLeftover(a, prefix) && Covers(LinkPrefix(a), prefix)
+	})
+}
+
+// LinkPrefix is the prefix an address of the interface says is on its
+// link: the address's own, or its /64 when that is narrower (an address
+// added as a /128 stands for its /64, as DefaultPrefix takes it).
+func LinkPrefix(a IfAddr) netip.Prefix {
+	return netip.PrefixFrom(a.Addr(), min(a.Prefix.Bits(), 64)).Masked()
+}
+
+// Covers reports whether inner lies wholly within outer.
+func Covers(outer, inner netip.Prefix) bool {
+	return outer.Bits() <= inner.Bits() && outer.Contains(inner.Addr())
 }
 
 // OnLinkRoutes lists the destinations of the main table's IPv6 routes

@@ -162,6 +162,14 @@ func TestDefaults(t *testing.T) {
 	assert.True(t, OnInterface(prefix64, addrs))
 	assert.True(t, OnInterface(netip.MustParsePrefix("2001:db8:1:2:1::/80"), addrs), "a narrower prefix of the /64")
 	assert.False(t, OnInterface(netip.MustParsePrefix("2001:db8:1:3::/64"), addrs))
+	// A /48 or /56 that holds the /64 is not on-link for that: its other
+	// /64s are not on this link.
+	assert.False(t, OnInterface(netip.MustParsePrefix("2001:db8:1::/48"), addrs), "a /48 with one /64 on the link")
+	assert.False(t, OnInterface(netip.MustParsePrefix("2001:db8:1:0::/56"), addrs), "a /56 with one /64 on the link")
+	// An address added as a /128 stands for its /64.
+	one := []IfAddr{{Prefix: netip.MustParsePrefix("2001:db8:7:7::5/128"), PreferredLft: infiniteLifetime, ValidLft: infiniteLifetime}}
+	assert.True(t, OnInterface(netip.MustParsePrefix("2001:db8:7:7::/64"), one))
+	assert.False(t, OnInterface(netip.MustParsePrefix("2001:db8:7::/56"), one))
 
 	_, err = NewNetlink(h, "nosuch0")
 	require.Error(t, err)

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/egressd/egressd/netutil"
@@ -162,11 +163,41 @@ func locate(h *netlink.Handle, cfg Config) (*Netlink, []netip.Prefix, error) {
 			if err := CheckRoutedPrefix(h, prefix, mgr.Index()); err != nil {
 				return nil, nil, err
 			}
-		} else if !OnInterface(prefix, addrs) && !slices.ContainsFunc(onLink, prefix.Overlaps) {
-			return nil, nil, fmt.Errorf("prefix %s is not on interface %s: no address or on-link route of it is there (if it is routed to this host, use -mode routed)", prefix, ifname)
+		} else if !OnInterface(prefix, addrs) && !slices.ContainsFunc(onLink, func(r netip.Prefix) bool { return Covers(r, prefix) }) {
+			return nil, nil, notOnLink(prefix, ifname, addrs, onLink)
 		}
 	}
 	return mgr, prefixes, nil
+}
+
+// notOnLink is the startup error for an on-link prefix the interface does
+// not have, naming the parts of it that are there, if any: a /48 typed
+// where only one /64 of it is on the link.
+func notOnLink(prefix netip.Prefix, ifname string, addrs []IfAddr, onLink []netip.Prefix) error {
+	var parts []string
+	add := func(p netip.Prefix) {
+		if Covers(prefix, p) && !slices.Contains(parts, p.String()) {
+			parts = append(parts, p.String())
+		}
+	}
+	for _, a := range addrs {
+		if !IsLeftover(a, prefix) {
+			add(LinkPrefix(a))
+		}
+	}
+	for _, r := range onLink {
+		add(r)
+	}
+	if len(parts) > 0 {
+		slices.Sort(parts)
+		is, that := "is", "that"
+		if len(parts) > 1 {
+			is, that = "are", "those"
+		}
+		return fmt.Errorf("prefix %s is not on interface %s: only %s of it %s (give %s as -prefix; if all of %s is routed to this host, use -mode routed)",
+			prefix, ifname, strings.Join(parts, ", "), is, that, prefix)
+	}
+	return fmt.Errorf("prefix %s is not on interface %s: no address or on-link route of it is there (if it is routed to this host, use -mode routed)", prefix, ifname)
 }
 
 // build removes the leftovers of an earlier run and makes the pool, the

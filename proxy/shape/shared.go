@@ -2,6 +2,8 @@ package shape
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
@@ -187,11 +189,14 @@ func (sh *Shared) record(err error, probe bool) {
 	}
 	sh.errors.Add(1)
 	sh.lastErr = strings.Join(strings.Fields(err.Error()), " ")
+	if errors.Is(err, context.DeadlineExceeded) {
+		sh.lastErr = fmt.Sprintf("no answer within %s", sh.timeout)
+	}
 	sh.nextTry = now.Add(sh.retry)
 	if !sh.down {
 		sh.down, sh.since = true, now
 		sh.fallbacks.Add(1)
-		sh.log.Warn("limit store does not answer: each egressd enforces every -limit rule alone until it does",
+		sh.log.Warn("limit store fails: each egressd enforces every -limit rule alone until it answers",
 			"store", sh.name, "err", sh.lastErr)
 	}
 }

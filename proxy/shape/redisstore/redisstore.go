@@ -145,6 +145,11 @@ func Open(s string, timeout time.Duration, log *slog.Logger) (*Store, error) {
 		// older servers refuse them, and egressd needs neither.
 		DisableIdentity:          true,
 		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},
+		// One dial a call: the pool's default of five, 100ms apart,
+		// outlasts egressd's timeout, which then reported "context
+		// deadline exceeded" for a Redis that refuses connections.
+		// egressd tries the store again every second by itself.
+		DialerRetries: 1,
 	}
 	if u.Scheme == "rediss" {
 		opt.TLSConfig = &tls.Config{ServerName: u.Hostname(), MinVersion: tls.VersionTLS12}
@@ -170,7 +175,11 @@ func (s *Store) Close() error { return s.rdb.Close() }
 func (s *Store) Allow(ctx context.Context, key string, r rate.Limit, burst int) (time.Duration, error) {
 	res, err := s.lim.Allow(ctx, keyPrefix+key, redis_rate.Limit{Rate: 1, Burst: burst, Period: interval(r)})
 	if err != nil {
-		return 0, storeError(s.scrub(err.Error()))
+		msg := s.scrub(err.Error())
+		if isAuthError(msg) {
+			msg = "redis refused the user name or password of -limit-store (" + msg + ")"
+		}
+		return 0, storeError(msg)
 	}
 	if res.Allowed > 0 {
 		return 0, nil
@@ -198,6 +207,17 @@ func (s *Store) scrub(msg string) string {
 	return strings.ReplaceAll(msg, s.secret, "xxxxx")
 }
 
+// isAuthError reports whether a Redis error refuses the credentials: a wrong
+// password, none where one is needed, or a user without the rights.
+func isAuthError(msg string) bool {
+	for _, code := range []string{"WRONGPASS", "NOAUTH", "NOPERM"} {
+		if strings.HasPrefix(msg, code+" ") {
+			return true
+		}
+	}
+	return false
+}
+
 // storeError is an error of the store, scrubbed.
 type storeError string
 
@@ -210,5 +230,5 @@ type clientLog struct {
 }
 
 func (l clientLog) Printf(ctx context.Context, format string, v ...any) {
-	l.log.Debug("redis client", "msg", l.scrub(strings.TrimSpace(fmt.Sprintf(format, v...))))
+	l.log.Debug("redis client", "detail", l.scrub(strings.TrimSpace(fmt.Sprintf(format, v...))))
 }

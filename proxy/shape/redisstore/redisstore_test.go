@@ -54,6 +54,11 @@ func TestParseURL(t *testing.T) {
 		{"slash in the password", "redis://:" + secret + "/x@h/0", "not a URL"},
 		{"hash in the password", "redis://:" + secret + "#x@h/0", "not a URL"},
 		{"question mark in the password", "redis://u:" + secret + "?x@h/0", "not a URL"},
+		// url.Parse ends the host at the '/', '?' or '#' and quotes what
+		// it took for a port: the start of the password.
+		{"slash in the password, with a port", "redis://:" + secret + "/x@h:6379/0", "must be %-escaped"},
+		{"question mark in the password, with a port", "redis://:" + secret + "?x@h:6379/0", "must be %-escaped"},
+		{"hash in the password, with a port", "redis://u:" + secret + "#x@h:6379/0", "must be %-escaped"},
 	}
 	for _, tt := range bad {
 		t.Run(tt.name, func(t *testing.T) {
@@ -120,6 +125,7 @@ func TestPassword(t *testing.T) {
 		s := openStore(t, url, slog.New(slog.NewTextHandler(&log, &slog.HandlerOptions{Level: slog.LevelDebug})))
 		_, err := s.Allow(context.Background(), "h.test/h.test", 5, 1)
 		require.Error(t, err, Redact(url))
+		assert.Contains(t, err.Error(), "redis refused the user name or password of -limit-store (", "a refusal, not a store that does not answer")
 		assert.NotContains(t, err.Error(), secret)
 		assert.NotContains(t, log.String(), secret)
 	}
@@ -138,6 +144,13 @@ func TestDownAndBack(t *testing.T) {
 	_, err = s.Allow(ctx, "h.test/h.test", 100, 1)
 	require.Error(t, err)
 	assert.NotContains(t, err.Error(), secret)
+	// Within egressd's timeout, the cause rather than "context deadline
+	// exceeded": the pool dials once, not five times 100ms apart.
+	actx, cancel := context.WithTimeout(ctx, 250*time.Millisecond)
+	defer cancel()
+	_, err = s.Allow(actx, "h.test/h.test", 100, 1)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "connection refused")
 
 	srv.restart()
 	_, err = s.Allow(ctx, "h.test/h.test", 100, 1)
@@ -213,7 +226,7 @@ func TestShaperFallsBackAndReturns(t *testing.T) {
 	st = shared.Stats()
 	assert.Equal(t, uint64(1), st.Fallbacks)
 	assert.Positive(t, st.LocalDecisions)
-	assert.Equal(t, 1, strings.Count(log.String(), "limit store does not answer"))
+	assert.Equal(t, 1, strings.Count(log.String(), "limit store fails"))
 	assert.Equal(t, 1, strings.Count(log.String(), "limit store answers again"))
 	assert.NotContains(t, log.String(), secret)
 	assert.Contains(t, log.String(), "store=redis://:xxxxx@127.0.0.1:")
