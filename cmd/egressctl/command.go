@@ -32,6 +32,18 @@ type env struct {
 // parseFlags parses the flags of command cmd, printing help to stdout for
 // -h. It reports whether the command should go on.
 func parseFlags(fs *flag.FlagSet, args []string, help string, stdout io.Writer) (bool, error) {
+	if ok, err := parseWithArgs(fs, args, help, stdout); !ok {
+		return false, err
+	}
+	if fs.NArg() > 0 {
+		return false, usageError{fs.Name(), fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
+	}
+	return true, nil
+}
+
+// parseWithArgs is parseFlags for a command that takes arguments after its
+// flags, and checks them itself.
+func parseWithArgs(fs *flag.FlagSet, args []string, help string, stdout io.Writer) (bool, error) {
 	fs.SetOutput(io.Discard)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -39,9 +51,6 @@ func parseFlags(fs *flag.FlagSet, args []string, help string, stdout io.Writer) 
 			return false, err
 		}
 		return false, usageError{fs.Name(), err.Error()}
-	}
-	if fs.NArg() > 0 {
-		return false, usageError{fs.Name(), fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
 	}
 	return true, nil
 }

@@ -3,10 +3,8 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
-	"io"
 )
 
 const rotateUsage = `Usage: egressctl [-admin ADDR] rotate [-json] KEY
@@ -29,13 +27,8 @@ type rotateCommand struct{ env }
 func (c *rotateCommand) Run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("rotate", flag.ContinueOnError)
 	asJSON := fs.Bool("json", false, "")
-	fs.SetOutput(io.Discard)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			_, err = io.WriteString(c.stdout, rotateUsage)
-			return err
-		}
-		return usageError{"rotate", err.Error()}
+	if ok, err := parseWithArgs(fs, args, rotateUsage, c.stdout); !ok {
+		return err
 	}
 	switch {
 	case fs.NArg() == 0:
