@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptrace"
+	"time"
 )
 
 // Upstream keep-alive, for the plain HTTP requests that leave from a held
@@ -53,24 +54,28 @@ func (s *Server) connTransport(x *request) (*http.Transport, error) {
 		return nil, errHeldEnded
 	}
 	if h.tr == nil {
-		tr := s.newTransport()
-		tr.DisableKeepAlives = false
-		tr.IdleConnTimeout = clientIdleTimeout // as long as the idle client connection may stay
-		tr.MaxIdleConnsPerHost = connIdlePerHost
-		tr.MaxIdleConns = connIdleMax
-		tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return s.dialKept(ctx, h, network, addr)
-		}
-		h.tr = tr
+		// As long idle as the idle client connection may stay.
+		h.tr = s.keptTransport(clientIdleTimeout, func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return s.dialHeld(ctx, h, network, addr)
+		})
+		h.tr.MaxIdleConnsPerHost = connIdlePerHost
+		h.tr.MaxIdleConns = connIdleMax
 	}
 	return h.tr, nil
 }
 
-// dialKept dials for a keep-alive transport from the held address h. The
-// connection records the Connection header of each response it carries, for
-// the request that got it (see roundTripKept).
-func (s *Server) dialKept(ctx context.Context, h *heldAddr, network, addr string) (net.Conn, error) {
-	return kept(s.dialHeld(ctx, h, network, addr))
+// keptTransport is the proxy's transport with upstream keep-alive: it
+// keeps connections idle for idle at most, and dials with dial. Each
+// connection records the Connection header of each response it carries,
+// for the request that got it (see roundTripKept).
+func (s *Server) keptTransport(idle time.Duration, dial DialFunc) *http.Transport {
+	tr := s.newTransport()
+	tr.DisableKeepAlives = false
+	tr.IdleConnTimeout = idle
+	tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		return kept(dial(ctx, network, addr))
+	}
+	return tr
 }
 
 // kept is a connection dialed for a keep-alive transport, c unless err,

@@ -388,16 +388,13 @@ func clientOf(ctx context.Context) *client {
 }
 
 // newSessionAddr returns a new address of sess, to be leased on first use,
-// and its transport: the proxy's, with upstream keep-alive, dialing from
-// the session's address.
+// with its keep-alive transport, dialing from the session's address.
 func (s *Server) newSessionAddr(sess *session) *sessionAddr {
-	tr := s.newTransport()
-	tr.DisableKeepAlives = false
-	tr.IdleConnTimeout = s.cfg.SessionIdle
-	tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		return kept(s.dialSession(ctx, sess, network, addr))
-	}
-	return &sessionAddr{tr: tr}
+	a := &sessionAddr{}
+	a.held.tr = s.keptTransport(s.cfg.SessionIdle, func(ctx context.Context, network, addr string) (net.Conn, error) {
+		return s.dialSession(ctx, sess, network, addr)
+	})
+	return a
 }
 
 // sessionRoundTrip sends req over the keep-alive transport of its session's
@@ -407,5 +404,5 @@ func (s *Server) sessionRoundTrip(sess *session, req *http.Request) (*http.Respo
 	if x := requestFrom(req.Context()); x != nil {
 		x.sessAddr = a
 	}
-	return roundTripKept(a.tr, req)
+	return roundTripKept(a.held.tr, req)
 }

@@ -44,20 +44,17 @@ var ErrNoSession = errors.New("no session open with this key (it never had a req
 // per session.
 var ErrNoSessions = errors.New("egressd does not run -rotate session: there are no sessions to rotate")
 
-// sessionAddr is one address of a session and the keep-alive transport its
-// plain HTTP requests take while it is the session's.
+// sessionAddr is one address of a session; held.tr is the keep-alive
+// transport its plain HTTP requests take while it is the session's (set
+// when it is made, never changed).
 type sessionAddr struct {
 	held    heldAddr
-	tr      *http.Transport // keep-alive, dialing from the session's address
-	retired atomic.Bool     // a rotation replaced it: its connections close once idle
+	retired atomic.Bool // a rotation replaced it: its connections close once idle
 }
 
 // end closes the address's idle upstream connections and gives it back
 // once the others have closed.
-func (a *sessionAddr) end() {
-	a.tr.CloseIdleConnections()
-	a.held.end()
-}
+func (a *sessionAddr) end() { a.held.end() }
 
 // retire ends a, which a rotation replaced. The transport closes every
 // connection that goes idle from now on (CloseIdleConnections says so until
@@ -73,7 +70,7 @@ func (a *sessionAddr) retire() {
 // CloseIdleConnections).
 func (a *sessionAddr) closeIdleIfRetired() {
 	if a != nil && a.retired.Load() {
-		a.tr.CloseIdleConnections()
+		a.held.tr.CloseIdleConnections()
 	}
 }
 
