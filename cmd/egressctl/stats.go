@@ -262,34 +262,30 @@ func humanRate(r float64) string {
 // the accept errors, and each refusal that happened, in the order egressd
 // lists them.
 func clientsLine(c *stats.ClientStats) string {
-	var refused []string
-	for _, name := range stats.Refusals {
-		if n := c.Refused[name]; n > 0 {
-			refused = append(refused, fmt.Sprintf("%d %s", n, name))
-		}
-	}
-	line := fmt.Sprintf("%d connections open, %d accept errors; refused: ", c.Connections, c.AcceptErrors)
-	if len(refused) == 0 {
-		return line + "none"
-	}
-	return line + strings.Join(refused, ", ")
+	return fmt.Sprintf("%d connections open, %d accept errors; refused: %s", c.Connections, c.AcceptErrors,
+		countsLine(stats.Refusals, c.Refused))
 }
 
 // sessionsLine says what the sessions section holds: the sessions open (-rotate
 // session), and the rotations so far by reason, in the order egressd lists
 // them.
 func sessionsLine(s *stats.SessionStats) string {
-	var rotated []string
-	for _, name := range stats.RotateReasons {
-		if n := s.Rotations[name]; n > 0 {
-			rotated = append(rotated, fmt.Sprintf("%d %s", n, name))
+	return fmt.Sprintf("%d open; rotated: %s", s.Open, countsLine(stats.RotateReasons, s.Rotations))
+}
+
+// countsLine lists the counts that are not zero, "N name", in the order of
+// names, or says none.
+func countsLine(names []string, counts map[string]uint64) string {
+	var nonzero []string
+	for _, name := range names {
+		if n := counts[name]; n > 0 {
+			nonzero = append(nonzero, fmt.Sprintf("%d %s", n, name))
 		}
 	}
-	line := fmt.Sprintf("%d open; rotated: ", s.Open)
-	if len(rotated) == 0 {
-		return line + "none"
+	if len(nonzero) == 0 {
+		return "none"
 	}
-	return line + strings.Join(rotated, ", ")
+	return strings.Join(nonzero, ", ")
 }
 
 // watchFlag is the -watch interval: a positive duration.

@@ -66,12 +66,7 @@ var refusalNames = [numRefusals]string{
 
 // String is the refusal's name: the key in ClientStats.Refused and the
 // value of the reason label.
-func (r Refusal) String() string {
-	if !r.valid() {
-		return "unknown"
-	}
-	return refusalNames[r]
-}
+func (r Refusal) String() string { return nameOf(refusalNames[:], int(r)) }
 
 func (r Refusal) valid() bool { return r > 0 && r < numRefusals }
 
@@ -104,15 +99,11 @@ func (c *Clients) Refused(r Refusal) uint64 {
 // Snapshot returns the counters as the JSON of GET /stats carries them,
 // with every refusal named, zeros included.
 func (c *Clients) Snapshot() ClientStats {
-	s := ClientStats{
+	return ClientStats{
 		Connections:  c.Connections.Load(),
 		AcceptErrors: c.AcceptErrors.Load(),
-		Refused:      make(map[string]uint64, len(Refusals)),
+		Refused:      countsByName(c.refused[:], refusalNames[:]),
 	}
-	for r := RefusedMaxConns; r < numRefusals; r++ {
-		s.Refused[r.String()] = c.refused[r].Load()
-	}
-	return s
 }
 
 // ClientStats is the "clients" section of GET /stats.

@@ -35,12 +35,7 @@ var rotateReasonNames = [numRotateReasons]string{
 
 // String is the reason's name: the key in SessionStats.Rotations and the
 // value of the reason label.
-func (r RotateReason) String() string {
-	if !r.valid() {
-		return "unknown"
-	}
-	return rotateReasonNames[r]
-}
+func (r RotateReason) String() string { return nameOf(rotateReasonNames[:], int(r)) }
 
 func (r RotateReason) valid() bool { return r > 0 && r < numRotateReasons }
 
@@ -63,11 +58,26 @@ func (s *Sessions) Rotated(r RotateReason) {
 // Snapshot returns the counters as the JSON of GET /stats carries them, with
 // open the sessions open now, and every reason named, zeros included.
 func (s *Sessions) Snapshot(open int) SessionStats {
-	st := SessionStats{Open: open, Rotations: make(map[string]uint64, len(RotateReasons))}
-	for r := RotatedHeader; r < numRotateReasons; r++ {
-		st.Rotations[r.String()] = s.rotations[r].Load()
+	return SessionStats{Open: open, Rotations: countsByName(s.rotations[:], rotateReasonNames[:])}
+}
+
+// nameOf is the name of kind k of an enumeration named by names, whose
+// zero value (index 0) is none: "unknown" for none or out of range.
+func nameOf(names []string, k int) string {
+	if k <= 0 || k >= len(names) {
+		return "unknown"
 	}
-	return st
+	return names[k]
+}
+
+// countsByName is counts[k] by names[k] for every kind k of an
+// enumeration but none (index 0), zeros included.
+func countsByName(counts []atomic.Uint64, names []string) map[string]uint64 {
+	m := make(map[string]uint64, len(names)-1)
+	for k := 1; k < len(names); k++ {
+		m[names[k]] = counts[k].Load()
+	}
+	return m
 }
 
 // SessionStats is the "sessions" section of GET /stats.

@@ -170,6 +170,17 @@ func subnetFamily(name, typ, help string, value func(*stats.Subnet) float64) fam
 	})
 }
 
+// reasonFamily is a counter with one sample per reason, labelled reason,
+// every one of names, zeros included.
+func reasonFamily(name, help string, names []string, counts func(*stats.Stats) map[string]uint64) family {
+	return newFamily(name, "counter", help, []string{"reason"}, func(f *family, ch chan<- prometheus.Metric, s *stats.Stats) {
+		m := counts(s)
+		for _, r := range names {
+			f.sample(ch, float64(m[r]), r)
+		}
+	})
+}
+
 var families = []family{
 	upstreamFamily("egress_upstream_requests_total", "counter",
 		"Requests and CONNECT tunnels to the upstream host that reached the shaper.",
@@ -280,13 +291,9 @@ var families = []family{
 	plainFamily("egress_client_connections", "gauge",
 		"Client connections open, HTTP and SOCKS5.",
 		func(s *stats.Stats) float64 { return float64(s.Clients.Connections) }),
-	newFamily("egress_client_refused_total", "counter",
+	reasonFamily("egress_client_refused_total",
 		"Clients refused or cut off by egressd, by reason: a connection or address cap, a timeout, a malformed request or body, a failed or throttled login.",
-		[]string{"reason"}, func(f *family, ch chan<- prometheus.Metric, s *stats.Stats) {
-			for _, r := range stats.Refusals {
-				f.sample(ch, float64(s.Clients.Refused[r]), r)
-			}
-		}),
+		stats.Refusals, func(s *stats.Stats) map[string]uint64 { return s.Clients.Refused }),
 	plainFamily("egress_client_accept_errors_total", "counter",
 		"Failed accepts of client connections, such as file descriptors running out.",
 		func(s *stats.Stats) float64 { return float64(s.Clients.AcceptErrors) }),
@@ -294,13 +301,9 @@ var families = []family{
 	plainFamily("egress_session_open", "gauge",
 		"Sessions open (-rotate session), each holding one egress address.",
 		func(s *stats.Stats) float64 { return float64(s.Sessions.Open) }),
-	newFamily("egress_session_rotations_total", "counter",
+	reasonFamily("egress_session_rotations_total",
 		"Sessions that gave up their egress address for a new one, by reason: the X-Egress-Rotate header, a user name session-KEY-rotate, the admin API, an upstream status of -rotate-on.",
-		[]string{"reason"}, func(f *family, ch chan<- prometheus.Metric, s *stats.Stats) {
-			for _, r := range stats.RotateReasons {
-				f.sample(ch, float64(s.Sessions.Rotations[r]), r)
-			}
-		}),
+		stats.RotateReasons, func(s *stats.Stats) map[string]uint64 { return s.Sessions.Rotations }),
 	storeFamily("egress_limit_store_up", "gauge",
 		"1 while the limit store (-limit-store) answers and -limit budgets are shared, 0 while each egressd enforces every rule alone.",
 		func(l *stats.LimitStore) float64 { return boolValue(l.Shared) }),
