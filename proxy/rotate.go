@@ -55,7 +55,7 @@ type heldAddr struct {
 	dial    DialFunc
 	release func()
 	ended   bool
-	tr      *http.Transport // RotateConnection: the connection's keep-alive transport, once it forwarded plain HTTP (keepalive.go)
+	tr      *http.Transport // keep-alive transport (keepalive.go): a session address's from the start, a client connection's once it forwarded plain HTTP
 	last    netip.Addr      // the address its last connection left from, for the admin API
 
 	hijacked atomic.Bool // RotateConnection: the client connection was hijacked
